@@ -1,0 +1,116 @@
+"""`imgcls-dist` console script. Each subcommand parses arguments and calls one library function.
+
+Imports are lazy so `imgcls-dist models` or a config error answers without importing Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from imgcls_dist.errors import JobFailed, UserError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML experiment config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
+
+
+def _fractions(s: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected three numbers like 0.7,0.15,0.15") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected three numbers like 0.7,0.15,0.15")
+    return parts  # type: ignore[return-value]
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    from imgcls_dist.data.ingest import ingest
+
+    meta = ingest(a.src, a.out, image_size=a.image_size, fractions=a.splits, rows_per_shard=a.rows_per_shard,
+                  seed=a.seed, overwrite=a.overwrite)
+    print(f"ingested {sum(meta['counts'].values())} images, {len(meta['classes'])} classes -> {a.out} "
+          f"(train {meta['counts']['train']}, val {meta['counts']['val']}, test {meta['counts']['test']})")
+    for s in meta["skipped"][:10]:
+        print(f"  skipped {s}", file=sys.stderr)
+    if len(meta["skipped"]) > 10:
+        print(f"  ... and {len(meta['skipped']) - 10} more skipped", file=sys.stderr)
+    return 0
+
+
+def cmd_models(a: argparse.Namespace) -> int:
+    from imgcls_dist.models.registry import models_table
+
+    print(models_table(a.pattern))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from imgcls_dist.config import load_config
+
+    cfg = load_config(a.config, a.overrides)  # before importing Ray: a typo answers in milliseconds
+    from imgcls_dist.train.job import run_training
+
+    result = run_training(cfg)
+    print(f"run directory: {result['run_dir']}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from imgcls_dist.demo import run_demo
+
+    run_demo(Path(a.workdir), quick=a.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="imgcls-dist", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="ImageFolder tree or builtin:digits -> Parquet shards + dataset.json")
+    p.add_argument("src", help="SRC/<class>/<image> directory, or builtin:digits")
+    p.add_argument("out", help="output dataset directory")
+    p.add_argument("--image-size", type=int, default=32, help="builtin datasets: side length to upscale to")
+    p.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    p.add_argument("--rows-per-shard", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("models", help="list registered architectures")
+    p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'resnet*'")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="fine-tune a model with Ray Train + accelerate")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    from imgcls_dist.infer.commands import register_infer_commands
+
+    register_infer_commands(sub)  # infer, evaluate, predict
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny epochs (smoke run)")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, JobFailed) as e:
+        print(f"imgcls-dist {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"imgcls-dist {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

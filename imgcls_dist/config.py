@@ -1,0 +1,231 @@
+"""Typed experiment config: YAML (safe_load only, never executed) + `--set a.b=c` overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo is an error naming the key rather
+than a silently ignored setting. The resolved config is written next to every run's outputs and stored
+in checkpoints as a plain dict (`ExperimentConfig.model_dump(mode="json")`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgcls_dist.errors import UserError
+
+Transfer = Literal["full", "feature_extraction", "freeze_early", "freeze_most"]
+Scheduler = Literal["none", "step", "cosine", "cosine_warm_restarts", "plateau"]
+Preset = Literal["none", "light", "standard", "strong"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(Section):
+    path: str = "data/digits"
+    # None: the model's default size (32 for the built-in digits configs).
+    image_size: Optional[int] = Field(None, ge=8, le=1024)
+    in_channels: Literal[1, 3] = 3
+    batch_size: int = Field(64, ge=1, description="per worker")
+    loader_workers: int = Field(1, ge=0, description="DataLoader processes per worker (decode + augment)")
+    # Caps for quick runs and tests; None = use everything.
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_val_samples: Optional[int] = Field(None, ge=1)
+
+
+class AugmentConfig(Section):
+    preset: Preset = "standard"
+    strength: float = Field(0.5, ge=0.0, le=1.0)
+    # None: take it from dataset.json ("hflip": false for digits - a flipped 2 is not a 2).
+    hflip: Optional[bool] = None
+    mixup_alpha: float = Field(0.0, ge=0.0)
+    cutmix_alpha: float = Field(0.0, ge=0.0)
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class ModelConfig(Section):
+    arch: str = "resnet18"
+    # None (scratch) | torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | path to a checkpoint.
+    weights: Optional[str] = None
+    transfer: Transfer = "full"
+    layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR multiplier per stage from head to stem")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Scheduler = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0)
+    step_size: int = Field(5, ge=1, description="step: epochs between decays")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step: decay factor")
+    t0: int = Field(5, ge=1, description="cosine_warm_restarts: epochs of the first cycle")
+    t_mult: int = Field(1, ge=1)
+    plateau_patience: int = Field(2, ge=0)
+    plateau_factor: float = Field(0.1, gt=0.0, lt=1.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    grad_accum_steps: int = Field(1, ge=1)
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+    # auto: bf16 on GPUs that support it, else fp16 on GPU, "no" on CPU.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    # [[epoch, size], ...]: from `epoch` (0-based) on, train at `size`; validation always at data.image_size.
+    progressive_resizing: list[tuple[int, int]] = Field(default_factory=list)
+    max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the run stops")
+    seed: int = 0
+
+    @field_validator("progressive_resizing")
+    @classmethod
+    def _phases_sorted(cls, v: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        epochs = [e for e, _ in v]
+        if epochs != sorted(set(epochs)) or any(e < 0 for e in epochs):
+            raise ValueError("phases must have distinct, increasing, non-negative epochs")
+        if any(s < 8 for _, s in v):
+            raise ValueError("sizes must be >= 8")
+        return v
+
+
+class ScalingConfig(Section):
+    num_workers: Optional[int] = Field(None, ge=1, description="None: as many as the cluster holds")
+    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    storage_path: str = "runs"
+    max_failures: int = Field(0, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1, description="best k by validation accuracy")
+    tensorboard: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError("must be a plain directory name")
+        return v
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(8, ge=1)
+    search: Literal["random", "grid"] = "random"
+    # name -> {"type": loguniform|uniform|choice|randint, ...}; keys are dotted config paths.
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent: Optional[int] = Field(None, ge=1)
+    top_k: int = Field(3, ge=1)
+    seed: int = 0
+
+
+class InferConfig(Section):
+    batch_size: int = Field(128, ge=1)
+    tta: Optional[list[str]] = None  # None: the model/dataset default view set
+    combine: Literal["mean", "weighted", "vote"] = "mean"
+
+
+class ExperimentConfig(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    infer: InferConfig = Field(default_factory=InferConfig)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "ExperimentConfig":
+        if self.train.warmup_epochs >= self.train.epochs and self.train.scheduler != "none":
+            raise ValueError(
+                f"train.warmup_epochs ({self.train.warmup_epochs}) must be < train.epochs ({self.train.epochs})"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        got = e.get("input")
+        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{got_s}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], c); the value is parsed as YAML (numbers, bools, lists), never evaluated."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+    key, raw = item.split("=", 1)
+    keys = [k for k in key.strip().split(".")]
+    if not all(keys):
+        raise UserError(f"--set {item!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            child = node.get(k)
+            if child is None:
+                child = node[k] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {k} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def build_config(raw: dict[str, Any] | None, overrides: list[str] | None = None, source: str = "config") -> ExperimentConfig:
+    raw = apply_overrides(dict(raw or {}), overrides)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_format_validation_error(e, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    raw = read_yaml(path) if path else {}
+    return build_config(raw, overrides, source=str(path) if path else "config")
+
+
+def write_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return p
