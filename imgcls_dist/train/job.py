@@ -60,25 +60,24 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
-def run_training(cfg: ExperimentConfig, *, fault: dict | None = None, report_test: bool = True) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from imgcls_dist.ray_utils import ensure_ray
-    from imgcls_dist.train.loop import train_loop_per_worker
-
-    ds = resolve_dataset(cfg)
-    ensure_ray()
-    num_workers, use_gpu = resolve_scaling(cfg)
+def run_dir_for(cfg: ExperimentConfig) -> tuple[str, Path]:
+    """(storage path as Ray wants it, local directory for this run's reports)."""
     storage = cfg.run.storage_path if _is_uri(cfg.run.storage_path) else str(Path(cfg.run.storage_path).resolve())
     # Reports land beside the checkpoints for local storage; object-store runs keep them in ./runs/<name>.
     out_dir = Path(storage) / cfg.run.name if not _is_uri(storage) else Path("runs") / cfg.run.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out_dir / "config.yaml")
-    print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
-          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out_dir}", flush=True)
+    return storage, out_dir
 
-    trainer = TorchTrainer(
+
+def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, use_gpu: bool, *,
+                  fault: dict | None = None, callbacks: list | None = None):
+    """The TorchTrainer for one run (also what each Tune trial launches)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from imgcls_dist.train.loop import train_loop_per_worker
+
+    storage, out_dir = run_dir_for(cfg)
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "experiment": cfg.to_dict(),
@@ -95,15 +94,32 @@ def run_training(cfg: ExperimentConfig, *, fault: dict | None = None, report_tes
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints,
                                                checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
         ),
     )
-    t0 = time.perf_counter()
+
+
+def fit(trainer):
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except Exception as e:  # noqa: BLE001 - Ray wraps worker errors; surface the root cause in one line
         raise JobFailed(f"training failed: {root_cause(e)}") from None
-    wall = time.perf_counter() - t0
-    return finalize_run(result, cfg, ds, out_dir, wall, report_test=report_test)
+
+
+def run_training(cfg: ExperimentConfig, *, fault: dict | None = None, report_test: bool = True) -> dict[str, Any]:
+    from imgcls_dist.ray_utils import ensure_ray
+
+    ds = resolve_dataset(cfg)
+    ensure_ray()
+    num_workers, use_gpu = resolve_scaling(cfg)
+    _, out_dir = run_dir_for(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out_dir / "config.yaml")
+    print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
+          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out_dir}", flush=True)
+    t0 = time.perf_counter()
+    result = fit(build_trainer(cfg, ds, num_workers, use_gpu, fault=fault))
+    return finalize_run(result, cfg, ds, out_dir, time.perf_counter() - t0, report_test=report_test)
 
 
 def root_cause(e: BaseException) -> str:

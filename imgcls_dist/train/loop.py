@@ -73,6 +73,23 @@ def _all_gather_list(obj: Any, world: int) -> list[Any]:
     return out
 
 
+def _fresh_head_if_new_classes(model: torch.nn.Module, weights: str, classes: list[str], family: str) -> None:
+    """A head trained on other classes is meaningless here even when its shape fits (0-4 -> 5-9): re-init it."""
+    from imgcls_dist.models.checkpoint import load_model_file
+    from imgcls_dist.models.registry import replace_head
+    from imgcls_dist.models.weights import classify
+
+    kind, path = classify(weights)
+    if kind != "path":
+        return
+    try:
+        source_classes = load_model_file(path).get("classes")
+    except Exception:  # noqa: BLE001 - a raw state_dict has no class list: nothing to compare
+        return
+    if source_classes is not None and list(source_classes) != list(classes):
+        replace_head(model, family, len(classes))
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from accelerate import Accelerator
@@ -95,7 +112,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     classes: list[str] = ds_info["classes"]
     image_size: int = ds_info["image_size"]
     spec = get_spec(mc.arch)
-    mean, std = list(spec.mean), list(spec.std)
+    mean, std = (list(v) for v in spec.normalization(dc.in_channels))
 
     # --- model / optimizer / schedule, restored before accelerate wraps them ---
     checkpoint = ray.train.get_checkpoint()
@@ -107,8 +124,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             resume_state = load_train_state(d)
             resume_state["model"] = load_model_file(d)["state_dict"]
             history = load_history(d)
+    torch.manual_seed(derive_seed(tc.seed, 0x1D17))  # same init on every run and rank: reruns are comparable
     model = get_model(mc.arch, num_classes=len(classes), in_channels=dc.in_channels,
                       weights=None if resume_state else mc.weights)
+    if mc.weights and not resume_state:
+        _fresh_head_if_new_classes(model, mc.weights, classes, spec.family)
     apply_transfer(model, mc.arch, mc.transfer)
     if resume_state:
         model.load_state_dict(resume_state["model"])
@@ -181,6 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 with accelerator.autocast():
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), targets, label_smoothing=tc.label_smoothing)
+                if fault and fault.get("nan_loss"):  # test-only: a diverged run
+                    loss = loss * float("nan")
                 finite = bool(torch.isfinite(loss))
                 ok = _all_agree(empty or not finite, device, world)
                 if not ok:

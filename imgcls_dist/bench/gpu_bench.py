@@ -1,0 +1,137 @@
+"""`imgcls-dist bench gpu` / `python -m imgcls_dist.bench.gpu_bench`: the GPU check, without Ray.
+
+Runs on a machine with only torch + torchvision: (1) training-step images/s for resnet50 and
+efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32; (2) the batch predictor's
+path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
+forward — vs the pure forward on a ready float batch. Prints one table and writes it as JSON.
+Context: NVIDIA publishes ~2,500 img/s per A100 for AMP ResNet-50 training; a ResNet-50 forward is
+~4.1 GMACs (~8 GFLOP) at 224px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / iters
+
+
+def train_step_rate(arch: str, device: torch.device, batch: int, size: int, amp: bool, warmup: int, iters: int) -> float:
+    model = torchvision.models.get_model(arch, num_classes=1000).to(device)
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    dtype = torch.bfloat16 if amp else torch.float32
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return batch / _timed(step, device, warmup, iters)
+
+
+def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, iters: int) -> dict[str, float]:
+    from imgcls_dist.infer.tta import apply_views
+    from imgcls_dist.models.preprocess import normalize
+
+    model = torchvision.models.resnet50(num_classes=1000).to(device).eval()
+    amp = device.type == "cuda"
+    if amp:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if amp else torch.float32
+    host = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    ready = normalize(host.to(device), IMAGENET_MEAN, IMAGENET_STD, channels_last=amp)
+    out = {}
+
+    @torch.inference_mode()
+    def pure() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            model(ready).float().softmax(1)
+
+    out["forward only"] = batch / _timed(pure, device, warmup, iters)
+    for views in (["identity"], ["identity", "shift_left", "shift_right", "zoom_in"]):
+
+        @torch.inference_mode()
+        def predict(views=views) -> None:
+            x = host.to(device, non_blocking=True)
+            stacked = apply_views(x, views)
+            with torch.autocast(device.type, dtype=dtype, enabled=amp):
+                p = model(normalize(stacked, IMAGENET_MEAN, IMAGENET_STD, channels_last=amp)).float().softmax(1)
+            p.view(len(views), batch, -1).mean(0).cpu()
+
+        out[f"predictor {len(views)} view(s)"] = batch / _timed(predict, device, warmup, iters)
+    return out
+
+
+def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: int = 5, iters: int = 20,
+        out: str | Path = "gpu_bench.json", archs: tuple[str, ...] = ("resnet50", "efficientnet_b0")) -> dict:
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.backends.cudnn.benchmark = True
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    rows = []
+    for arch in archs:
+        fp32 = train_step_rate(arch, dev, batch, size, amp=False, warmup=warmup, iters=iters)
+        bf16 = train_step_rate(arch, dev, batch, size, amp=True, warmup=warmup, iters=iters)
+        rows.append({"measure": f"train {arch} fp32 img/s", "value": fp32})
+        rows.append({"measure": f"train {arch} bf16+channels_last img/s", "value": bf16})
+        rows.append({"measure": f"train {arch} ratio bf16/fp32", "value": bf16 / fp32})
+    pr = predictor_rates(dev, batch, size, warmup, iters)
+    for k, v in pr.items():
+        rows.append({"measure": f"infer resnet50 {k} img/s", "value": v})
+    for k in ("predictor 1 view(s)", "predictor 4 view(s)"):
+        # images/s counts input images; 4 views do 4x the forward work, so ideal is 1.0 and 0.25.
+        rows.append({"measure": f"infer resnet50 {k} / forward only", "value": pr[k] / pr["forward only"]})
+    result = {"device": name, "batch": batch, "size": size, "torch": torch.__version__, "rows": rows}
+    print(f"bench gpu on {name}, batch {batch}, {size}px, torch {torch.__version__}")
+    width = max(len(r["measure"]) for r in rows)
+    for r in rows:
+        print(f"{r['measure'].ljust(width)}  {r['value']:.3f}" if r["value"] < 10 else f"{r['measure'].ljust(width)}  {r['value']:.0f}")
+    Path(out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default="gpu_bench.json")
+    a = ap.parse_args(argv)
+    run(a.device, a.batch, a.size, a.warmup, a.iters, a.out)
+
+
+if __name__ == "__main__":
+    main()
