@@ -14,7 +14,9 @@ def ensure_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         return
     # Train V2 is the default in Ray 2.60; set it explicitly so older 2.x behave the same.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    # WARNING for the job's Ray processes too: the per-epoch lines stay, Train's INFO chatter goes.
+    common = dict(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True,
+                  logging_config=ray.LoggingConfig(encoding="TEXT", log_level="WARNING"))
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return

@@ -17,7 +17,8 @@ def plot_training_history(history: list[dict], path: str | Path) -> Path:
     ax = axes[0]
     ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
     ax.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
-    ax.set(title="loss", xlabel="epoch")
+    # log scale: an early validation spike (BatchNorm stats still settling) would flatten everything else
+    ax.set(title="loss", xlabel="epoch", yscale="log")
     ax.legend()
     ax = axes[1]
     ax.plot(epochs, [h["train_acc"] for h in history], "o-", label="train")

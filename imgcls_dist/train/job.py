@@ -71,6 +71,7 @@ def run_dir_for(cfg: ExperimentConfig) -> tuple[str, Path]:
 def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, use_gpu: bool, *,
                   fault: dict | None = None, callbacks: list | None = None):
     """The TorchTrainer for one run (also what each Tune trial launches)."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -95,6 +96,10 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
                                                checkpoint_score_attribute="val_acc", checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
+            # Console: our one line per epoch (plain stdout, not re-logged through Train's print patch,
+            # which doubled it) and Train's warnings; its INFO chatter stays in its log files.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
 

@@ -6,6 +6,7 @@ wrapping, mixed precision and gradient accumulation (Ray only starts the workers
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -95,6 +96,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    # Train logs every report at INFO on the console; the epoch line below says the same in one line.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     ds_info: dict = loop_config["dataset"]
     fault = loop_config.get("fault")

@@ -1,0 +1,56 @@
+"""`imgcls-dist bench {train,infer,augment,tune,gpu}`: each prints ratios measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _save(result: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {path}")
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    if a.what == "train":
+        from imgcls_dist.bench.train_bench import bench_train
+
+        r = bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data, epochs=a.epochs, overrides=tuple(a.overrides))
+    elif a.what == "infer":
+        from imgcls_dist.bench.infer_bench import bench_infer, bench_predict_latency
+
+        r = bench_infer(rows=tuple(int(x) for x in a.rows.split(",")), arch=a.arch, batch_size=a.batch_size)
+        r["predict_latency"] = bench_predict_latency()
+    elif a.what == "augment":
+        from imgcls_dist.bench.augment_bench import bench_augment
+
+        r = bench_augment(image_size=a.image_size)
+    elif a.what == "tune":
+        from imgcls_dist.config import load_config
+        from imgcls_dist.tune.asha_saving import format_saving_table, measure_asha_saving
+
+        r = measure_asha_saving(load_config(a.config or "configs/tune_digits.yaml", [f"data.path={a.data}", *a.overrides]))
+        print(format_saving_table(r))
+    else:
+        from imgcls_dist.bench.gpu_bench import run
+
+        r = run(out=a.out or "gpu_bench.json")
+    _save(r, a.out if a.what != "gpu" else None)
+    return 0
+
+
+def register_bench_commands(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print ratios measured in one run (see docs/benchmarks.md)")
+    p.add_argument("what", choices=["train", "infer", "augment", "tune", "gpu"])
+    p.add_argument("--config", default=None, help="train/tune: experiment config")
+    p.add_argument("--data", default="data/digits", help="train/tune: dataset directory")
+    p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
+    p.add_argument("--arch", default="resnet18", help="infer: model")
+    p.add_argument("--batch-size", type=int, default=256, help="infer: batch size")
+    p.add_argument("--image-size", type=int, default=64, help="augment: output size")
+    p.add_argument("--out", default=None, help="write the result as JSON")
+    p.set_defaults(func=cmd_bench)
