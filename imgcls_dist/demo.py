@@ -52,4 +52,23 @@ def run_demo(workdir: Path, quick: bool = False) -> dict:
 
 
 def _infer_and_evaluate(workdir: Path, data: Path, runs: dict, quick: bool) -> dict:
-    return {}
+    from imgcls_dist.evaluate.report import evaluate_predictions
+    from imgcls_dist.infer.pipeline import run_batch_inference
+
+    preds = workdir / "predictions"
+    test = data / "test"
+    sets: dict[str, str] = {}
+    _banner("3/4 batch inference on the test split (Ray Data)")
+    for name, r in runs.items():  # each member alone, no TTA: the baseline the ensemble must match
+        out = preds / f"{name}_plain"
+        run_batch_inference([r["model"]], test, out, tta="none")
+        sets[f"{name} (no TTA)"] = str(out)
+    ens = preds / "ensemble_tta"
+    # Default TTA views come from the models' metadata: shifts and zooms, never flips for digits.
+    run_batch_inference([r["model"] for r in runs.values()], test, ens, tta=None, combine="mean")
+
+    _banner("4/4 evaluate")
+    report = evaluate_predictions(ens, classes_file=data / "dataset.json", compare=sets, report_dir=workdir / "report",
+                                  name="ensemble + TTA")
+    print(f"report: {workdir / 'report'} (classification_report.txt, confusion_matrix.png, comparison.csv)")
+    return {"predictions": str(ens), "report_dir": str(workdir / "report"), "evaluation": report}

@@ -91,13 +91,24 @@ def _fresh_head_if_new_classes(model: torch.nn.Module, weights: str, classes: li
         replace_head(model, family, len(classes))
 
 
+def _quiet_train_logs() -> None:
+    """Train logs every report at INFO on the console; our epoch line says the same in one line.
+    Ray 2.60's report logger is named by file path (`getLogger(__file__)`), so it's not under ray.train."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:  # other Ray versions: only the named logger exists
+        pass
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # Train logs every report at INFO on the console; the epoch line below says the same in one line.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    _quiet_train_logs()
     cfg = ExperimentConfig.model_validate(loop_config["experiment"])
     ds_info: dict = loop_config["dataset"]
     fault = loop_config.get("fault")
