@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.infer.commands import register_infer_commands
 
     register_infer_commands(sub)  # infer, evaluate, predict
+    from imgcls_dist.tune.commands import register_tune_commands
+
+    register_tune_commands(sub)
+    from imgcls_dist.bench.commands import register_bench_commands
+
+    register_bench_commands(sub)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits")
     p.add_argument("--workdir", default="runs/demo")

@@ -1,8 +1,13 @@
 """`ray job submit --working-dir . -- python jobs/train.py --config configs/x.yaml [--set k=v ...]`."""
 
 import sys
+from pathlib import Path
 
-from imgcls_dist.cli import main
+# Python puts jobs/ on sys.path, not the working dir: add the repo root so an uploaded working_dir
+# runs without the package being pip-installed on the cluster.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imgcls_dist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

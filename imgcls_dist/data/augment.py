@@ -1,0 +1,295 @@
+"""CPU-side image augmentation.
+
+Convention: every transform here takes and returns uint8 HWC numpy arrays (C = 3 or 1) and
+outputs exactly ``image_size x image_size``. Float conversion and mean/std normalization
+happen later, on the device, so training and inference share one code path.
+
+Presets are tables of magnitudes *at strength 1*; every magnitude and every application
+probability is multiplied by ``strength`` in [0, 1]. Strength 0 therefore degenerates to the
+eval transform (plain resize), and Tune can search ``strength`` as a continuous knob.
+
+Randomness / reseeding: albumentations 2.x Compose draws from its own numpy/python RNGs,
+not torch's, and is *not* worker-aware. DataLoader workers are forked copies of the same
+transform, so without reseeding every worker (and, with non-persistent workers, every epoch)
+replays the same augmentation stream. The training loop must therefore call
+``reseed(transform, derive_seed(base_seed, epoch, rank, worker_id))`` in each dataloader
+worker at the start of each epoch (``worker_init_fn`` runs once per epoch when
+``persistent_workers=False``; with persistent workers, once per worker is enough because the
+stream then continues across epochs).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+
+from imgcls_dist.errors import UserError
+
+PRESETS = ("none", "light", "standard", "strong")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """Magnitudes at strength 1. Zero disables a component."""
+
+    crop_area: float = 0.0  # crop keeps [1 - crop_area, 1] of the (resized) image area
+    crop_ratio: float = 0.0  # crop aspect ratio in [1 / (1 + r), 1 + r]
+    crop_p: float = 0.0
+    flip_p: float = 0.0
+    shift: float = 0.0  # fraction of side, +-
+    scale: float = 0.0  # zoom 1 +- scale
+    rotate: float = 0.0  # degrees, +-
+    affine_p: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    color_p: float = 0.0
+    blur_sigma: float = 0.0  # max gaussian-blur sigma, pixels
+    noise_std: float = 0.0  # max gaussian-noise std, fraction of 255
+    blur_noise_p: float = 0.0
+    max_holes: int = 0
+    hole_size: float = 0.0  # max hole side, fraction of image side
+    dropout_p: float = 0.0
+
+
+_SPECS = {
+    "none": _Spec(),
+    "light": _Spec(
+        crop_area=0.15, crop_ratio=0.1, crop_p=1.0, flip_p=0.5,
+        brightness=0.1, contrast=0.1, color_p=0.5,
+    ),
+    "standard": _Spec(
+        crop_area=0.5, crop_ratio=1 / 3, crop_p=1.0, flip_p=0.5,
+        shift=0.0625, scale=0.1, rotate=15.0, affine_p=0.5,
+        brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, color_p=0.8,
+    ),
+    "strong": _Spec(
+        crop_area=0.75, crop_ratio=1 / 3, crop_p=1.0, flip_p=0.5,
+        shift=0.1, scale=0.2, rotate=30.0, affine_p=0.7,
+        brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, color_p=0.8,
+        blur_sigma=1.5, noise_std=0.08, blur_noise_p=0.3,
+        max_holes=4, hole_size=0.25, dropout_p=0.5,
+    ),
+}
+
+
+def _validate(preset: str, strength: float, image_size: int) -> None:
+    if preset not in PRESETS:
+        raise UserError(f"augment.preset: unknown preset {preset!r}; valid values: {', '.join(PRESETS)}")
+    if (
+        isinstance(strength, bool)
+        or not isinstance(strength, (int, float))
+        or not math.isfinite(strength)
+        or not 0.0 <= strength <= 1.0
+    ):
+        raise UserError(f"augment.strength: must be a number in [0, 1], got {strength!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise UserError(f"image_size: must be a positive integer, got {image_size!r}")
+
+
+def _resize(image_size: int) -> A.Resize:
+    # INTER_AREA when shrinking avoids aliasing (torchvision's antialias=True equivalent);
+    # train and eval share this exact op so strength 0 reproduces eval bit-for-bit.
+    return A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")
+
+
+def build_eval_transform(image_size: int) -> A.Compose:
+    """Deterministic resize (aspect ratio is not preserved) to ``image_size x image_size``."""
+    _validate("none", 0.0, image_size)
+    return A.Compose([_resize(image_size)])
+
+
+def build_train_transform(
+    preset: str,
+    strength: float,
+    image_size: int,
+    hflip: bool = True,
+    seed: int | None = None,
+) -> A.Compose:
+    """Training transform for ``preset`` scaled by ``strength``; uint8 HWC in, uint8 HWC out.
+
+    ``hflip=False`` removes the flip entirely (no other op mirrors the image).
+    ``seed`` seeds the whole pipeline from one shared generator (see ``reseed``).
+    """
+    _validate(preset, strength, image_size)
+    spec, s = _SPECS[preset], float(strength)
+    size = image_size
+    # Resize first, then crop the square: the crop at strength 0 is then exactly the eval
+    # resize (a random crop on the raw, possibly non-square image could not be, since its
+    # aspect-ratio range is absolute), and tiny inputs (8x8 digits) get sub-pixel crops.
+    ops: list = [_resize(size)]
+    if spec.crop_p * s > 0:
+        r = 1.0 + spec.crop_ratio * s
+        ops.append(A.RandomResizedCrop(
+            size=(size, size), scale=(1.0 - spec.crop_area * s, 1.0), ratio=(1.0 / r, r),
+            interpolation=cv2.INTER_LINEAR, p=spec.crop_p * s,
+        ))
+    if hflip and spec.flip_p * s > 0:
+        ops.append(A.HorizontalFlip(p=spec.flip_p * s))
+    if spec.affine_p * s > 0:
+        ops.append(A.Affine(
+            translate_percent=(-spec.shift * s, spec.shift * s),
+            scale=(1.0 - spec.scale * s, 1.0 + spec.scale * s),
+            rotate=(-spec.rotate * s, spec.rotate * s),
+            # constant black border: reflecting would duplicate strokes of digits that touch
+            # the edge, and it matches torchvision's RandomAffine for the benchmark
+            border_mode=cv2.BORDER_CONSTANT, fill=0, p=spec.affine_p * s,
+        ))
+    if spec.color_p * s > 0:
+        ops.append(A.ColorJitter(
+            brightness=spec.brightness * s, contrast=spec.contrast * s,
+            saturation=spec.saturation * s, hue=spec.hue * s, p=spec.color_p * s,
+        ))
+    if spec.blur_noise_p * s > 0:
+        sigma_max = max(0.1, spec.blur_sigma * s)
+        noise_max = spec.noise_std * s
+        ops.append(A.OneOf([
+            A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, sigma_max), p=1.0),
+            A.GaussNoise(std_range=(noise_max / 2, noise_max), p=1.0),
+        ], p=spec.blur_noise_p * s))
+    if spec.dropout_p * s > 0:
+        hole_max = spec.hole_size * s
+        hole = (hole_max / 2, hole_max)
+        ops.append(A.CoarseDropout(
+            num_holes_range=(1, max(1, round(spec.max_holes * s))),
+            hole_height_range=hole, hole_width_range=hole, fill=0, p=spec.dropout_p * s,
+        ))
+    transform = A.Compose(ops)
+    if seed is not None:
+        reseed(transform, seed)
+    return transform
+
+
+def derive_seed(*parts: int) -> int:
+    """Independent 32-bit seed per tuple, e.g. (base, epoch, rank, worker); naive sums would collide
+    (epoch 1 / rank 0 == epoch 0 / rank 1)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def reseed(transform: A.BaseCompose, seed: int) -> None:
+    """Reseed a built albumentations pipeline; identical seeds replay identical outputs.
+
+    Deliberately not ``Compose.set_random_seed`` / ``Compose(seed=)``: in albumentations 2.0.8
+    those give *every child* its own generator with the *same* seed, so e.g. the flip and the
+    affine make the same apply/skip decision on every call. One shared generator keeps the
+    ops independent.
+    """
+    if not isinstance(transform, A.BaseCompose):
+        raise TypeError(f"reseed expects an albumentations Compose, got {type(transform).__name__}")
+    transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def apply(transform: A.BaseCompose, image: np.ndarray) -> np.ndarray:
+    """Run ``transform`` on one uint8 HWC image (HxW is treated as HxWx1); returns uint8 HWC."""
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3:
+        raise ValueError(f"expected an HxWxC image, got shape {image.shape}")
+    out = transform(image=image)["image"]
+    if out.ndim == 2:  # some cv2 paths drop a trailing channel of size 1
+        out = out[:, :, None]
+    # torch.from_numpy rejects negative strides, and contiguous arrays collate faster
+    return np.ascontiguousarray(out)
+
+
+def hflip_allowed(dataset_meta: dict) -> bool:
+    """Whether a dataset tolerates horizontal flips (``"hflip"`` in dataset.json; default True)."""
+    value = dataset_meta.get("hflip", True)
+    if not isinstance(value, bool):
+        # a string "false" would otherwise be truthy and silently flip digits
+        raise UserError(f"dataset.json hflip: must be true or false, got {value!r}")
+    return value
+
+
+class BatchMix:
+    """MixUp / CutMix on a float batch; always returns soft targets of shape (N, num_classes).
+
+    A class rather than a closure so it pickles into Ray workers / dataloader processes.
+    Randomness comes from torch's global RNG (as torchvision's MixUp/CutMix do).
+    """
+
+    def __init__(self, mixup_alpha: float, cutmix_alpha: float, prob: float, num_classes: int):
+        ops = []
+        if mixup_alpha > 0:
+            ops.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            ops.append(T.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        self.mix = ops[0] if len(ops) == 1 else T.RandomChoice(ops)
+        self.prob = prob
+        self.num_classes = num_classes
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.prob >= 1 or torch.rand(()).item() < self.prob:
+            images, targets = self.mix(images, labels)
+            return images, targets.float()
+        # unmixed batches still get one-hot targets so the loss sees one format
+        return images, torch.nn.functional.one_hot(labels, self.num_classes).to(images.dtype)
+
+
+def build_batch_mix(
+    mixup_alpha: float, cutmix_alpha: float, prob: float, num_classes: int
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """Batch-level MixUp/CutMix (random choice when both alphas > 0), applied with ``prob``.
+
+    Returned callable: ``(images[N,C,H,W] float, labels[N] int64) -> (images, targets[N,K] float)``.
+    None when there is nothing to mix (both alphas 0 or prob 0): the caller then uses hard labels.
+    """
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise UserError("augment.mixup_alpha / augment.cutmix_alpha: must be >= 0")
+    if not 0.0 <= prob <= 1.0:
+        raise UserError(f"augment.mix_prob: must be in [0, 1], got {prob!r}")
+    if (mixup_alpha == 0 and cutmix_alpha == 0) or prob == 0:
+        return None
+    return BatchMix(mixup_alpha, cutmix_alpha, prob, num_classes)
+
+
+def build_torchvision_train_transform(
+    preset: str, strength: float, image_size: int, hflip: bool = True
+) -> T.Compose:
+    """Closest torchvision.transforms.v2 equivalent of ``build_train_transform``, on uint8 CHW
+    tensors; exists so the benchmark can compare images/s between the two libraries."""
+    _validate(preset, strength, image_size)
+    spec, s = _SPECS[preset], float(strength)
+    size = image_size
+    ops: list = [T.Resize((size, size), antialias=True)]
+    if spec.crop_p * s > 0:
+        r = 1.0 + spec.crop_ratio * s
+        crop = T.RandomResizedCrop(size, scale=(1.0 - spec.crop_area * s, 1.0), ratio=(1.0 / r, r))
+        ops.append(T.RandomApply([crop], p=spec.crop_p * s))
+    if hflip and spec.flip_p * s > 0:
+        ops.append(T.RandomHorizontalFlip(p=spec.flip_p * s))
+    if spec.affine_p * s > 0:
+        affine = T.RandomAffine(
+            degrees=spec.rotate * s, translate=(spec.shift * s, spec.shift * s),
+            scale=(1.0 - spec.scale * s, 1.0 + spec.scale * s),
+            interpolation=T.InterpolationMode.BILINEAR, fill=0,
+        )
+        ops.append(T.RandomApply([affine], p=spec.affine_p * s))
+    if spec.color_p * s > 0:
+        jitter = T.ColorJitter(
+            brightness=spec.brightness * s, contrast=spec.contrast * s,
+            saturation=spec.saturation * s, hue=spec.hue * s,
+        )
+        ops.append(T.RandomApply([jitter], p=spec.color_p * s))
+    if spec.blur_noise_p * s > 0:
+        sigma_max = max(0.1, spec.blur_sigma * s)
+        kernel = 2 * math.ceil(3 * sigma_max) + 1
+        blur_or_noise = T.RandomChoice([
+            T.GaussianBlur(kernel, sigma=(0.1, sigma_max)),
+            T.GaussianNoise(sigma=0.75 * spec.noise_std * s),  # middle of albumentations' range
+        ])
+        ops.append(T.RandomApply([blur_or_noise], p=spec.blur_noise_p * s))
+    if spec.dropout_p * s > 0:
+        # RandomErasing cuts one hole; area range matches one CoarseDropout hole
+        hole_max = spec.hole_size * s
+        ops.append(T.RandomErasing(p=spec.dropout_p * s, scale=((hole_max / 2) ** 2, hole_max**2), value=0))
+    return T.Compose(ops)

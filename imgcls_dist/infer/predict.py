@@ -1,0 +1,67 @@
+"""Top-k classes for local image files: the batch job's decode, resize, TTA and ensemble, without Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from imgcls_dist.data.decode import decode_file
+from imgcls_dist.errors import UserError
+from imgcls_dist.infer.predictor import EnsemblePredictor, resolve_ensemble
+from imgcls_dist.infer.prepare import resize_for
+
+
+def load_predictor(
+    models: str | Path | Sequence[str | Path],
+    *,
+    tta: str | Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    combine: str | None = None,
+    device: str | None = None,
+    batch_size: int = 64,
+) -> EnsemblePredictor:
+    """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's."""
+    paths, weights, combine = resolve_ensemble(models, weights, combine)
+    return EnsemblePredictor(paths, views=tta, weights=weights, combine=combine, device=device, batch_size=batch_size)
+
+
+def predict_with(predictor: EnsemblePredictor, images: Sequence[str | Path], topk: int = 5) -> list[dict[str, Any]]:
+    """[{"path", "top": [{"class", "index", "prob"}, ...]}] per image, in input order."""
+    if topk < 1:
+        raise UserError(f"--topk: must be >= 1, got {topk}")
+    k = min(topk, len(predictor.classes))
+    results = []
+    for start in range(0, len(images), predictor.batch_size):
+        chunk = list(images[start : start + predictor.batch_size])
+        per_image = [resize_for(decode_file(p), predictor.input_keys) for p in chunk]
+        batch = {key: np.stack([r[key] for r in per_image]) for key in predictor.input_keys}
+        probs = predictor.predict_uint8(batch)
+        for path, p in zip(chunk, probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            top = [{"class": predictor.classes[i], "index": int(i), "prob": float(p[i])} for i in order]
+            results.append({"path": str(path), "top": top})
+    return results
+
+
+def predict_images(
+    images: Sequence[str | Path],
+    models: str | Path | Sequence[str | Path],
+    *,
+    topk: int = 5,
+    tta: str | Sequence[str] | None = None,
+    weights: Sequence[float] | None = None,
+    combine: str | None = None,
+    device: str | None = None,
+) -> list[dict[str, Any]]:
+    if not images:
+        raise UserError("predict: give at least one image file")
+    predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device)
+    return predict_with(predictor, images, topk)
+
+
+def format_predictions(results: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{r['path']}: " + ", ".join(f"{t['class']} {t['prob']:.4f}" for t in r["top"]) for r in results
+    )

@@ -1,0 +1,382 @@
+"""`imgcls-dist tune`: a Ray Tune campaign whose trials are Ray Train runs (the Ray 2.4x+/Train V2 pattern).
+
+Pattern (see Ray's "Hyperparameter Tuning with Ray Tune" guide for Train V2; `Tuner(trainer)` is
+deprecated):
+
+* Each Tune trial runs `trial.trial_driver`, a *function trainable* that builds the trial's
+  ExperimentConfig (base config + sampled values, run.name = trial name, run.storage_path =
+  <campaign>/trials), launches `build_trainer(..., callbacks=[EpochReportCallback(), ...])` and
+  `fit`s it. EpochReportCallback (a TuneReportCallback) relays every epoch's report from the Train
+  controller to the trial, so ASHA sees val_acc per epoch; the Train workers do all the compute and
+  request their own CPUs/GPUs. A stopped trial aborts its Train run before its actor goes away
+  (see trial.py: otherwise the run's placement group - its CPUs - leaks in local mode).
+* The trial driver reserves **no CPU**: it only launches and watches its Train run. Ray refuses an
+  all-zero request (`{"CPU": 0}` -> "empty head bundle"), and any CPU fraction would make
+  trials x (workers + fraction) overflow the CPUs the workers need (2 x 1.01 > 2 on a 2-CPU box, so the
+  second trial's worker could never start). It reserves a small slice of the node's logical
+  `memory` resource instead (every Ray node has one) - honest (the driver does use ~200 MB) and free
+  of CPU contention.
+* Concurrency: `trials = min(cluster CPUs // (workers_per_trial x cpus_per_worker), cluster GPUs //
+  workers_per_trial (GPU runs), tune.max_concurrent, number of trials)`, passed as
+  `TuneConfig(max_concurrent_trials=...)`. Concurrent Train runs therefore always fit the cluster
+  together; asking for more would leave Train runs waiting for workers that never come.
+  `scaling.num_workers: null` means 1 worker per trial in a campaign (many small trials in parallel
+  beat few wide ones for a search), not "the whole cluster".
+* ASHA (`time_attr=epochs_done, metric=val_acc, mode=max, grace_period, reduction_factor,
+  max_t=train.epochs`) stops weak trials at its rungs; `early_stopping=False` runs FIFO to completion.
+  Tune's `max_concurrent_trials` is ignored when a search_alg is given, so the seeded
+  BasicVariantGenerator itself gets `max_concurrent`.
+* Resume: the campaign dir holds Tune's experiment state; `Tuner.restore(resume_unfinished=True,
+  resume_errored=False)` skips finished/failed trials and relaunches unfinished ones with the same
+  trial name, so the same (run.name, storage_path) makes Train V2 continue them from their latest
+  checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from imgcls_dist.config import ExperimentConfig, build_config, read_yaml, write_config
+from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.tune import results as R
+from imgcls_dist.tune.space import (apply_sampled, candidate_values, get_dotted, num_trials, plain, to_tune_space,
+                                    validate_space)
+
+TRIALS_DIR = "trials"
+META_FILE = "campaign.json"  # how the campaign was started (scheduler, sizing): resume keeps it
+CONFIG_FILE = "config.yaml"  # same name as trial.CONFIG_FILE
+# Logical memory a trial driver reserves instead of CPU (see module docstring).
+DRIVER_MEMORY_BYTES = 128 * 1024 * 1024
+# Settings checked against the dataset and model registry for every value the space can produce.
+_DATA_KEYS = ("model.arch", "data.image_size", "data.path", "data.in_channels", "train.progressive_resizing")
+
+
+def campaign_dir_for(cfg: ExperimentConfig) -> Path:
+    storage = cfg.run.storage_path
+    if "://" in storage:
+        raise UserError(f"run.storage_path: {storage}: tune campaigns need a local or shared-filesystem path "
+                        "(results, plots and the ensemble are written beside the trials)")
+    return Path(storage).resolve() / cfg.run.name
+
+
+def plan_resources(cfg: ExperimentConfig, n_trials: int, cpus: float, gpus: float) -> dict[str, Any]:
+    """Workers per trial and how many trials run at once without oversubscribing the cluster."""
+    workers = cfg.scaling.num_workers or 1
+    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else gpus > 0
+    if use_gpu and gpus < workers:
+        raise UserError(f"scaling: a trial needs {workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs")
+    cpus_per_trial = workers * cfg.scaling.cpus_per_worker
+    if cpus_per_trial > cpus + 1e-9:
+        raise UserError(f"scaling: a trial needs {workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU = "
+                        f"{cpus_per_trial:g} CPUs but the Ray cluster has {cpus:g} (it would wait forever)")
+    fit = int(cpus // cpus_per_trial + 1e-9)
+    if use_gpu:
+        fit = min(fit, int(gpus // workers))
+    limits = [fit, n_trials] + ([cfg.tune.max_concurrent] if cfg.tune.max_concurrent else [])
+    return {"workers_per_trial": workers, "use_gpu": bool(use_gpu), "cpus_per_trial": cpus_per_trial,
+            "concurrency": max(1, min(limits)), "fit": fit, "cluster_cpus": cpus, "cluster_gpus": gpus}
+
+
+def trial_name(trial) -> str:
+    """`trial_00003`: the counter of Tune's trial id; stable across resume (names the Train run too)."""
+    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
+
+
+def fault_for(fault: dict | None, sampled: dict[str, Any]) -> dict | None:
+    """Test hook: `fault` goes to the trials whose sampled values match fault["match"] (all when absent)."""
+    if not fault:
+        return None
+    match = fault.get("match") or {}
+    if all(plain(sampled.get(k)) == v for k, v in match.items()):
+        return {k: v for k, v in fault.items() if k != "match"}
+    return None
+
+
+def absolutize_paths(raw: dict[str, Any], cwd: str | Path) -> dict[str, Any]:
+    """Relative data/weights paths -> absolute: Tune runs each trial in its own working directory."""
+    data = raw.get("data") or {}
+    if isinstance(data.get("path"), str) and "://" not in data["path"] and not Path(data["path"]).is_absolute():
+        data["path"] = str((Path(cwd) / data["path"]).resolve())
+    model = raw.get("model") or {}
+    w = model.get("weights")
+    if isinstance(w, str) and not Path(w).expanduser().is_absolute() and (Path(cwd) / w).exists():
+        model["weights"] = str((Path(cwd) / w).resolve())  # a local checkpoint (torchvision names stay names)
+    return raw
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], name: str, trials_dir: str,
+                 cwd: str | None = None) -> ExperimentConfig:
+    raw = apply_sampled(base, sampled)
+    if cwd:
+        absolutize_paths(raw, cwd)
+    raw["run"] = {**raw.get("run", {}), "name": name, "storage_path": trials_dir}
+    return build_config(raw, source=f"trial {name}")
+
+
+def _validate_against_data(cfg: ExperimentConfig) -> None:
+    """Every architecture/size/dataset the space can pick must pass the same checks as `train`."""
+    from imgcls_dist.train.job import resolve_dataset
+
+    resolve_dataset(cfg)
+    base = cfg.to_dict()
+    for key in cfg.tune.space:
+        if key not in _DATA_KEYS:
+            continue
+        for v in candidate_values(cfg, key):
+            try:
+                resolve_dataset(build_config(apply_sampled(base, {key: v})))
+            except UserError as e:
+                raise UserError(f"tune.space.{key}: value {v!r}: {e}") from None
+
+
+def _read_meta(campaign: Path) -> dict[str, Any]:
+    try:
+        return json.loads((campaign / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _is_nonempty_dir(p: Path) -> bool:
+    return p.is_dir() and any(p.iterdir())
+
+
+def _resume_config(cfg: ExperimentConfig, campaign: Path) -> ExperimentConfig:
+    """The campaign's own saved config is authoritative on resume (Tune restores its saved space too)."""
+    saved_path = campaign / CONFIG_FILE
+    if not saved_path.is_file():
+        return cfg
+    saved = build_config(read_yaml(saved_path), source=str(saved_path))
+    a, b = saved.to_dict(), cfg.to_dict()
+    diff = [f"{s}.{k}" for s in a for k in a[s] if a[s][k] != b.get(s, {}).get(k)]
+    if diff:
+        print(f"resume: using the campaign's saved {saved_path} (differs from the given config in: "
+              f"{', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''})", flush=True)
+    return saved
+
+
+def _scheduler(cfg: ExperimentConfig, early_stopping: bool):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from imgcls_dist.tune.report import TIME_ATTR
+
+    if not early_stopping:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=TIME_ATTR, metric="val_acc", mode="max", max_t=cfg.train.epochs,
+                         grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
+                         reduction_factor=cfg.tune.reduction_factor)
+
+
+def asha_rungs(cfg: ExperimentConfig) -> list[int]:
+    """Epochs at which ASHA compares trials (grace * rf^k below max_t)."""
+    rungs, r = [], min(cfg.tune.grace_period, cfg.train.epochs)
+    while r < cfg.train.epochs:
+        rungs.append(r)
+        r *= cfg.tune.reduction_factor
+    return rungs
+
+
+def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True,
+                 fault: dict | None = None) -> dict[str, Any]:
+    """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary.
+
+    `fault` is a test hook forwarded to `build_trainer` for the trials whose sampled values match
+    `fault["match"]` (e.g. `{"nan_loss": True, "epoch": -1, "marker": ..., "match": {"train.lr": 0.01}}`).
+    """
+    campaign = campaign_dir_for(cfg)
+    exists = _is_nonempty_dir(campaign)
+    if exists and not resume:
+        raise UserError(f"{campaign} already exists: pass --resume to continue that campaign, or pick another "
+                        f"run.name (--set run.name=...)")
+    if resume:
+        if not exists:
+            raise UserError(f"--resume: no campaign at {campaign} (check run.name / run.storage_path)")
+        cfg = _resume_config(cfg, campaign)
+        meta = _read_meta(campaign)
+        if "early_stopping" in meta and meta["early_stopping"] != early_stopping:
+            how = "with ASHA" if meta["early_stopping"] else "without early stopping (FIFO)"
+            print(f"resume: the campaign was started {how}; it continues that way", flush=True)
+            early_stopping = bool(meta["early_stopping"])
+    validate_space(cfg)  # before any Ray work: a bad space fails in milliseconds
+    _validate_against_data(cfg)
+    n_trials = num_trials(cfg)
+
+    import ray.tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
+    from imgcls_dist.tune.trial import trial_driver
+
+    ensure_ray()
+    plan = plan_resources(cfg, n_trials, cluster_cpus(), cluster_gpus())
+    trials_dir = campaign / TRIALS_DIR
+    base = cfg.to_dict()
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver, base=base, trials_dir=str(trials_dir), cwd=os.getcwd(),
+                                 num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"], fault=fault),
+        {"CPU": 0, "memory": DRIVER_MEMORY_BYTES})
+    print(f"tune campaign {cfg.run.name}: {n_trials} trials ({cfg.tune.search} search, "
+          f"{'ASHA' if early_stopping else 'FIFO, no early stopping'}), {cfg.train.epochs} epochs each, "
+          f"{plan['workers_per_trial']} {'GPU' if plan['use_gpu'] else 'CPU'} worker(s) per trial, "
+          f"{plan['concurrency']} at a time on {plan['cluster_cpus']:g} CPUs -> {campaign}", flush=True)
+
+    t0 = time.perf_counter()
+    if resume:
+        if not ray.tune.Tuner.can_restore(str(campaign)):
+            raise UserError(f"--resume: {campaign} holds no resumable Tune campaign")
+        tuner = ray.tune.Tuner.restore(str(campaign), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False)
+    else:
+        campaign.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, campaign / CONFIG_FILE)
+        (campaign / META_FILE).write_text(json.dumps({
+            "early_stopping": early_stopping, "num_trials": n_trials, "search": cfg.tune.search,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: plan[k] for k in (
+                "workers_per_trial", "use_gpu", "cpus_per_trial", "concurrency", "cluster_cpus", "cluster_gpus")}},
+            indent=2) + "\n")
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=to_tune_space(cfg),
+            tune_config=ray.tune.TuneConfig(
+                num_samples=cfg.tune.num_samples if cfg.tune.search == "random" else 1,
+                search_alg=BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=plan["concurrency"]),
+                scheduler=_scheduler(cfg, early_stopping),
+                # max_concurrent_trials would be ignored with an explicit search_alg (Tune warns and
+                # runs every trial at once): the generator itself caps the trials in flight.
+                reuse_actors=False,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
+            ),
+            run_config=ray.tune.RunConfig(
+                name=cfg.run.name,
+                storage_path=str(campaign.parent),
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+                verbose=1,
+            ),
+        )
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    return finalize_campaign(cfg, campaign, grid, plan, wall_s=wall, early_stopping=early_stopping)
+
+
+def _error_reason(err: BaseException | None) -> str | None:
+    if err is None:
+        return None
+    from imgcls_dist.train.job import root_cause
+
+    cause = getattr(err, "cause", None)  # RayTaskError -> the exception the trial raised
+    if isinstance(cause, BaseException):
+        err = cause
+    if isinstance(err, (JobFailed, UserError)):
+        msg = str(err)
+    else:
+        msg = root_cause(err)
+    return " ".join(msg.split())[:500]
+
+
+def _tune_statuses(grid) -> dict[str, str]:
+    """trial name -> Tune status (TERMINATED, ERROR, or RUNNING/PENDING for an interrupted campaign)."""
+    analysis = getattr(grid, "_experiment_analysis", None)  # ResultGrid keeps no public per-trial status
+    try:
+        return {str(t): t.status for t in analysis.trials} if analysis is not None else {}
+    except Exception:  # noqa: BLE001 - fall back to error/no-error below
+        return {}
+
+
+def collect_rows(cfg: ExperimentConfig, campaign: Path, grid) -> list[dict[str, Any]]:
+    keys = list(cfg.tune.space)
+    statuses = _tune_statuses(grid)
+    rows = []
+    for res in grid:
+        name = Path(res.path).name
+        history, best_dir, best = R.trial_history(campaign / TRIALS_DIR / name)
+        metrics = res.metrics or {}
+        seen = metrics.get("epochs_done")
+        error = _error_reason(res.error)
+        status = "ERROR" if error is not None else statuses.get(name, "TERMINATED")
+        row: dict[str, Any] = {"trial": name, **{k: plain(res.config.get(k)) for k in keys}}
+        row.update({
+            "best_val_acc": best["val_acc"] if best else None,
+            "val_loss": best["val_loss"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "final_val_acc": history[-1]["val_acc"] if history else None,
+            "epochs_run": len(history),
+            # Epochs Tune had seen when the trial ended; a stopped trial can train on for a moment
+            # (reports reach Tune through the Train controller's poll), so epochs_run may be larger.
+            "epochs_reported": int(seen) if seen is not None else 0,
+            # ASHA's decision: a trial that ended without error before max_t epochs (as Tune saw them).
+            "stopped_early": status == "TERMINATED" and seen is not None and int(seen) < cfg.train.epochs,
+            "status": status,
+            "error": error,
+            "checkpoint": str(best_dir) if best_dir else None,
+            "curve": [h["val_acc"] for h in history],
+        })
+        rows.append(row)
+    return rows
+
+
+def finalize_campaign(cfg: ExperimentConfig, campaign: Path, grid, plan: dict, *, wall_s: float,
+                      early_stopping: bool = True) -> dict[str, Any]:
+    from imgcls_dist.tune.plots import plot_metric_vs_param, plot_trial_curves
+
+    keys = list(cfg.tune.space)
+    rows = collect_rows(cfg, campaign, grid)
+    results_csv = R.write_results_csv(rows, keys, campaign / R.RESULTS_FILE)
+    base = cfg.to_dict()
+
+    def _with_base(key: str) -> list[dict]:  # unsearched knobs plot at their (constant) base value
+        return rows if key in keys else [{**r, key: get_dotted(base, key)} for r in rows]
+
+    plots = [
+        plot_metric_vs_param(_with_base("train.lr"), "train.lr", campaign / "val_acc_vs_lr.png",
+                             color_key="train.scheduler" if "train.scheduler" in keys else None, logx=True,
+                             searched="train.lr" in keys),
+        plot_metric_vs_param(_with_base("augment.strength"), "augment.strength", campaign / "val_acc_vs_strength.png",
+                             color_key="augment.preset" if "augment.preset" in keys else None,
+                             searched="augment.strength" in keys),
+        plot_trial_curves({r["trial"]: r["curve"] for r in rows},
+                          {r["trial"]: r["epochs_reported"] if r["stopped_early"] else None for r in rows},
+                          campaign / "trial_curves.png", max_epochs=cfg.train.epochs,
+                          rungs=asha_rungs(cfg) if early_stopping else None),
+    ]
+    ranked = [r for r in R.sort_rows(rows) if r["best_val_acc"] is not None]
+    print("\n" + R.format_table(rows, keys), flush=True)
+    unfinished = [r["trial"] for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+    if unfinished:
+        print(f"{len(unfinished)} trial(s) did not finish ({', '.join(unfinished)}): continue with --resume",
+              flush=True)
+    summary: dict[str, Any] = {
+        "campaign_dir": str(campaign),
+        "results_csv": str(results_csv),
+        "plots": [str(p) for p in plots],
+        "num_trials": len(rows),
+        "errored": sum(r["status"] == "ERROR" for r in rows),
+        "unfinished": len(unfinished),
+        "stopped_early": sum(bool(r["stopped_early"]) for r in rows),
+        "trial_epochs": sum(r["epochs_run"] for r in rows),
+        "wall_s": round(wall_s, 2),
+        "concurrency": plan["concurrency"],
+        "workers_per_trial": plan["workers_per_trial"],
+        "early_stopping": early_stopping,
+        "rows": rows,
+    }
+    if not ranked:
+        first = next((r["error"] for r in rows if r["error"]), "no trial produced a checkpoint")
+        raise JobFailed(f"all {len(rows)} trials failed (results: {results_csv}); first error: {first}")
+    best = ranked[0]
+    best_cfg = R.best_config(base, best, keys, name=f"{cfg.run.name}_best", storage_path=cfg.run.storage_path,
+                             num_workers=plan["workers_per_trial"])
+    best_yaml = R.write_best_yaml(best_cfg, best, campaign / R.BEST_FILE)
+    ens_path, members = R.write_ensemble(rows, cfg.tune.top_k, campaign)
+    summary.update({"best_trial": best["trial"], "best_val_acc": best["best_val_acc"],
+                    "best_params": {k: best[k] for k in keys}, "best_config": str(best_yaml),
+                    "ensemble": str(ens_path), "ensemble_members": members})
+    print(f"\nbest: {best['trial']} val_acc {best['best_val_acc']:.4f} "
+          f"({', '.join(f'{k}={R.fmt(best[k])}' for k in keys)})\n"
+          f"{len(rows)} trials ({summary['errored']} failed, {summary['stopped_early']} stopped early by ASHA), "
+          f"{summary['trial_epochs']} trial-epochs, {wall_s:.0f}s", flush=True)
+    return summary
+

@@ -1,0 +1,175 @@
+"""A finished campaign's outputs: results.csv + table, best.yaml, ensemble.json (+ exported models).
+
+Per-trial numbers come from the trial's own Train run on disk (`<campaign>/trials/<trial>/checkpoint_*`):
+the latest checkpoint's `history.json` is every epoch the trial trained (across a resume too), and
+the checkpoint with the highest val_acc is the trial's best model. Status and error come from Tune.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from imgcls_dist.config import ExperimentConfig, TuneConfig, build_config, write_config
+from imgcls_dist.models.checkpoint import MODEL_FILE
+from imgcls_dist.tune.space import apply_sampled
+
+ENSEMBLE_FILE = "ensemble.json"
+RESULTS_FILE = "results.csv"
+BEST_FILE = "best.yaml"
+# Ensemble weights: softmax(val_acc / T). Validation accuracies of a campaign's top trials sit within a
+# point or two of each other, so weights proportional to val_acc would be uniform in all but name
+# (0.985 vs 0.975 -> 50.3% / 49.7%). With T = 0.01 every extra point of validation accuracy multiplies
+# a model's weight by e: a clearly better trial leads, while trials within noise of each other (one
+# image of a ~270-image val split is 0.4 points) keep comparable say - a mild, monotone preference
+# that never zeroes a member out (that is what top_k is for).
+WEIGHT_TEMPERATURE = 0.01
+WEIGHT_RULE = (f"softmax(val_acc / {WEIGHT_TEMPERATURE}) over the top-k trials' best validation accuracy: "
+               "+1 point of val_acc multiplies a model's weight by e; weights sum to 1")
+
+
+def _checkpoint_dirs(run_dir: Path) -> list[tuple[Path, list[dict]]]:
+    """(checkpoint dir, its history) for every complete checkpoint of a Train run, oldest epoch first."""
+    out = []
+    for d in run_dir.glob("checkpoint_*"):
+        h = d / "history.json"
+        if not (d / MODEL_FILE).is_file() or not h.is_file():
+            continue  # a checkpoint the run was killed while writing
+        try:
+            hist = json.loads(h.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if hist:
+            out.append((d, hist))
+    out.sort(key=lambda x: x[1][-1]["epoch"])
+    return out
+
+
+def _loads(model_dir: Path) -> bool:
+    from imgcls_dist.models.checkpoint import load_model_file
+
+    try:
+        load_model_file(model_dir)
+        return True
+    except Exception:  # noqa: BLE001 - a checkpoint cut short when its run was stopped
+        return False
+
+
+def trial_history(run_dir: Path) -> tuple[list[dict], Path | None, dict | None]:
+    """(epochs trained, best checkpoint dir, the history row of the best epoch) of one trial's Train run."""
+    ckpts = _checkpoint_dirs(run_dir)
+    if not ckpts:
+        return [], None, None
+    history = ckpts[-1][1]
+    # Highest val_acc; ties go to the lower val_loss, then the earlier epoch. A model file that does not
+    # load (the run was stopped while it was being copied) is passed over.
+    ranked = sorted(ckpts, key=lambda x: (-x[1][-1]["val_acc"], x[1][-1]["val_loss"], x[1][-1]["epoch"]))
+    for d, hist in ranked:
+        if _loads(d):
+            return history, d, hist[-1]
+    return history, None, None
+
+
+def sort_rows(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["best_val_acc"] is None, -(r["best_val_acc"] or 0.0),
+                                       r["val_loss"] if r["val_loss"] is not None else math.inf, r["trial"]))
+
+
+def result_columns(keys: list[str]) -> list[str]:
+    return ["trial", *keys, "best_val_acc", "val_loss", "best_epoch", "final_val_acc", "epochs_run",
+            "epochs_reported", "stopped_early", "status", "error", "checkpoint"]
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_results_csv(rows: list[dict], keys: list[str], path: Path) -> Path:
+    cols = result_columns(keys)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in sort_rows(rows):
+            w.writerow({c: ("" if r.get(c) is None else (json.dumps(r[c]) if isinstance(r[c], list) else r[c]))
+                        for c in cols})
+    return path
+
+
+def read_results_csv(path: str | Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def format_table(rows: list[dict], keys: list[str], max_error: int = 60) -> str:
+    cols = [c for c in result_columns(keys) if c not in ("checkpoint", "final_val_acc", "epochs_reported")]
+    body = []
+    for r in sort_rows(rows):
+        cells = []
+        for c in cols:
+            s = fmt(r.get(c))
+            if c == "error" and len(s) > max_error:
+                s = s[: max_error - 3] + "..."
+            cells.append(s)
+        body.append(cells)
+    head = [c.replace("train.", "").replace("augment.", "aug.") for c in cols]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(s.ljust(w) for s, w in zip(b, widths)).rstrip() for b in body]
+    return "\n".join(lines)
+
+
+def best_config(base: dict[str, Any], row: dict[str, Any], keys: list[str], *, name: str, storage_path: str,
+                num_workers: int) -> ExperimentConfig:
+    """The best trial as a complete, standalone training config (tune section reset, own run.name)."""
+    raw = apply_sampled(base, {k: row[k] for k in keys})
+    raw["run"] = {**raw.get("run", {}), "name": name, "storage_path": storage_path}
+    raw["tune"] = TuneConfig().model_dump(mode="json")
+    # The same worker count as the trial: DDP over a different world changes every batch.
+    raw["scaling"] = {**raw.get("scaling", {}), "num_workers": num_workers}
+    return build_config(raw, source=BEST_FILE)
+
+
+def write_best_yaml(cfg: ExperimentConfig, row: dict, path: Path) -> Path:
+    write_config(cfg, path)
+    header = (f"# Best trial of tune campaign: {row['trial']} (best val_acc {row['best_val_acc']:.4f} at epoch "
+              f"{row['best_epoch'] + 1} of {row['epochs_run']}).\n# Retrain: imgcls-dist train --config {path}\n")
+    path.write_text(header + path.read_text())
+    return path
+
+
+def ensemble_weights(accs: list[float], temperature: float = WEIGHT_TEMPERATURE) -> list[float]:
+    m = max(accs)
+    ex = [math.exp((a - m) / temperature) for a in accs]
+    s = sum(ex)
+    return [e / s for e in ex]
+
+
+def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Path) -> tuple[Path | None, list[dict]]:
+    """Copy the top-k trials' best model.pt to models/<trial>/ and write ensemble.json (predictor format)."""
+    ranked = [r for r in sort_rows(rows) if r["best_val_acc"] is not None and r.get("checkpoint")]
+    top = ranked[:top_k]
+    if not top:
+        return None, []
+    weights = ensemble_weights([r["best_val_acc"] for r in top])
+    models = []
+    for r, w in zip(top, weights):
+        dst = campaign_dir / "models" / r["trial"] / MODEL_FILE
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(r["checkpoint"]) / MODEL_FILE, dst)
+        models.append({"path": str(dst.relative_to(campaign_dir)), "weight": w, "name": r["trial"],
+                       "val_acc": r["best_val_acc"], "epoch": r["best_epoch"]})
+    doc = {"models": models, "combine": "weighted", "weight_rule": WEIGHT_RULE}
+    path = campaign_dir / ENSEMBLE_FILE
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path, models

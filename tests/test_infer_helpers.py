@@ -1,0 +1,42 @@
+"""Shared helpers for the inference tests (no tests here): tiny model files and input shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from imgcls_dist.data.schema import split_files
+from imgcls_dist.data.shards import read_rows, write_shards
+from imgcls_dist.models.checkpoint import save_model_file
+
+DIGITS = [str(i) for i in range(10)]
+
+
+def save_model(path: Path, arch: str = "lenet5", size: int = 16, *, classes: Sequence[str] = DIGITS, seed: int = 0,
+               hflip: bool = False, logits: Sequence[float] | None = None, in_channels: int = 3) -> Path:
+    """A random-init model file; with `logits`, the last Linear layer outputs exactly those logits
+    for every input (weights zeroed), so ensemble arithmetic has a known answer."""
+    from imgcls_dist.models.registry import get_model, get_spec
+
+    torch.manual_seed(seed)
+    model = get_model(arch, num_classes=len(classes), in_channels=in_channels)
+    if logits is not None:
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(list(logits), dtype=torch.float32))
+    mean, std = get_spec(arch).normalization(in_channels)
+    return save_model_file(path, model=model, arch=arch, classes=list(classes), in_channels=in_channels,
+                           image_size=size, mean=list(mean), std=list(std), hflip=hflip)
+
+
+def digit_rows(dataset_dir: Path, split: str = "test", limit: int | None = None, with_label: bool = True):
+    """(id, bytes, label|None) rows of a built-in digits split."""
+    rows = read_rows(split_files(dataset_dir, split), limit=limit)
+    return [(i, b, int(lbl) if with_label else None) for i, b, lbl in zip(rows.ids, rows.images, rows.labels)]
+
+
+def write_input(out_dir: Path, rows, rows_per_shard: int = 100) -> list[Path]:
+    return write_shards(rows, out_dir, rows_per_shard=rows_per_shard)

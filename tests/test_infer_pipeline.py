@@ -1,0 +1,273 @@
+"""Batch inference end to end on the 2-CPU session Ray: damaged rows, exact schema, reruns, killed runs,
+bad input schemas, and actor-pool sizing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from image_fixtures import write_image_fixtures
+from test_infer_helpers import digit_rows, save_model, write_input
+
+from imgcls_dist.cli import main
+from imgcls_dist.data.synthetic import write_synthetic_shards
+from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.infer import pipeline
+from imgcls_dist.infer.pipeline import plan_actors, read_manifest, run_batch_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# design.md's output contract, spelled out here (not imported) so a drift in the code fails the test.
+EXPECTED_SCHEMA = [
+    ("id", pa.string()), ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
+    ("probs", "list<float32>"), ("entropy", pa.float32()), ("label", pa.int64()), ("error", pa.string()),
+]
+
+
+def read_out(out: Path) -> pa.Table:
+    files = [out / f["name"] for f in read_manifest(out)["files"]]
+    assert sorted(files) == sorted(out.glob("*.parquet")), "OUT holds parquet files the manifest does not list"
+    return pa.concat_tables(pq.read_table(f) for f in files)
+
+
+def by_id(t: pa.Table) -> dict[str, dict]:
+    return {r["id"]: r for r in t.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    # two members of different input sizes: the decode stage must produce both
+    return [save_model(d / "a", "lenet5", 16, seed=1), save_model(d / "b", "lenet5", 24, seed=2)]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_digits_dir):
+    d = tmp_path_factory.mktemp("inputs")
+    good = digit_rows(tiny_digits_dir, "test", limit=240)
+    fixtures = write_image_fixtures(d / "fixtures")
+    mixed = list(good)
+    for i, fx in enumerate(fixtures):  # spread over every shard
+        mixed.insert(i * 11, (f"fx-{fx.name}", fx.path.read_bytes(), None))
+    write_input(d / "mixed", mixed, rows_per_shard=70)
+    write_input(d / "clean", good, rows_per_shard=100)
+    return SimpleNamespace(mixed=d / "mixed", clean=d / "clean", mixed_rows=mixed, good_rows=good,
+                           bad={f"fx-{fx.name}": fx for fx in fixtures if not fx.ok},
+                           ok_fixture_ids={f"fx-{fx.name}" for fx in fixtures if fx.ok})
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_session, models, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "mixed"
+    return out, run_batch_inference(models, inputs.mixed, out, batch_size=32, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def clean_out(ray_session, models, inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "clean"
+    run_batch_inference(models, inputs.clean, out, batch_size=32, verbose=False)
+    return out
+
+
+def test_every_row_accounted_for_and_only_bad_rows_error(mixed_run, inputs):
+    out, manifest = mixed_run
+    t = read_out(out)
+    ids = t.column("id").to_pylist()
+    assert len(ids) == len(inputs.mixed_rows) == len(set(ids))
+    assert set(ids) == {r[0] for r in inputs.mixed_rows}
+    rows = by_id(t)
+    errored = {i for i, r in rows.items() if r["error"] is not None}
+    assert errored == set(inputs.bad)
+    for rid, fx in inputs.bad.items():
+        r = rows[rid]
+        assert fx.error_contains in r["error"], (rid, r["error"])
+        assert r["pred"] is None and r["pred_name"] is None and r["probs"] is None
+        assert r["confidence"] is None and r["entropy"] is None
+    classes = manifest["classes"]
+    for rid, r in rows.items():
+        if rid in inputs.bad:
+            continue
+        p = np.asarray(r["probs"], np.float64)
+        assert len(p) == 10 and abs(p.sum() - 1) < 1e-5
+        assert r["pred"] == int(p.argmax()) and r["pred_name"] == classes[r["pred"]]
+        assert r["confidence"] == pytest.approx(p.max(), abs=1e-6)
+        assert r["entropy"] == pytest.approx(-(p * np.log(np.clip(p, 1e-12, 1))).sum(), abs=1e-4)
+    labels = {r[0]: r[2] for r in inputs.mixed_rows}
+    assert all(rows[i]["label"] == labels[i] for i in rows)  # passthrough, nulls included
+    assert manifest["rows_in"] == manifest["rows_out"] == len(ids)
+    assert manifest["error_rows"] == len(inputs.bad)
+    assert manifest["complete"] and manifest["tta_views"][0] == "identity" and "hflip" not in manifest["tta_views"]
+    assert [m["image_size"] for m in manifest["models"]] == [16, 24]
+    assert sum(f["rows"] for f in manifest["files"]) == len(ids)
+    assert len(manifest["input_files"]) == 4 and manifest["images_per_s"] > 0
+
+
+def test_output_schema_is_design_contract(mixed_run):
+    out, _ = mixed_run
+    for f in out.glob("*.parquet"):
+        schema = pq.read_schema(f)
+        assert schema.names == [n for n, _ in EXPECTED_SCHEMA]
+        for name, typ in EXPECTED_SCHEMA:
+            got = schema.field(name).type
+            if typ == "list<float32>":
+                assert pa.types.is_list(got) and got.value_type == pa.float32(), got
+            else:
+                assert got == typ, (name, got)
+
+
+def test_no_label_column_means_no_label_output(ray_session, models, inputs, tmp_path):
+    write_input(tmp_path / "in", [(f"u{i}", b, None) for i, b, _ in inputs.good_rows[:40]])
+    for f in (tmp_path / "in").glob("*.parquet"):  # drop the label column entirely
+        pq.write_table(pq.read_table(f).drop_columns(["label"]), f)
+    m = run_batch_inference(models[:1], tmp_path / "in", tmp_path / "out", tta="none", verbose=False)
+    t = read_out(tmp_path / "out")
+    assert "label" not in t.column_names and t.num_rows == 40 and not m["label_passthrough"]
+
+
+def test_good_rows_match_a_clean_run(mixed_run, clean_out):
+    mixed, clean = by_id(read_out(mixed_run[0])), by_id(read_out(clean_out))
+    assert len(clean) == 240
+    for rid, r in clean.items():
+        assert mixed[rid]["pred"] == r["pred"]
+        np.testing.assert_allclose(mixed[rid]["probs"], r["probs"], atol=1e-5)
+
+
+def test_rerun_replaces_instead_of_appending(models, inputs, clean_out):
+    before = read_manifest(clean_out)
+    first = by_id(read_out(clean_out))
+    after = run_batch_inference(models, inputs.clean, clean_out, batch_size=64, verbose=False)
+    t = read_out(clean_out)
+    assert after["run_id"] != before["run_id"]
+    assert t.num_rows == 240 == len(set(t.column("id").to_pylist()))
+    assert all(after["run_id"] in f.name for f in clean_out.glob("*.parquet"))
+    assert {i: r["pred"] for i, r in by_id(t).items()} == {i: r["pred"] for i, r in first.items()}
+
+
+def _kill_midway(ray_session, model: Path, inputs: Path, out: Path) -> None:
+    """Start a second job into `out` in a subprocess (joining the session's Ray) and SIGKILL it mid-run."""
+    code = ("import sys; from imgcls_dist.infer.pipeline import run_batch_inference as r; "
+            "r(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=16)")
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(model), str(inputs), str(out)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob(".staging-*")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the job to kill never started writing"
+            time.sleep(0.1)
+        time.sleep(1.0)  # inside the job: actors starting, batches flowing
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL  # killed, not finished
+
+
+def test_failed_runs_never_publish_partial_output_and_rerun_completes(
+        ray_session, models, inputs, clean_out, tmp_path, monkeypatch):
+    before = read_manifest(clean_out)
+
+    # 1. killed mid-run (a slow job: resnet18, 6 views, 1500 rows): the previous output stays complete
+    slow_model = save_model(tmp_path / "r18", "resnet18", 32, seed=4)
+    write_synthetic_shards(tmp_path / "big", 1500, size=32, rows_per_shard=250)
+    _kill_midway(ray_session, slow_model, tmp_path / "big", clean_out)
+    assert read_manifest(clean_out)["run_id"] == before["run_id"]
+    assert read_out(clean_out).num_rows == 240
+    assert list(clean_out.glob(".staging-*")), "the killed run's staging dir should be where it left it"
+
+    # 2. rows out != rows in (simulated lost file): JobFailed, nothing published, previous output intact
+    real = pipeline._staged_counts
+    monkeypatch.setattr(pipeline, "_staged_counts", lambda staging: real(staging)[1:])
+    with pytest.raises(JobFailed, match="rows out .* != rows in 240"):
+        run_batch_inference(models, inputs.clean, clean_out, verbose=False)
+    assert read_manifest(clean_out)["run_id"] == before["run_id"] and read_out(clean_out).num_rows == 240
+    monkeypatch.undo()
+
+    # 3. crash after the files moved in, before the manifest: nothing claims completeness
+    def crash(*_a, **_k):
+        raise RuntimeError("simulated crash after publishing files, before the manifest")
+
+    monkeypatch.setattr(pipeline, "_write_manifest", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run_batch_inference(models, inputs.clean, clean_out, verbose=False)
+    assert not (clean_out / "_manifest.json").exists()
+    with pytest.raises(UserError, match="did not finish"):
+        read_manifest(clean_out)
+    monkeypatch.undo()
+
+    # 4. a rerun cleans up and publishes complete, duplicate-free output
+    m = run_batch_inference(models, inputs.clean, clean_out, verbose=False)
+    t = read_out(clean_out)
+    assert m["rows_out"] == t.num_rows == 240 == len(set(t.column("id").to_pylist()))
+    assert not list(clean_out.glob(".staging-*"))
+
+
+def _shard(path: Path, table: pa.Table) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.mark.parametrize("case, column", [("no_id", "id"), ("no_image", "image"), ("image_str", "image")])
+def test_bad_input_schema_exits_2_with_one_line(case, column, models, tmp_path, capsys):
+    cols = {"id": pa.array(["a", "b"]), "image": pa.array([b"x", b"y"]), "label": pa.array([0, 1], pa.int64())}
+    if case == "no_id":
+        cols.pop("id")
+    elif case == "no_image":
+        cols.pop("image")
+    else:
+        cols["image"] = pa.array(["x", "y"])
+    f = _shard(tmp_path / "in" / "part-0.parquet", pa.table(cols))
+    out = tmp_path / "out"
+    rc = main(["infer", "--models", str(models[0]), "--input", str(tmp_path / "in"), "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert str(f) in err and f"'{column}'" in err
+    assert not out.exists()  # failed before any work
+
+
+def test_bad_model_or_tta_exits_2(models, inputs, tmp_path, capsys):
+    args = ["infer", "--input", str(inputs.clean), "--output", str(tmp_path / "out")]
+    assert main([*args, "--models", str(tmp_path / "nope")]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main([*args, "--models", str(models[0]), "--tta", "identity,hflip"]) == 2
+    assert "hflip" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_job_entrypoint_is_the_cli_infer(tmp_path):
+    # from another cwd and without the package installed: the script must find the repository itself
+    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "batch_infer.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--models" in r.stdout and "--actors" in r.stdout
+
+
+@pytest.mark.parametrize("cpus, gpus, requested", [
+    (2, 0, None), (1, 0, None), (16, 0, None), (2, 0, 2), (3.5, 0, None), (8, 2, None), (2, 1, None), (4, 1, 2),
+])
+def test_actor_plan_always_leaves_room_for_a_task(cpus, gpus, requested):
+    p = plan_actors(cpus, gpus, requested)
+    assert p.num_actors >= 1 and p.cpus_per_actor > 0 and p.task_cpus > 0
+    assert p.num_actors * p.cpus_per_actor + p.task_cpus <= cpus + 1e-9
+    if requested:
+        assert p.num_actors == requested
+    if gpus:
+        assert p.gpus_per_actor > 0 and p.num_actors * p.gpus_per_actor <= gpus
+
+
+def test_actor_plan_on_the_ci_machine():
+    p = plan_actors(2, 0)
+    assert (p.num_actors, p.cpus_per_actor, p.task_cpus, p.torch_threads) == (1, 1.0, 0.5, 1)
+    with pytest.raises(UserError):
+        plan_actors(2, 0, 0)

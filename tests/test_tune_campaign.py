@@ -1,0 +1,228 @@
+"""End-to-end tune campaigns on the shared 2-CPU local Ray: tiny digits (16px), lenet5, a few epochs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from imgcls_dist.config import load_config
+from imgcls_dist.errors import UserError
+from imgcls_dist.infer.predictor import load_ensemble_manifest
+from imgcls_dist.models.checkpoint import load_model_file
+from imgcls_dist.tune.campaign import run_campaign
+from imgcls_dist.tune.results import read_results_csv
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tune_digits_tiny.yaml"
+# Grid order is launch order: the two learners reach ASHA's first rung before the weak trial starts,
+# so it is below the rung's median and stopped; the last trial's loss is NaN (fault hook) and it fails.
+GOOD, WEAK, NAN_LR = [3e-3, 1e-2], 1e-4, 2e-3
+
+
+def tiny(data_dir, storage, name, *extra):
+    return load_config(TINY, [f"data.path={data_dir}", f"run.storage_path={storage}", f"run.name={name}", *extra])
+
+
+def lr_space(values):
+    return "tune.space=" + json.dumps({"train.lr": {"type": "loguniform", "lower": 1e-5, "upper": 0.1,
+                                                   "grid": list(values)}})
+
+
+def wait_all_cpus_free(ray, timeout=30.0) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= ray.cluster_resources().get("CPU", 0.0):
+            return free
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0)
+
+
+@pytest.fixture(scope="module")
+def campaign(ray_session, tiny_digits_dir, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("tune")
+    cfg = tiny(tiny_digits_dir, storage, "camp", lr_space([*GOOD, WEAK, NAN_LR]), "train.max_nonfinite_steps=3")
+    fault = {"nan_loss": True, "epoch": -1, "marker": str(storage / "unused"), "match": {"train.lr": NAN_LR}}
+    summary = run_campaign(cfg, fault=fault)
+    return cfg, summary, Path(summary["campaign_dir"])
+
+
+def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, tiny_digits_dir):
+    cfg, summary, camp = campaign
+    assert camp == Path(cfg.run.storage_path) / "camp"
+    rows = read_results_csv(camp / "results.csv")
+    assert len(rows) == 4 and summary["num_trials"] == 4
+    assert sorted(float(r["train.lr"]) for r in rows) == sorted([*GOOD, WEAK, NAN_LR])
+    assert {"trial", "train.lr", "best_val_acc", "val_loss", "epochs_run", "stopped_early", "status", "error",
+            "checkpoint"} <= set(rows[0])
+    ok = [r for r in rows if r["status"] == "TERMINATED"]
+    assert len(ok) == 3
+    # ASHA stopped the weak trial at its first rung: it trained fewer epochs than the others (a stopped
+    # trial may finish an epoch or two while the stop travels; 6 epochs leave room for that).
+    weak = next(r for r in rows if float(r["train.lr"]) == WEAK)
+    assert weak["stopped_early"] == "True" and weak["epochs_reported"] == "1"
+    assert int(weak["epochs_run"]) < cfg.train.epochs
+    assert summary["stopped_early"] >= 1
+    assert max(int(r["epochs_run"]) for r in ok) == cfg.train.epochs
+    # Sorted best first; the best trial is one of the learners.
+    accs = [float(r["best_val_acc"]) for r in ok]
+    assert accs == sorted(accs, reverse=True) and rows[0] is ok[0]
+    assert float(rows[0]["train.lr"]) in GOOD and accs[0] > 0.3
+    assert summary["trial_epochs"] == sum(int(r["epochs_run"]) for r in rows)
+
+    for png in ("val_acc_vs_lr.png", "val_acc_vs_strength.png", "trial_curves.png"):
+        assert (camp / png).stat().st_size > 5000, png
+
+    best = load_config(camp / "best.yaml")  # a complete, valid training config
+    assert best.train.lr == pytest.approx(float(rows[0]["train.lr"]))
+    assert best.run.name == "camp_best" and best.tune.space == {} and best.scaling.num_workers == 1
+    assert best.model.arch == "lenet5" and best.data.path == str(tiny_digits_dir)
+    from imgcls_dist.train.job import resolve_dataset
+
+    assert resolve_dataset(best)["image_size"] == 16
+
+    paths, weights, combine = load_ensemble_manifest(camp / "ensemble.json")
+    doc = json.loads((camp / "ensemble.json").read_text())
+    assert len(paths) == cfg.tune.top_k == 2 and combine == "weighted" and "softmax" in doc["weight_rule"]
+    assert [m["name"] for m in doc["models"]] == [r["trial"] for r in ok[:2]]
+    assert sum(weights) == pytest.approx(1.0) and weights[0] >= weights[1]
+    for p, m in zip(paths, doc["models"]):
+        assert Path(p) == camp / "models" / m["name"] / "model.pt"
+        model = load_model_file(p)
+        assert model["arch"] == "lenet5" and model["metrics"]["val_acc"] == pytest.approx(m["val_acc"])
+
+    # Every trial's Train run released its CPUs (ASHA-stopped ones included): nothing leaked.
+    assert wait_all_cpus_free(ray_session) == 2
+
+
+def test_failing_trial_is_marked_and_the_campaign_goes_on(campaign):
+    cfg, summary, camp = campaign
+    rows = read_results_csv(camp / "results.csv")
+    bad = next(r for r in rows if float(r["train.lr"]) == NAN_LR)
+    assert bad["status"] == "ERROR" and "non-finite for 3 consecutive steps" in bad["error"]
+    assert bad["best_val_acc"] == "" and bad["epochs_run"] == "0" and bad["stopped_early"] == "False"
+    assert rows[-1]["trial"] == bad["trial"]  # failed trials sort last
+    assert summary["errored"] == 1
+    assert sum(r["status"] == "TERMINATED" for r in rows) == 3
+    assert bad["trial"] not in [m["name"] for m in json.loads((camp / "ensemble.json").read_text())["models"]]
+
+
+def test_best_yaml_retrains_to_the_trial_result(campaign, ray_session):
+    from imgcls_dist.train.job import run_training
+
+    cfg, summary, camp = campaign
+    best_row = read_results_csv(camp / "results.csv")[0]
+    res = run_training(load_config(camp / "best.yaml"), report_test=False)
+    epoch = int(best_row["best_epoch"])
+    # One worker, same seed, loader_workers=0: the retrain repeats the trial exactly.
+    assert res["history"][epoch]["val_acc"] == pytest.approx(float(best_row["best_val_acc"]), abs=1e-9)
+    assert Path(res["run_dir"]).name == "camp_best"
+
+
+def test_rerun_without_resume_is_refused(campaign):
+    cfg, _, _ = campaign
+    with pytest.raises(UserError, match="already exists: pass --resume"):
+        run_campaign(cfg)
+
+
+def _trial_states(camp: Path) -> dict[str, str]:
+    """trial name -> status from Tune's experiment snapshot (written every ~10 s while running)."""
+    out = {}
+    for f in camp.glob("experiment_state-*.json"):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # being rewritten
+        for state, _meta in doc.get("trial_data", []):
+            t = json.loads(state) if isinstance(state, str) else state
+            name = t.get("custom_trial_name") or t.get("trial_id")
+            out[str(name)] = t.get("status")
+    return out
+
+
+def _checkpoints(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
+
+
+def _latest_history(run: Path) -> list[dict]:
+    """History in the newest readable checkpoint of a Train run (Train may be deleting older ones)."""
+    best: list[dict] = []
+    for c in _checkpoints(run):
+        try:
+            h = json.loads((run / c / "history.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if len(h) > len(best):
+            best = h
+    return best
+
+
+def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, tiny_digits_dir, tmp_path):
+    storage, long_epochs = tmp_path / "runs", 12
+    # Two FIFO trials, run side by side: a short one, and a long one that is mid-run when the driver is killed.
+    space = json.dumps({"train.epochs": {"type": "choice", "values": [2, long_epochs]}})
+    sets = [f"data.path={tiny_digits_dir}", f"run.storage_path={storage}", "run.name=res", f"tune.space={space}",
+            "train.epochs=2"]
+    cmd = [sys.executable, "-m", "imgcls_dist.cli", "tune", "--config", str(TINY), "--no-early-stopping",
+           *[x for s in sets for x in ("--set", s)]]
+    log = open(tmp_path / "driver.log", "w")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune snapshots its state every second, not every 10
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    camp = storage / "res"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            st = _trial_states(camp)
+            # >= 3 epochs on disk: Train has registered at least one checkpoint to resume from.
+            if ("TERMINATED" in st.values() and st.get("trial_00001") == "RUNNING"
+                    and len(_latest_history(camp / "trials" / "trial_00001")) >= 3):
+                break
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial finished while the long one ran: " + (tmp_path / "driver.log").read_text()[-3000:])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        proc.wait()
+        log.close()
+    time.sleep(2)
+    before = _trial_states(camp)
+    finished = sorted(t for t, s in before.items() if s == "TERMINATED")
+    done_ckpts = {t: _checkpoints(camp / "trials" / t) for t in finished}
+    done_mtimes = {t: [(camp / "trials" / t / c / "history.json").stat().st_mtime for c in cs]
+                   for t, cs in done_ckpts.items()}
+    long_run = camp / "trials" / "trial_00001"
+    long_hist = _latest_history(long_run)
+    assert finished and 0 < len(long_hist) < long_epochs
+
+    cfg = load_config(TINY, sets)
+    with pytest.raises(UserError, match="already exists"):
+        run_campaign(cfg, early_stopping=False)
+    summary = run_campaign(cfg, resume=True, early_stopping=False)
+
+    rows = read_results_csv(camp / "results.csv")
+    assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
+    by = {r["trial"]: r for r in rows}
+    for t in finished:  # finished trials were not rerun: same checkpoints, untouched
+        assert _checkpoints(camp / "trials" / t) == done_ckpts[t]
+        assert [(camp / "trials" / t / c / "history.json").stat().st_mtime for c in done_ckpts[t]] == done_mtimes[t]
+        assert int(by[t]["epochs_run"]) == 2
+    # The long trial continued from its Train checkpoint: every epoch once, the first ones restored, not
+    # retrained (same throughput numbers). Train resumes from the last checkpoint its controller had
+    # registered, which can trail the newest directory on disk by an epoch; a redone epoch repeats exactly.
+    final = _latest_history(long_run)
+    assert [h["epoch"] for h in final] == list(range(long_epochs))
+    assert final[0] == long_hist[0]
+    same = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
+    assert [{k: h[k] for k in same} for h in final[: len(long_hist)]] == [{k: h[k] for k in same} for h in long_hist]
+    assert int(by["trial_00001"]["epochs_run"]) == long_epochs
+    assert summary["num_trials"] == 2 and (camp / "ensemble.json").is_file()
