@@ -300,7 +300,7 @@ class RayHead:
             with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=2) as r:
                 return r.status == 200
         except urllib.error.HTTPError:
-            return False
+            return True  # it answers; `ray job submit` reports anything wrong with the request itself
         except OSError:
             return False
 
@@ -348,7 +348,15 @@ def ray_head():
         head.stop()
 
 
-def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> "_Done":
+class _Done(subprocess.CompletedProcess):
+    """A finished command: exit code, combined output and the pid it ran as."""
+
+    def __init__(self, args, returncode, stdout, pid):
+        super().__init__(args, returncode, stdout, None)
+        self.pid = pid
+
+
+def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> _Done:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -358,12 +366,6 @@ def _run(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> "_Done":
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}\n{out[-6000:]}") from None
     return _Done(cmd, proc.returncode, out, proc.pid)
-
-
-class _Done(subprocess.CompletedProcess):
-    def __init__(self, args, returncode, stdout, pid):
-        super().__init__(args, returncode, stdout, None)
-        self.pid = pid
 
 
 def _submit(head: RayHead, mode: str, script_args: list[str], name: str, tmp: Path, timeout: float) -> str:
@@ -383,33 +385,17 @@ def _submit(head: RayHead, mode: str, script_args: list[str], name: str, tmp: Pa
         p = _run(cmd, cwd=tmp, env=head.env, timeout=timeout)
         status = _run([str(RAY), "job", "status", "--address", head.dashboard_url, sid], cwd=tmp, env=head.env,
                       timeout=60)
-        assert p.returncode == 0 and "SUCCEEDED" in status.stdout, (
+        # `ray job status` prints "Job '<id>' succeeded" (2.60); older releases printed SUCCEEDED.
+        assert p.returncode == 0 and re.search(rf"{sid}' succeeded|SUCCEEDED", status.stdout), (
             f"{shlex.join(cmd)} -> exit {p.returncode}\n{p.stdout[-6000:]}\n--- ray job status\n{status.stdout}")
         assert (head.logs_dir / f"job-driver-{sid}.log").is_file()
         return p.stdout
-    # head-node driver: what the job supervisor runs, minus the upload (RAY_ADDRESS = this head)
-    cmd = ["python", *script_args]
-    p = _run(cmd, cwd=ROOT, env={**head.env, "RAY_ADDRESS": head.gcs_address}, timeout=timeout)
-    assert p.returncode == 0, f"{shlex.join(cmd)} -> exit {p.returncode}\n{p.stdout[-6000:]}\n--- head\n{head.tail()}"
-    # It joined this head (not a private local Ray): its core-driver log is in the head's session.
-    assert list(head.logs_dir.glob(f"python-core-driver-*_{p.pid}.log")), f"driver {p.pid} did not join {head.gcs_address}"
-    return p.stdout
-
-
-def _mode_params():
-    missing = _job_server_missing()
-    return [
-        pytest.param("ray-job-submit", id="ray-job-submit",
-                     marks=pytest.mark.skipif(missing is not None, reason=missing or "")),
-        pytest.param("head-node-driver", id="head-node-driver",
-                     marks=pytest.mark.skipif(missing is None, reason="covered by [ray-job-submit]: the job "
-                                              "driver runs this same code path, joined to the head")),
-    ]
+    raise ValueError(mode)
 
 
 @pytest.mark.e2e
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("mode", _mode_params())
+@pytest.mark.parametrize("mode", ["ray-job-submit"])
 def test_train_then_batch_infer_on_a_started_head(mode, ray_head, tiny_digits_dir, tmp_path):
     import pyarrow.parquet as pq
 

@@ -169,8 +169,10 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, 
     storage, long_epochs = tmp_path / "runs", 12
     # Two FIFO trials, run side by side: a short one, and a long one that is mid-run when the driver is killed.
     space = json.dumps({"train.epochs": {"type": "choice", "values": [2, long_epochs]}})
+    # Small batches make epochs slow enough that the long trial is still early on when Tune has recorded the
+    # short one as finished (that takes a few seconds after its last epoch).
     sets = [f"data.path={tiny_digits_dir}", f"run.storage_path={storage}", "run.name=res", f"tune.space={space}",
-            "train.epochs=2"]
+            "train.epochs=2", "data.batch_size=8"]
     cmd = [sys.executable, "-m", "imgcls_dist.cli", "tune", "--config", str(TINY), "--no-early-stopping",
            *[x for s in sets for x in ("--set", s)]]
     log = open(tmp_path / "driver.log", "w")
@@ -182,10 +184,11 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, 
     try:
         while time.time() < deadline:
             st = _trial_states(camp)
+            done = len(_latest_history(camp / "trials" / "trial_00001"))
             # >= 3 epochs on disk: Train has registered at least one checkpoint to resume from.
-            if ("TERMINATED" in st.values() and st.get("trial_00001") == "RUNNING"
-                    and len(_latest_history(camp / "trials" / "trial_00001")) >= 3):
+            if "TERMINATED" in st.values() and st.get("trial_00001") == "RUNNING" and done >= 3:
                 break
+            assert done < long_epochs - 2, "the long trial ran (nearly) to the end before the short one was recorded"
             assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
             time.sleep(0.5)
         else:

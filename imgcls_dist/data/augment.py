@@ -29,7 +29,6 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 
 from imgcls_dist.errors import UserError
 
@@ -218,6 +217,8 @@ class BatchMix:
     """
 
     def __init__(self, mixup_alpha: float, cutmix_alpha: float, prob: float, num_classes: int):
+        from torchvision.transforms import v2 as T  # lazy: decode workers never need torchvision
+
         ops = []
         if mixup_alpha > 0:
             ops.append(T.MixUp(alpha=mixup_alpha, num_classes=num_classes))
@@ -254,9 +255,11 @@ def build_batch_mix(
 
 def build_torchvision_train_transform(
     preset: str, strength: float, image_size: int, hflip: bool = True
-) -> T.Compose:
+) -> "T.Compose":
     """Closest torchvision.transforms.v2 equivalent of ``build_train_transform``, on uint8 CHW
     tensors; exists so the benchmark can compare images/s between the two libraries."""
+    from torchvision.transforms import v2 as T
+
     _validate(preset, strength, image_size)
     spec, s = _SPECS[preset], float(strength)
     size = image_size
