@@ -185,3 +185,23 @@ def test_transfer_pretrain_0_4_then_finetune_5_9(ray_session, tiny_digits_dir, t
     # A tiny LR moves nothing visibly: equality to the pretrained backbone proves it was loaded, not re-drawn.
     assert all(torch.allclose(full_sd[k], pre_sd[k], atol=1e-4) for k in backbone)
     assert not torch.allclose(full_sd["fc3.weight"], pre_sd["fc3.weight"], atol=1e-2)
+
+
+def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny_digits_dir, tmp_path):
+    """The optimizer/step options together: Adam, 2-step gradient accumulation, clipping, label
+    smoothing, MixUp+CutMix, layer-wise LR decay and a frozen-early backbone on resnet18."""
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="opts", arch="resnet18", extra=[
+        "train.optimizer=adam", "train.lr=0.002", "train.grad_accum_steps=2", "train.grad_clip=1.0",
+        "train.label_smoothing=0.1", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.8",
+        "model.layer_decay=0.5", "model.transfer=freeze_early", "train.epochs=2"])
+    res = run_training(cfg, report_test=False)
+    from imgcls_dist.models.registry import get_model
+    from imgcls_dist.models.transfer import apply_transfer, count_trainable
+
+    m = get_model("resnet18", 10)
+    apply_transfer(m, "resnet18", "freeze_early")
+    for h in res["history"]:
+        assert math.isfinite(h["train_loss"]) and h["nonfinite_steps"] == 0
+        assert h["train_samples"] == n_train(tiny_digits_dir)
+        assert h["trainable_params"] == count_trainable(m) < sum(p.numel() for p in m.parameters())
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
