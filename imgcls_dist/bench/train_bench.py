@@ -25,7 +25,9 @@ from imgcls_dist.train.optim import build_optimizer
 
 
 def plain_epoch_times(cfg: ExperimentConfig, image_size: int, hflip: bool) -> list[float]:
-    """The reference loop: no Ray, no accelerate, no DDP; same work per step."""
+    """The reference loop: no Ray, no accelerate, no DDP; same work per step and the same CPU budget
+    as one Ray worker (Ray pins a worker's torch threads to its `cpus_per_worker`)."""
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     meta = validate_dataset(cfg.data.path, ("train",))
     rows = read_rows(meta["files"]["train"], limit=cfg.data.max_train_samples)
@@ -54,8 +56,12 @@ def plain_epoch_times(cfg: ExperimentConfig, image_size: int, hflip: bool) -> li
 
 def bench_train(config: str | Path = "configs/resnet18_digits.yaml", data: str = "data/digits", epochs: int = 3,
                 storage: str = "runs/bench", overrides: tuple[str, ...] = ()) -> dict:
+    import shutil
+
     from imgcls_dist.train.job import resolve_dataset, run_training
 
+    for name in ("bench_w1", "bench_w2"):  # same run.name would resume the last bench run instead of training
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
     base = [f"data.path={data}", f"train.epochs={epochs}", "train.warmup_epochs=0", f"run.storage_path={storage}",
             "run.tensorboard=false", *overrides]
     cfg1 = load_config(config, base + ["scaling.num_workers=1", "run.name=bench_w1"])
