@@ -1,0 +1,24 @@
+"""The GPU check script's CPU smoke run: every table row is produced, ratios are consistent with the
+rates they divide, and the JSON it writes holds the same table (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from imgcls_dist.bench.gpu_bench import run
+
+
+def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    r = run(device="cpu", batch=2, size=32, warmup=0, iters=1, out=out, archs=("resnet18",))
+    rows = {x["measure"]: x["value"] for x in r["rows"]}
+    assert rows["train resnet18 ratio bf16/fp32"] == pytest.approx(
+        rows["train resnet18 bf16+channels_last img/s"] / rows["train resnet18 fp32 img/s"])
+    for k in ("predictor 1 view(s)", "predictor 4 view(s)", "predictor 1 view(s), NHWC numpy input"):
+        assert rows[f"infer resnet50 {k} img/s"] > 0
+        assert rows[f"infer resnet50 {k} / forward only"] == pytest.approx(
+            rows[f"infer resnet50 {k} img/s"] / rows["infer resnet50 forward only img/s"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert "bench gpu on cpu" in capsys.readouterr().out
