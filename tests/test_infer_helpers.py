@@ -15,7 +15,8 @@ DIGITS = [str(i) for i in range(10)]
 
 
 def save_model(path: Path, arch: str = "lenet5", size: int = 16, *, classes: Sequence[str] = DIGITS, seed: int = 0,
-               hflip: bool = False, logits: Sequence[float] | None = None, in_channels: int = 3) -> Path:
+               hflip: bool = False, logits: Sequence[float] | None = None, in_channels: int = 3,
+               config: dict | None = None) -> Path:
     """A random-init model file; with `logits`, the last Linear layer outputs exactly those logits
     for every input (weights zeroed), so ensemble arithmetic has a known answer."""
     from imgcls_dist.models.registry import get_model, get_spec
@@ -29,7 +30,7 @@ def save_model(path: Path, arch: str = "lenet5", size: int = 16, *, classes: Seq
             last.bias.copy_(torch.tensor(list(logits), dtype=torch.float32))
     mean, std = get_spec(arch).normalization(in_channels)
     return save_model_file(path, model=model, arch=arch, classes=list(classes), in_channels=in_channels,
-                           image_size=size, mean=list(mean), std=list(std), hflip=hflip)
+                           image_size=size, mean=list(mean), std=list(std), hflip=hflip, config=config)
 
 
 def digit_rows(dataset_dir: Path, split: str = "test", limit: int | None = None, with_label: bool = True):

@@ -53,6 +53,18 @@ def test_probs_sum_to_one_with_members_of_different_arch_and_size(tmp_path):
     assert not np.allclose(members[0], members[1])  # really two different networks
 
 
+def test_default_views_are_the_views_every_member_trained_with(tmp_path):
+    shifts = ["shift_left", "shift_right", "shift_up", "shift_down"]
+    standard = save_model(tmp_path / "s", config={"augment": {"preset": "standard", "strength": 0.5}})
+    light = save_model(tmp_path / "l", seed=1, config={"augment": {"preset": "light", "strength": 0.5}})
+    flips = save_model(tmp_path / "f", seed=2, hflip=True, config={"augment": {"preset": "standard", "strength": 1.0}})
+    assert EnsemblePredictor([standard]).views == ["identity", *shifts, "zoom_in"]
+    assert EnsemblePredictor([standard, light]).views == ["identity"]  # light never translated
+    assert EnsemblePredictor([flips]).views == ["identity", "hflip", *shifts, "zoom_in", "zoom_out"]
+    assert EnsemblePredictor([standard, flips]).views == ["identity", *shifts, "zoom_in"]  # digits never flipped
+    assert EnsemblePredictor([standard], views="none").views == ["identity"]
+
+
 def test_mean_and_weighted_combine_known_answer(tmp_path):
     la, lb = logits_for(1, top_value=2.0), logits_for(2, top_value=1.0)
     a = save_model(tmp_path / "a", logits=la)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.tta import DEFAULT_VIEWS, VIEWS, apply_views, resolve_views
+from imgcls_dist.data.presets import SPECS
+from imgcls_dist.infer.tta import FALLBACK_VIEWS, SHIFT_FRACTION, VIEWS, apply_views, default_views, resolve_views, training_views
 
 
 @pytest.fixture
@@ -30,15 +31,18 @@ def test_identity_hflip_vflip(batch):
     assert torch.equal(VIEWS["vflip"](batch)[..., 0, :], batch[..., -1, :])
 
 
-def test_shifts_move_content_and_replicate_edges(batch):
-    right = VIEWS["shift_right"](batch)  # 2 px at 32
-    assert torch.equal(right[..., 2:], batch[..., :-2])
-    assert torch.equal(right[..., 0], batch[..., 0]) and torch.equal(right[..., 1], batch[..., 0])
+@pytest.mark.parametrize("side", [32, 64])
+def test_shifts_move_content_and_replicate_edges(side):
+    batch = torch.randint(0, 256, (3, 3, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    k = round(side * SHIFT_FRACTION)  # 1 px at 32, 2 px at 64
+    right = VIEWS["shift_right"](batch)
+    assert torch.equal(right[..., k:], batch[..., :-k])
+    assert all(torch.equal(right[..., i], batch[..., 0]) for i in range(k))
     up = VIEWS["shift_up"](batch)
-    assert torch.equal(up[..., :-2, :], batch[..., 2:, :])
+    assert torch.equal(up[..., :-k, :], batch[..., k:, :])
     assert torch.equal(up[..., -1, :], batch[..., -1, :])
     left, down = VIEWS["shift_left"](batch), VIEWS["shift_down"](batch)
-    assert torch.equal(left[..., :-2], batch[..., 2:]) and torch.equal(down[..., 2:, :], batch[..., :-2, :])
+    assert torch.equal(left[..., :-k], batch[..., k:]) and torch.equal(down[..., k:, :], batch[..., :-k, :])
 
 
 def test_zooms_scale_content():
@@ -58,13 +62,49 @@ def test_apply_views_is_view_major(batch):
 
 
 def test_defaults_follow_hflip_metadata():
-    no_flip = resolve_views(None, hflip_ok=False)
-    assert "hflip" not in no_flip and "vflip" not in no_flip
-    assert no_flip[0] == "identity" and any(v.startswith("shift_") for v in no_flip) and "zoom_in" in no_flip
-    assert resolve_views(None, hflip_ok=True) == DEFAULT_VIEWS[True] and "hflip" in DEFAULT_VIEWS[True]
+    assert resolve_views(None, hflip_ok=False) == FALLBACK_VIEWS[False] == ["identity"]
+    assert resolve_views(None, hflip_ok=True) == FALLBACK_VIEWS[True] and "hflip" in FALLBACK_VIEWS[True]
     assert resolve_views("none", hflip_ok=True) == ["identity"]
-    assert resolve_views("default", hflip_ok=False) == no_flip
+    given = ["identity", "shift_left", "zoom_in"]
+    assert resolve_views("default", hflip_ok=False, default=given) == given
+    assert resolve_views(None, hflip_ok=False, default=given) == given
     assert resolve_views("identity, shift_up,identity", hflip_ok=False) == ["identity", "shift_up"]
+
+
+def _meta(preset: str | None, strength: float = 1.0, hflip: bool = True) -> dict:
+    cfg = {} if preset is None else {"augment": {"preset": preset, "strength": strength, "hflip": None}}
+    return {"hflip": hflip, "config": cfg}
+
+
+@pytest.mark.parametrize("preset, strength, hflip, expected", [
+    # light has crops of <= 15% area and no affine: no shift, and a 0.9-side crop (81% area) is outside it
+    ("light", 0.5, True, ["identity", "hflip"]),
+    ("light", 1.0, False, ["identity"]),
+    ("none", 1.0, True, ["identity"]),
+    # standard at 0.5: translate 3.1% (= the shift view), crops down to 75% area (zoom_in), scale +-5% (no zoom_out)
+    ("standard", 0.5, False, ["identity", "shift_left", "shift_right", "shift_up", "shift_down", "zoom_in"]),
+    ("standard", 0.4, False, ["identity", "zoom_in"]),  # translate 2.5% < one shift
+    ("standard", 1.0, True, ["identity", "hflip", "shift_left", "shift_right", "shift_up", "shift_down", "zoom_in",
+                             "zoom_out"]),
+    ("strong", 1.0, False, ["identity", "shift_left", "shift_right", "shift_up", "shift_down", "zoom_in", "zoom_out"]),
+])
+def test_training_views_stay_inside_the_training_augmentation(preset, strength, hflip, expected):
+    assert training_views(_meta(preset, strength, hflip)) == expected
+    spec = SPECS[preset]
+    if any(v.startswith("shift_") for v in expected):
+        assert spec.shift * strength >= SHIFT_FRACTION - 1e-9
+
+
+def test_training_views_without_config_fall_back():
+    assert training_views({"hflip": False}) == ["identity"]
+    assert training_views(_meta(None)) == FALLBACK_VIEWS[True]
+    assert training_views({"config": {"augment": {"preset": "bogus"}}}) == FALLBACK_VIEWS[True]
+
+
+def test_ensemble_default_is_what_every_member_saw():
+    strong, light = _meta("standard", 1.0, hflip=False), _meta("standard", 0.5, hflip=False)
+    assert default_views([strong, light]) == training_views(light)
+    assert default_views([strong, _meta("light", 0.5, hflip=False)]) == ["identity"]
 
 
 def test_explicit_hflip_on_no_flip_model_is_user_error():

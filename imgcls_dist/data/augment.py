@@ -22,64 +22,18 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
 
+from imgcls_dist.data.presets import PRESETS, SPECS
 from imgcls_dist.errors import UserError
 
-PRESETS = ("none", "light", "standard", "strong")
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Magnitudes at strength 1. Zero disables a component."""
-
-    crop_area: float = 0.0  # crop keeps [1 - crop_area, 1] of the (resized) image area
-    crop_ratio: float = 0.0  # crop aspect ratio in [1 / (1 + r), 1 + r]
-    crop_p: float = 0.0
-    flip_p: float = 0.0
-    shift: float = 0.0  # fraction of side, +-
-    scale: float = 0.0  # zoom 1 +- scale
-    rotate: float = 0.0  # degrees, +-
-    affine_p: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    color_p: float = 0.0
-    blur_sigma: float = 0.0  # max gaussian-blur sigma, pixels
-    noise_std: float = 0.0  # max gaussian-noise std, fraction of 255
-    blur_noise_p: float = 0.0
-    max_holes: int = 0
-    hole_size: float = 0.0  # max hole side, fraction of image side
-    dropout_p: float = 0.0
-
-
-_SPECS = {
-    "none": _Spec(),
-    "light": _Spec(
-        crop_area=0.15, crop_ratio=0.1, crop_p=1.0, flip_p=0.5,
-        brightness=0.1, contrast=0.1, color_p=0.5,
-    ),
-    "standard": _Spec(
-        crop_area=0.5, crop_ratio=1 / 3, crop_p=1.0, flip_p=0.5,
-        shift=0.0625, scale=0.1, rotate=15.0, affine_p=0.5,
-        brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, color_p=0.8,
-    ),
-    "strong": _Spec(
-        crop_area=0.75, crop_ratio=1 / 3, crop_p=1.0, flip_p=0.5,
-        shift=0.1, scale=0.2, rotate=30.0, affine_p=0.7,
-        brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, color_p=0.8,
-        blur_sigma=1.5, noise_std=0.08, blur_noise_p=0.3,
-        max_holes=4, hole_size=0.25, dropout_p=0.5,
-    ),
-}
-
+if TYPE_CHECKING:
+    from torchvision.transforms import v2 as T
 
 def _validate(preset: str, strength: float, image_size: int) -> None:
     if preset not in PRESETS:
@@ -120,7 +74,7 @@ def build_train_transform(
     ``seed`` seeds the whole pipeline from one shared generator (see ``reseed``).
     """
     _validate(preset, strength, image_size)
-    spec, s = _SPECS[preset], float(strength)
+    spec, s = SPECS[preset], float(strength)
     size = image_size
     # Resize first, then crop the square: the crop at strength 0 is then exactly the eval
     # resize (a random crop on the raw, possibly non-square image could not be, since its
@@ -139,9 +93,10 @@ def build_train_transform(
             translate_percent=(-spec.shift * s, spec.shift * s),
             scale=(1.0 - spec.scale * s, 1.0 + spec.scale * s),
             rotate=(-spec.rotate * s, spec.rotate * s),
-            # constant black border: reflecting would duplicate strokes of digits that touch
-            # the edge, and it matches torchvision's RandomAffine for the benchmark
-            border_mode=cv2.BORDER_CONSTANT, fill=0, p=spec.affine_p * s,
+            # Edge-replicated border, as the TTA shift/zoom_out views do: a constant black border is a
+            # new dark stroke on dark-on-white scans (digits), and reflecting duplicates strokes that
+            # touch the edge. (torchvision's RandomAffine, the benchmark's baseline, only has fill.)
+            border_mode=cv2.BORDER_REPLICATE, p=spec.affine_p * s,
         ))
     if spec.color_p * s > 0:
         ops.append(A.ColorJitter(
@@ -255,13 +210,13 @@ def build_batch_mix(
 
 def build_torchvision_train_transform(
     preset: str, strength: float, image_size: int, hflip: bool = True
-) -> "T.Compose":
+) -> T.Compose:
     """Closest torchvision.transforms.v2 equivalent of ``build_train_transform``, on uint8 CHW
     tensors; exists so the benchmark can compare images/s between the two libraries."""
     from torchvision.transforms import v2 as T
 
     _validate(preset, strength, image_size)
-    spec, s = _SPECS[preset], float(strength)
+    spec, s = SPECS[preset], float(strength)
     size = image_size
     ops: list = [T.Resize((size, size), antialias=True)]
     if spec.crop_p * s > 0:

@@ -17,7 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="one ensemble.json, or model files / checkpoint directories")
     p.add_argument("--tta", default=None,
                    help="comma-separated views (identity,hflip,vflip,shift_up,shift_down,shift_left,shift_right,"
-                        "zoom_in,zoom_out), 'none', or 'default' (the default depends on the model's hflip)")
+                        "zoom_in,zoom_out), 'none', or 'default' (the views every model saw in training, read from the "
+                        "augmentation config in its model file)")
     p.add_argument("--weights", type=_weights, default=None, help="per-model weights, e.g. 0.6,0.4")
     p.add_argument("--combine", choices=("mean", "weighted", "vote"), default=None,
                    help="how members are combined (default: the manifest's; weighted with --weights; else mean)")

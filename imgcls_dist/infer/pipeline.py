@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -44,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgcls_dist.data.schema import ID, IMAGE, LABEL, list_parquet, validate_files
-from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.errors import JobFailed, UserError, root_cause
 
 if TYPE_CHECKING:  # torch stays out of the module: decode tasks import it and never need torch
     from imgcls_dist.infer.predictor import InputKey
@@ -362,12 +361,6 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def _root_cause(e: BaseException) -> str:
-    """One line for a Ray-wrapped failure: the last line of its text names the original exception."""
-    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:300]
-
-
 def _input_columns(files: list[Path]) -> tuple[bool, bool]:
     """(with_label, label_mixed): label is passed through only when every file has it."""
     has = [LABEL in pq.read_schema(f).names for f in files]
@@ -457,7 +450,7 @@ def run_batch_inference(
             except (UserError, JobFailed):
                 raise
             except Exception as e:  # Ray wraps actor/task failures; the staging dir stays hidden
-                raise JobFailed(f"inference job failed: {_root_cause(e)}") from e
+                raise JobFailed(f"inference job failed: {root_cause(e)}") from e
             finally:
                 _wait_for_release(cpus_before)
         staging.mkdir(exist_ok=True)  # zero input rows -> Ray writes no files

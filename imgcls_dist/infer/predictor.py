@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.tta import apply_views, resolve_views
+from imgcls_dist.infer.tta import apply_views, default_views, resolve_views
 from imgcls_dist.models.checkpoint import MODEL_FILE, build_model_from_file, resolve_model_path
 from imgcls_dist.models.preprocess import normalize
 
@@ -187,7 +187,7 @@ class EnsemblePredictor:
             self.members.append(Member(meta["path"], model.eval(), meta, w))
         self.classes: list[str] = list(self.members[0].meta["classes"])
         self.hflip_ok = all(bool(m.meta.get("hflip", True)) for m in self.members)
-        self.views = resolve_views(views, self.hflip_ok)
+        self.views = resolve_views(views, self.hflip_ok, default_views([m.meta for m in self.members]))
 
     @property
     def input_keys(self) -> list[InputKey]:

@@ -1,5 +1,12 @@
 """Test-time augmentation views: uint8 NCHW in, uint8 NCHW of the same shape out, on any device.
 
+The default view set is the views each model *saw during training*: its model file stores the training
+config, and a view is included only if that augmentation (preset x strength, `data.presets`) produced
+such inputs — e.g. shifts only when the affine translate reaches the shift size. Views outside it lower
+accuracy (measured on digits trained with the "light" preset, which has no translation: 1-2 px shifts
+cost 3-7 points per view, and the 6-view TTA lost one test image vs no TTA). An ensemble's default is
+the views every member saw.
+
 Views run on the already-resized batch (after the transfer to the device, before normalize), so one
 batched forward per model covers every view. Shifts and zoom-out extend the image by repeating its edge
 pixels rather than padding with black: scans and photos rarely have black borders, and for the
@@ -8,16 +15,17 @@ dark-on-white digits a black border would be a new stroke.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from imgcls_dist.data.presets import SPECS, scaled
 from imgcls_dist.errors import UserError
 
-# ~6% of the side (2 px at 32, 14 px at 224), the same magnitude as the "standard" training affine's
-# translate, so the shifted views stay inside what the model saw during training.
-SHIFT_FRACTION = 0.0625
+# ~3% of the side (1 px at 32, 7 px at 224): the "standard" preset's affine translate at strength 0.5,
+# so a model trained that way has seen every shifted view.
+SHIFT_FRACTION = 0.03125
 ZOOM_IN_KEEP = 0.9  # center crop keeping 90% of the side, resized back
 ZOOM_OUT_PAD = 0.05  # 5% edge-replicated border per side, resized back
 
@@ -98,26 +106,54 @@ VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 MIRRORING = frozenset({"hflip", "vflip"})
 
 _SHIFTS = ["shift_left", "shift_right", "shift_up", "shift_down"]
-# vflip is never a default: upside-down is a different picture for almost every dataset.
-DEFAULT_VIEWS = {
-    True: ["identity", "hflip", *_SHIFTS],
-    False: ["identity", *_SHIFTS, "zoom_in"],
-}
+# For a model file without a training config: only the classic mirror view where mirroring is allowed.
+FALLBACK_VIEWS = {True: ["identity", "hflip"], False: ["identity"]}
+_EPS = 1e-6
 
 
-def resolve_views(names: str | Iterable[str] | None, hflip_ok: bool) -> list[str]:
+def training_views(meta: dict[str, Any]) -> list[str]:
+    """The views inside the augmentation a model was trained with (read from its model file's config)."""
+    hflip_ok = bool(meta.get("hflip", True))
+    aug = (meta.get("config") or {}).get("augment")
+    try:
+        a = scaled(aug["preset"], float(aug.get("strength", 1.0)))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return list(FALLBACK_VIEWS[hflip_ok])
+    views = ["identity"]
+    if hflip_ok and a.flip_p > 0 and aug.get("hflip") is not False:
+        views.append("hflip")
+    affine = a.affine_p > 0
+    if affine and a.shift >= SHIFT_FRACTION - _EPS:
+        views += _SHIFTS
+    # zoom_in = a centered crop of ZOOM_IN_KEEP of the side: inside RandomResizedCrop's area range, or an
+    # affine zoom by 1 / ZOOM_IN_KEEP.
+    if (a.crop_p > 0 and 1 - a.crop_area <= ZOOM_IN_KEEP**2 + _EPS) or (affine and 1 + a.scale >= 1 / ZOOM_IN_KEEP - _EPS):
+        views.append("zoom_in")
+    if affine and 1 - a.scale <= 1 / (1 + 2 * ZOOM_OUT_PAD) + _EPS:
+        views.append("zoom_out")
+    return views
+
+
+def default_views(metas: Sequence[dict[str, Any]]) -> list[str]:
+    """The views every member saw in training, in `training_views` order."""
+    sets = [training_views(m) for m in metas] or [list(FALLBACK_VIEWS[True])]
+    return [v for v in sets[0] if all(v in s for s in sets[1:])]
+
+
+def resolve_views(names: str | Iterable[str] | None, hflip_ok: bool, default: Sequence[str] | None = None) -> list[str]:
     """View names to run, in order, without duplicates.
 
-    None or "default": the default set for the model (no flips when `hflip_ok` is False).
+    None or "default": `default` (the members' `default_views`), or FALLBACK_VIEWS[hflip_ok] without it.
     "none": identity only. A string is a comma-separated list. Asking for hflip/vflip on a model whose
     metadata says mirrored images change class (digits) is a UserError, as is an unknown name.
     """
+    fallback = list(default) if default is not None else list(FALLBACK_VIEWS[bool(hflip_ok)])
     if names is None:
-        return list(DEFAULT_VIEWS[bool(hflip_ok)])
+        return fallback
     if isinstance(names, str):
         key = names.strip().lower()
         if key in ("", "default"):
-            return list(DEFAULT_VIEWS[bool(hflip_ok)])
+            return fallback
         if key == "none":
             return ["identity"]
         names = key.split(",")

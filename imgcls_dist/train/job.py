@@ -12,7 +12,7 @@ from typing import Any
 from imgcls_dist.config import ExperimentConfig, write_config
 from imgcls_dist.data.augment import hflip_allowed
 from imgcls_dist.data.schema import validate_dataset
-from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.models.registry import get_spec
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "image_size",
@@ -125,19 +125,6 @@ def run_training(cfg: ExperimentConfig, *, fault: dict | None = None, report_tes
     t0 = time.perf_counter()
     result = fit(build_trainer(cfg, ds, num_workers, use_gpu, fault=fault))
     return finalize_run(result, cfg, ds, out_dir, time.perf_counter() - t0, report_test=report_test)
-
-
-def root_cause(e: BaseException) -> str:
-    seen = e
-    while seen.__cause__ is not None or getattr(seen, "worker_failures", None):
-        wf = getattr(seen, "worker_failures", None)
-        if wf:
-            seen = next(iter(wf.values()))
-            continue
-        seen = seen.__cause__  # type: ignore[assignment]
-    lines = [ln for ln in str(seen).strip().splitlines() if ln.strip()]
-    # Ray's remote tracebacks end with "ExceptionType: message"; that last line is what the user needs.
-    return lines[-1] if lines else type(seen).__name__
 
 
 def finalize_run(result, cfg: ExperimentConfig, ds: dict, out_dir: Path, wall_s: float,

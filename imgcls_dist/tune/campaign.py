@@ -265,7 +265,7 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
 def _error_reason(err: BaseException | None) -> str | None:
     if err is None:
         return None
-    from imgcls_dist.train.job import root_cause
+    from imgcls_dist.errors import root_cause
 
     cause = getattr(err, "cause", None)  # RayTaskError -> the exception the trial raised
     if isinstance(cause, BaseException):
