@@ -290,7 +290,7 @@ def bench_predict_latency(
               "after model load (goal < 100 ms):")
         for tta in ttas:
             r = result[tta]
-            print(f"  tta={tta if tta == 'none' else 'on':<4} {r['views']} view(s): median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "
-                  f"min {r['min_ms']:.1f} ms "
-                  f"(load {r['load_ms']:.0f} ms)")
+            label = "none" if tta == "none" else "on"
+            print(f"  tta={label:<4} {r['views']} view(s): median {r['median_ms']:.1f} ms, p90 {r['p90_ms']:.1f} ms, "
+                  f"min {r['min_ms']:.1f} ms (load {r['load_ms']:.0f} ms)")
     return result

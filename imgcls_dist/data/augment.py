@@ -29,11 +29,12 @@ import cv2
 import numpy as np
 import torch
 
-from imgcls_dist.data.presets import PRESETS, SPECS
+from imgcls_dist.data.presets import PRESETS, scaled
 from imgcls_dist.errors import UserError
 
 if TYPE_CHECKING:
     from torchvision.transforms import v2 as T
+
 
 def _validate(preset: str, strength: float, image_size: int) -> None:
     if preset not in PRESETS:
@@ -74,48 +75,48 @@ def build_train_transform(
     ``seed`` seeds the whole pipeline from one shared generator (see ``reseed``).
     """
     _validate(preset, strength, image_size)
-    spec, s = SPECS[preset], float(strength)
+    mag = scaled(preset, strength)  # magnitudes and probabilities at this strength
     size = image_size
     # Resize first, then crop the square: the crop at strength 0 is then exactly the eval
     # resize (a random crop on the raw, possibly non-square image could not be, since its
     # aspect-ratio range is absolute), and tiny inputs (8x8 digits) get sub-pixel crops.
     ops: list = [_resize(size)]
-    if spec.crop_p * s > 0:
-        r = 1.0 + spec.crop_ratio * s
+    if mag.crop_p > 0:
+        r = 1.0 + mag.crop_ratio
         ops.append(A.RandomResizedCrop(
-            size=(size, size), scale=(1.0 - spec.crop_area * s, 1.0), ratio=(1.0 / r, r),
-            interpolation=cv2.INTER_LINEAR, p=spec.crop_p * s,
+            size=(size, size), scale=(1.0 - mag.crop_area, 1.0), ratio=(1.0 / r, r),
+            interpolation=cv2.INTER_LINEAR, p=mag.crop_p,
         ))
-    if hflip and spec.flip_p * s > 0:
-        ops.append(A.HorizontalFlip(p=spec.flip_p * s))
-    if spec.affine_p * s > 0:
+    if hflip and mag.flip_p > 0:
+        ops.append(A.HorizontalFlip(p=mag.flip_p))
+    if mag.affine_p > 0:
         ops.append(A.Affine(
-            translate_percent=(-spec.shift * s, spec.shift * s),
-            scale=(1.0 - spec.scale * s, 1.0 + spec.scale * s),
-            rotate=(-spec.rotate * s, spec.rotate * s),
+            translate_percent=(-mag.shift, mag.shift),
+            scale=(1.0 - mag.scale, 1.0 + mag.scale),
+            rotate=(-mag.rotate, mag.rotate),
             # Edge-replicated border, as the TTA shift/zoom_out views do: a constant black border is a
             # new dark stroke on dark-on-white scans (digits), and reflecting duplicates strokes that
             # touch the edge. (torchvision's RandomAffine, the benchmark's baseline, only has fill.)
-            border_mode=cv2.BORDER_REPLICATE, p=spec.affine_p * s,
+            border_mode=cv2.BORDER_REPLICATE, p=mag.affine_p,
         ))
-    if spec.color_p * s > 0:
+    if mag.color_p > 0:
         ops.append(A.ColorJitter(
-            brightness=spec.brightness * s, contrast=spec.contrast * s,
-            saturation=spec.saturation * s, hue=spec.hue * s, p=spec.color_p * s,
+            brightness=mag.brightness, contrast=mag.contrast,
+            saturation=mag.saturation, hue=mag.hue, p=mag.color_p,
         ))
-    if spec.blur_noise_p * s > 0:
-        sigma_max = max(0.1, spec.blur_sigma * s)
-        noise_max = spec.noise_std * s
+    if mag.blur_noise_p > 0:
+        sigma_max = max(0.1, mag.blur_sigma)
+        noise_max = mag.noise_std
         ops.append(A.OneOf([
             A.GaussianBlur(blur_limit=0, sigma_limit=(0.1, sigma_max), p=1.0),
             A.GaussNoise(std_range=(noise_max / 2, noise_max), p=1.0),
-        ], p=spec.blur_noise_p * s))
-    if spec.dropout_p * s > 0:
-        hole_max = spec.hole_size * s
+        ], p=mag.blur_noise_p))
+    if mag.dropout_p > 0:
+        hole_max = mag.hole_size
         hole = (hole_max / 2, hole_max)
         ops.append(A.CoarseDropout(
-            num_holes_range=(1, max(1, round(spec.max_holes * s))),
-            hole_height_range=hole, hole_width_range=hole, fill=0, p=spec.dropout_p * s,
+            num_holes_range=(1, mag.max_holes),
+            hole_height_range=hole, hole_width_range=hole, fill=0, p=mag.dropout_p,
         ))
     transform = A.Compose(ops)
     if seed is not None:
@@ -216,38 +217,38 @@ def build_torchvision_train_transform(
     from torchvision.transforms import v2 as T
 
     _validate(preset, strength, image_size)
-    spec, s = SPECS[preset], float(strength)
+    mag = scaled(preset, strength)  # magnitudes and probabilities at this strength
     size = image_size
     ops: list = [T.Resize((size, size), antialias=True)]
-    if spec.crop_p * s > 0:
-        r = 1.0 + spec.crop_ratio * s
-        crop = T.RandomResizedCrop(size, scale=(1.0 - spec.crop_area * s, 1.0), ratio=(1.0 / r, r))
-        ops.append(T.RandomApply([crop], p=spec.crop_p * s))
-    if hflip and spec.flip_p * s > 0:
-        ops.append(T.RandomHorizontalFlip(p=spec.flip_p * s))
-    if spec.affine_p * s > 0:
+    if mag.crop_p > 0:
+        r = 1.0 + mag.crop_ratio
+        crop = T.RandomResizedCrop(size, scale=(1.0 - mag.crop_area, 1.0), ratio=(1.0 / r, r))
+        ops.append(T.RandomApply([crop], p=mag.crop_p))
+    if hflip and mag.flip_p > 0:
+        ops.append(T.RandomHorizontalFlip(p=mag.flip_p))
+    if mag.affine_p > 0:
         affine = T.RandomAffine(
-            degrees=spec.rotate * s, translate=(spec.shift * s, spec.shift * s),
-            scale=(1.0 - spec.scale * s, 1.0 + spec.scale * s),
+            degrees=mag.rotate, translate=(mag.shift, mag.shift),
+            scale=(1.0 - mag.scale, 1.0 + mag.scale),
             interpolation=T.InterpolationMode.BILINEAR, fill=0,
         )
-        ops.append(T.RandomApply([affine], p=spec.affine_p * s))
-    if spec.color_p * s > 0:
+        ops.append(T.RandomApply([affine], p=mag.affine_p))
+    if mag.color_p > 0:
         jitter = T.ColorJitter(
-            brightness=spec.brightness * s, contrast=spec.contrast * s,
-            saturation=spec.saturation * s, hue=spec.hue * s,
+            brightness=mag.brightness, contrast=mag.contrast,
+            saturation=mag.saturation, hue=mag.hue,
         )
-        ops.append(T.RandomApply([jitter], p=spec.color_p * s))
-    if spec.blur_noise_p * s > 0:
-        sigma_max = max(0.1, spec.blur_sigma * s)
+        ops.append(T.RandomApply([jitter], p=mag.color_p))
+    if mag.blur_noise_p > 0:
+        sigma_max = max(0.1, mag.blur_sigma)
         kernel = 2 * math.ceil(3 * sigma_max) + 1
         blur_or_noise = T.RandomChoice([
             T.GaussianBlur(kernel, sigma=(0.1, sigma_max)),
-            T.GaussianNoise(sigma=0.75 * spec.noise_std * s),  # middle of albumentations' range
+            T.GaussianNoise(sigma=0.75 * mag.noise_std),  # middle of albumentations' range
         ])
-        ops.append(T.RandomApply([blur_or_noise], p=spec.blur_noise_p * s))
-    if spec.dropout_p * s > 0:
+        ops.append(T.RandomApply([blur_or_noise], p=mag.blur_noise_p))
+    if mag.dropout_p > 0:
         # RandomErasing cuts one hole; area range matches one CoarseDropout hole
-        hole_max = spec.hole_size * s
-        ops.append(T.RandomErasing(p=spec.dropout_p * s, scale=((hole_max / 2) ** 2, hole_max**2), value=0))
+        hole_max = mag.hole_size
+        ops.append(T.RandomErasing(p=mag.dropout_p, scale=((hole_max / 2) ** 2, hole_max**2), value=0))
     return T.Compose(ops)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from imgcls_dist.data.presets import SPECS, scaled
+from imgcls_dist.data.presets import scaled
 from imgcls_dist.errors import UserError
 
 # ~3% of the side (1 px at 32, 7 px at 224): the "standard" preset's affine translate at strength 0.5,
@@ -120,7 +120,8 @@ def training_views(meta: dict[str, Any]) -> list[str]:
     except (TypeError, KeyError, ValueError, AttributeError):
         return list(FALLBACK_VIEWS[hflip_ok])
     views = ["identity"]
-    if hflip_ok and a.flip_p > 0 and aug.get("hflip") is not False:
+    # meta["hflip"] is what training resolved (augment.hflip, else the dataset's flag)
+    if hflip_ok and a.flip_p > 0:
         views.append("hflip")
     affine = a.affine_p > 0
     if affine and a.shift >= SHIFT_FRACTION - _EPS:
