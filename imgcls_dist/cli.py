@@ -9,13 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from imgcls_dist.config import add_config_args
 from imgcls_dist.errors import JobFailed, UserError
-
-
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML experiment config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=0.01 (repeatable)")
 
 
 def _fractions(s: str) -> tuple[float, float, float]:
@@ -29,16 +24,11 @@ def _fractions(s: str) -> tuple[float, float, float]:
 
 
 def cmd_ingest(a: argparse.Namespace) -> int:
-    from imgcls_dist.data.ingest import ingest
+    from imgcls_dist.data.ingest import ingest, print_summary
 
     meta = ingest(a.src, a.out, image_size=a.image_size, fractions=a.splits, rows_per_shard=a.rows_per_shard,
                   seed=a.seed, overwrite=a.overwrite)
-    print(f"ingested {sum(meta['counts'].values())} images, {len(meta['classes'])} classes -> {a.out} "
-          f"(train {meta['counts']['train']}, val {meta['counts']['val']}, test {meta['counts']['test']})")
-    for s in meta["skipped"][:10]:
-        print(f"  skipped {s}", file=sys.stderr)
-    if len(meta["skipped"]) > 10:
-        print(f"  ... and {len(meta['skipped']) - 10} more skipped", file=sys.stderr)
+    print_summary(meta, a.out)
     return 0
 
 
@@ -71,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="imgcls-dist", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="ImageFolder tree or builtin:digits -> Parquet shards + dataset.json")
-    p.add_argument("src", help="SRC/<class>/<image> directory, or builtin:digits")
-    p.add_argument("out", help="output dataset directory")
+    p = sub.add_parser("ingest", help="image tree (local, s3://, gs://) or builtin:digits -> Parquet shards + dataset.json")
+    p.add_argument("src", help="SRC/<class>/<image> or SRC/<split>/<class>/<image> (local, s3:// or gs://), "
+                               "or builtin:digits")
+    p.add_argument("out", help="output dataset directory (local, s3:// or gs://)")
     p.add_argument("--image-size", type=int, default=32, help="builtin datasets: side length to upscale to")
-    p.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15), help="train,val,test fractions")
+    p.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15),
+                   help="train,val,test fractions (ignored for a pre-split tree, which keeps its splits)")
     p.add_argument("--rows-per-shard", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
@@ -86,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train", help="fine-tune a model with Ray Train + accelerate")
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_train)
 
     from imgcls_dist.infer.commands import register_infer_commands

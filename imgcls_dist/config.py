@@ -7,13 +7,15 @@ in checkpoints as a plain dict (`ExperimentConfig.model_dump(mode="json")`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgcls_dist.errors import UserError
+from imgcls_dist.storage import Location, PathLike, location
+
+CONFIG_FILE = "config.yaml"  # the resolved config beside every run's (and campaign's, trial's) outputs
 
 Transfer = Literal["full", "feature_extraction", "freeze_early", "freeze_most"]
 Scheduler = Literal["none", "step", "cosine", "cosine_warm_restarts", "plateau"]
@@ -164,6 +166,13 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
+def add_config_args(parser, required: bool = True, example: str = "train.lr=0.01") -> None:
+    """--config and --set, the same on every subcommand that takes an experiment config."""
+    parser.add_argument("--config", required=required, help="YAML experiment config (local, s3:// or gs://)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set {example} (repeatable)")
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=c` -> (["a", "b"], c); the value is parsed as YAML (numbers, bools, lists), never evaluated."""
     if "=" not in item:
@@ -202,10 +211,10 @@ def build_config(raw: dict[str, Any] | None, overrides: list[str] | None = None,
         raise UserError(_format_validation_error(e, source)) from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+def read_yaml(path: PathLike) -> dict[str, Any]:
+    p = location(path)
     if not p.is_file():
-        raise UserError(f"{p}: config file not found")
+        raise UserError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -219,13 +228,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
     raw = read_yaml(path) if path else {}
     return build_config(raw, overrides, source=str(path) if path else "config")
 
 
-def write_config(cfg: ExperimentConfig, path: str | Path) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return p
+def config_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def write_config(cfg: ExperimentConfig, path: PathLike, header: str = "") -> Location:
+    """The resolved config as YAML, on any filesystem (`header`: comment lines put first)."""
+    return location(path).write_text(header + config_yaml(cfg))

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from imgcls_dist.config import load_config
+from imgcls_dist.data.schema import DATASET_FILE
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_MODELS = ("resnet18_digits", "lenet5_digits")
@@ -28,7 +29,7 @@ def run_demo(workdir: Path, quick: bool = False) -> dict:
     workdir = workdir.resolve()
     data = workdir / "data" / "digits-test30"
     _banner("1/4 ingest builtin:digits")
-    if (data / "dataset.json").exists():
+    if (data / DATASET_FILE).exists():
         print(f"using existing dataset {data}")
     else:
         meta = ingest("builtin:digits", data, image_size=32, fractions=DEMO_SPLITS)
@@ -76,7 +77,7 @@ def _infer_and_evaluate(workdir: Path, data: Path, runs: dict, quick: bool) -> d
     run_batch_inference([r["model"] for r in runs.values()], test, ens, tta=None, combine="mean")
 
     _banner("4/4 evaluate")
-    report = evaluate_predictions(ens, classes_file=data / "dataset.json", compare=sets, report_dir=workdir / "report",
+    report = evaluate_predictions(ens, classes_file=data / DATASET_FILE, compare=sets, report_dir=workdir / "report",
                                   name="ensemble + TTA")
     print(f"report: {workdir / 'report'} (classification_report.txt, confusion_matrix.png, comparison.csv)")
     return {"predictions": str(ens), "report_dir": str(workdir / "report"), "evaluation": report}

@@ -1,11 +1,17 @@
-"""Shared fixtures: one local Ray instance for the whole session (start-up costs seconds), and a small
-digits dataset written once."""
+"""Shared fixtures: one local Ray instance for the whole session (start-up costs seconds), a real
+S3-protocol server on loopback (moto_server, started before Ray so every Ray worker inherits its endpoint and
+credentials, as a user's MinIO setup would), and small digits datasets written once."""
 
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -18,9 +24,106 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """moto_server on a free loopback port; returns (process, endpoint URL) once it answers."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("moto_server")
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            assert proc.poll() is None, "moto_server exited at start"
+            assert time.time() < deadline, "moto_server did not start within 30 s"
+            time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process this test session started, by its own pid."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with exactly 2 CPUs — the CI machine's size, so deadlock-prone sizing shows up here."""
+def s3():
+    """A real S3-protocol server on loopback. Jobs reach it as a MinIO user's would: AWS_ENDPOINT_URL and
+    (dummy) credentials in the environment. `s3.bucket()` makes a fresh bucket and returns its s3:// URI."""
+    proc, endpoint = start_moto()
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+
+    def bucket(prefix: str = "b") -> str:
+        import pyarrow.fs as pafs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        pafs.S3FileSystem(endpoint_override=endpoint, region="us-east-1", allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+    yield SimpleNamespace(endpoint=endpoint, env=env, bucket=bucket)
+    stop(proc)
+    restore_env(saved)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator on loopback (gcp-storage-emulator's JSON API, which pyarrow's GcsFileSystem speaks),
+    reached through STORAGE_EMULATOR_HOST. `gcs.bucket()` makes a fresh bucket and returns its gs:// URI."""
+    port = free_port()
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "gcp-storage-emulator did not start"
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_CLOUD_PROJECT": "imgcls-test"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the project only names the owner of the buckets made below
+
+    def bucket(prefix: str = "g") -> str:
+        import pyarrow.fs as pafs
+
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        pafs.GcsFileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", anonymous=True).create_dir(name)
+        return f"gs://{name}"
+
+    yield SimpleNamespace(bucket=bucket)
+    stop(proc)
+    restore_env(saved)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    """A local Ray with exactly 2 CPUs — the CI machine's size, so deadlock-prone sizing shows up here.
+    Started after the S3 server: Ray's workers inherit the environment that points at it."""
     import ray
 
     from imgcls_dist.ray_utils import ensure_ray

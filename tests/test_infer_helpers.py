@@ -9,7 +9,7 @@ import torch
 
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.data.shards import read_rows, write_shards
-from imgcls_dist.models.checkpoint import save_model_file
+from imgcls_dist.models.checkpoint import load_model_file, save_model_file
 
 DIGITS = [str(i) for i in range(10)]
 
@@ -31,6 +31,14 @@ def save_model(path: Path, arch: str = "lenet5", size: int = 16, *, classes: Seq
     mean, std = get_spec(arch).normalization(in_channels)
     return save_model_file(path, model=model, arch=arch, classes=list(classes), in_channels=in_channels,
                            image_size=size, mean=list(mean), std=list(std), hflip=hflip, config=config)
+
+
+def save_nan_model(path: Path, arch: str = "lenet5", size: int = 16) -> Path:
+    """A model file whose floating-point weights are all NaN (a corrupt or diverged checkpoint)."""
+    payload = load_model_file(save_model(path, arch, size))
+    state = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    return save_model_file(path, state_dict=state,
+                           **{k: payload[k] for k in ("arch", "classes", "in_channels", "image_size", "mean", "std")})
 
 
 def digit_rows(dataset_dir: Path, split: str = "test", limit: int | None = None, with_label: bool = True):

@@ -21,7 +21,7 @@ from test_infer_helpers import digit_rows, save_model, write_input
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
 from imgcls_dist.errors import JobFailed, UserError
-from imgcls_dist.infer import pipeline
+from imgcls_dist.infer import publish
 from imgcls_dist.infer.pipeline import plan_actors, read_manifest, run_batch_inference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,8 +187,8 @@ def test_failed_runs_never_publish_partial_output_and_rerun_completes(
     assert list(clean_out.glob(".staging-*")), "the killed run's staging dir should be where it left it"
 
     # 2. rows out != rows in (simulated lost file): JobFailed, nothing published, previous output intact
-    real = pipeline._staged_counts
-    monkeypatch.setattr(pipeline, "_staged_counts", lambda staging: real(staging)[1:])
+    real = publish.staged_counts
+    monkeypatch.setattr(publish, "staged_counts", lambda staging: real(staging)[1:])
     with pytest.raises(JobFailed, match="rows out .* != rows in 240"):
         run_batch_inference(models, inputs.clean, clean_out, verbose=False)
     assert read_manifest(clean_out)["run_id"] == before["run_id"] and read_out(clean_out).num_rows == 240
@@ -198,7 +198,7 @@ def test_failed_runs_never_publish_partial_output_and_rerun_completes(
     def crash(*_a, **_k):
         raise RuntimeError("simulated crash after publishing files, before the manifest")
 
-    monkeypatch.setattr(pipeline, "_write_manifest", crash)
+    monkeypatch.setattr(publish, "commit", crash)
     with pytest.raises(RuntimeError, match="simulated"):
         run_batch_inference(models, inputs.clean, clean_out, verbose=False)
     assert not (clean_out / "_manifest.json").exists()

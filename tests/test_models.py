@@ -13,8 +13,8 @@ from torch import nn
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.models import registry, transfer
-from imgcls_dist.models.checkpoint import build_model_from_file, save_model_file
-from imgcls_dist.models.registry import NAMED, get_model, get_spec, head_name, list_models, models_table, stem_name
+from imgcls_dist.models.checkpoint import save_model_file
+from imgcls_dist.models.registry import NAMED, build_model_from_file, get_model, get_spec, head_name, list_models, models_table, stem_name
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups, stages
 from imgcls_dist.models.weights import cache_file, load_checkpoint
 

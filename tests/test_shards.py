@@ -50,7 +50,7 @@ def test_ingest_is_seeded(tmp_path):
     assert read_rows(sorted((tmp_path / "a/val").glob("*.parquet"))).ids == read_rows(sorted((tmp_path / "b/val").glob("*.parquet"))).ids
 
 
-def test_image_folder_ingest_skips_undecodable(tmp_path):
+def test_image_folder_ingest_skips_undecodable(ray_session, tmp_path):
     from PIL import Image
 
     src = tmp_path / "src"

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[1]
 TINY = ROOT / "configs" / "tune_digits_tiny.yaml"
 # Grid order is launch order: the two learners reach ASHA's first rung before the weak trial starts,
-# so it is below the rung's median and stopped; the last trial's loss is NaN (fault hook) and it fails.
-GOOD, WEAK, NAN_LR = [3e-3, 1e-2], 1e-4, 2e-3
+# so it is below the rung's median and stopped.
+GOOD, WEAK = [3e-3, 1e-2], 1e-4
 
 
 def tiny(data_dir, storage, name, *extra):
@@ -49,9 +49,8 @@ def wait_all_cpus_free(ray, timeout=30.0) -> float:
 @pytest.fixture(scope="module")
 def campaign(ray_session, tiny_digits_dir, tmp_path_factory):
     storage = tmp_path_factory.mktemp("tune")
-    cfg = tiny(tiny_digits_dir, storage, "camp", lr_space([*GOOD, WEAK, NAN_LR]), "train.max_nonfinite_steps=3")
-    fault = {"nan_loss": True, "epoch": -1, "marker": str(storage / "unused"), "match": {"train.lr": NAN_LR}}
-    summary = run_campaign(cfg, fault=fault)
+    cfg = tiny(tiny_digits_dir, storage, "camp", lr_space([*GOOD, WEAK]))
+    summary = run_campaign(cfg)
     return cfg, summary, Path(summary["campaign_dir"])
 
 
@@ -59,8 +58,8 @@ def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, 
     cfg, summary, camp = campaign
     assert camp == Path(cfg.run.storage_path) / "camp"
     rows = read_results_csv(camp / "results.csv")
-    assert len(rows) == 4 and summary["num_trials"] == 4
-    assert sorted(float(r["train.lr"]) for r in rows) == sorted([*GOOD, WEAK, NAN_LR])
+    assert len(rows) == 3 and summary["num_trials"] == 3
+    assert sorted(float(r["train.lr"]) for r in rows) == sorted([*GOOD, WEAK])
     assert {"trial", "train.lr", "best_val_acc", "val_loss", "epochs_run", "stopped_early", "status", "error",
             "checkpoint"} <= set(rows[0])
     ok = [r for r in rows if r["status"] == "TERMINATED"]
@@ -101,18 +100,6 @@ def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, 
 
     # Every trial's Train run released its CPUs (ASHA-stopped ones included): nothing leaked.
     assert wait_all_cpus_free(ray_session) == 2
-
-
-def test_failing_trial_is_marked_and_the_campaign_goes_on(campaign):
-    cfg, summary, camp = campaign
-    rows = read_results_csv(camp / "results.csv")
-    bad = next(r for r in rows if float(r["train.lr"]) == NAN_LR)
-    assert bad["status"] == "ERROR" and "non-finite for 3 consecutive steps" in bad["error"]
-    assert bad["best_val_acc"] == "" and bad["epochs_run"] == "0" and bad["stopped_early"] == "False"
-    assert rows[-1]["trial"] == bad["trial"]  # failed trials sort last
-    assert summary["errored"] == 1
-    assert sum(r["status"] == "TERMINATED" for r in rows) == 3
-    assert bad["trial"] not in [m["name"] for m in json.loads((camp / "ensemble.json").read_text())["models"]]
 
 
 def test_best_yaml_retrains_to_the_trial_result(campaign, ray_session):

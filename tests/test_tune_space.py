@@ -12,7 +12,8 @@ from imgcls_dist.cli import main
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import UserError
 from imgcls_dist.tune import results as R
-from imgcls_dist.tune.campaign import asha_rungs, plan_resources, trial_config
+from imgcls_dist.tune.campaign import asha_rungs, plan_resources
+from imgcls_dist.tune.space import trial_config
 from imgcls_dist.tune.space import (apply_sampled, grid_values, num_trials, probe_values, to_tune_space,
                                     validate_space)
 
@@ -227,23 +228,13 @@ def test_trial_paths_are_absolute_because_tune_changes_the_working_directory(tmp
     assert cfg.model.weights == "IMAGENET1K_V1" and cfg.data.path == "s3://b/d"  # names and URIs untouched
 
 
-def test_fault_hook_reaches_only_matching_trials():
-    from imgcls_dist.tune.campaign import fault_for
-
-    f = {"nan_loss": True, "epoch": -1, "marker": "m", "match": {"train.lr": 0.002}}
-    assert fault_for(f, {"train.lr": 0.002}) == {"nan_loss": True, "epoch": -1, "marker": "m"}
-    assert fault_for(f, {"train.lr": 0.003}) is None
-    assert fault_for(None, {"train.lr": 0.002}) is None
-    assert fault_for({"nan_loss": True}, {"train.lr": 1.0}) == {"nan_loss": True}
-
-
 def test_asha_saving_compares_the_same_search_both_ways(monkeypatch, capsys):
     import imgcls_dist.tune.campaign as campaign
     from imgcls_dist.tune.asha_saving import measure_asha_saving
 
     calls = []
 
-    def fake_run(cfg, *, early_stopping=True, fault=None, resume=False):
+    def fake_run(cfg, *, early_stopping=True, resume=False):
         calls.append((cfg.run.name, early_stopping))
         rows = [{"train.lr": lr} for lr in (0.1, 0.01, 0.001)]
         return {"campaign_dir": cfg.run.name, "num_trials": 3, "trial_epochs": 12 if early_stopping else 30,

@@ -1,10 +1,12 @@
-"""`imgcls-dist bench {train,infer,augment,tune,gpu}`: each prints ratios measured in one run."""
+"""`imgcls-dist bench {train,infer,augment,tune,gpu,ingest,storage}`: each prints ratios measured in one run."""
 
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+from imgcls_dist.config import add_config_args
 
 
 def _save(result: dict, path: str | None) -> None:
@@ -23,6 +25,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
         r = bench_infer(rows=tuple(int(x) for x in a.rows.split(",")), arch=a.arch, batch_size=a.batch_size)
         r["predict_latency"] = bench_predict_latency()
+    elif a.what == "ingest":
+        from imgcls_dist.bench.ingest_bench import bench_ingest
+
+        r = bench_ingest(files=tuple(int(x) for x in a.files.split(",")))
+    elif a.what == "storage":
+        from imgcls_dist.bench.ingest_bench import bench_storage
+
+        r = bench_storage()
     elif a.what == "augment":
         from imgcls_dist.bench.augment_bench import bench_augment
 
@@ -43,14 +53,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def register_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print ratios measured in one run (see docs/benchmarks.md)")
-    p.add_argument("what", choices=["train", "infer", "augment", "tune", "gpu"])
-    p.add_argument("--config", default=None, help="train/tune: experiment config")
+    p.add_argument("what", choices=["train", "infer", "augment", "tune", "gpu", "ingest", "storage"])
+    add_config_args(p, required=False)  # train/tune: experiment config and overrides
     p.add_argument("--data", default="data/digits", help="train/tune: dataset directory")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
     p.add_argument("--arch", default="resnet18", help="infer: model")
     p.add_argument("--batch-size", type=int, default=256, help="infer: batch size")
     p.add_argument("--image-size", type=int, default=64, help="augment: output size")
+    p.add_argument("--files", default="10000,40000", help="ingest: JPEG tree sizes to compare memory at")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_bench)

@@ -26,6 +26,8 @@ import numpy as np
 import psutil
 import torch
 
+from imgcls_dist.ray_utils import local_raylets
+
 DIGIT_CLASSES = [str(i) for i in range(10)]
 # The demo's default TTA for digits (standard-preset training): bench models are written without a
 # training config, which would make their default view set identity only.
@@ -64,7 +66,7 @@ class PeakMemory:
         self.peak_rss = self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._raylets = _our_raylets()
+        self._raylets = local_raylets()
 
     def _procs(self) -> set[psutil.Process]:
         procs = {psutil.Process()}
@@ -109,18 +111,6 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self._update(pss=True)
-
-
-def _our_raylets() -> list[psutil.Process]:
-    import ray
-
-    gcs = ray.get_runtime_context().gcs_address
-    found = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if "raylet" in (p.info.get("name") or "") and gcs in cmd:
-            found.append(p)
-    return found
 
 
 def _inputs(workdir: Path, rows: Sequence[int], size: int, seed: int) -> dict[int, list[Path]]:

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from imgcls_dist.errors import UserError
+from imgcls_dist.storage import PathLike, StorageError, location
 
 # Formats with well-exercised decoders. Everything else PIL can open (EPS shells out
 # to Ghostscript, PSD/ICO/TGA/PPM...) is refused before its pixel data is touched.
@@ -59,12 +60,12 @@ def decode_image(
         return DecodeResult(None, _one_line(f"decode failed: {type(exc).__name__}: {exc}"))
 
 
-def decode_file(path: str | Path) -> np.ndarray:
-    """Read and decode one RGB image for `predict`; failures become a UserError naming the file."""
+def decode_file(path: PathLike) -> np.ndarray:
+    """Read (any filesystem) and decode one RGB image for `predict`; failures become a UserError naming it."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read file: {exc.strerror or exc}") from None
+        data = location(path).read_bytes()
+    except StorageError as exc:
+        raise UserError(f"{path}: cannot read file: {str(exc).rsplit(': ', 1)[-1]}") from None
     array, error = decode_image(data)
     if error is not None:
         raise UserError(f"{path}: {error}")

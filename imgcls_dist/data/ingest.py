@@ -1,43 +1,44 @@
-"""`imgcls-dist ingest SRC OUT`: an ImageFolder tree or `builtin:NAME` -> Parquet shards + dataset.json."""
+"""`imgcls-dist ingest SRC OUT`: an image tree (local, s3://, gs://) or `builtin:NAME` -> Parquet shards + dataset.json.
+
+Listing first (paths and labels only, `data/listing.py`), then the split, then one Ray task per output
+shard that reads its files, checks that they decode and writes the shard: no process ever holds more
+than one shard's bytes, and the driver holds only the listing. Own tasks rather than Ray Data's
+`read_binary_files`: the split and the shard contents are decided from the listing before any byte is
+read (stratified, seeded, reproducible file names), which a Ray Data write — one file per block, in
+block order — cannot promise; a task that fails is retried by Ray and rewrites the same file. dataset.json
+is written last: a directory without it is no dataset (train refuses it), so a crashed ingest never
+passes for a finished one.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import sys
+import time
 from collections import Counter
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
-from imgcls_dist.data.builtin import builtin_rows
+from imgcls_dist.data.builtin import BUILTINS, builtin_rows
 from imgcls_dist.data.decode import decode_image
-from imgcls_dist.data.schema import DATASET_FILE, SPLITS
+from imgcls_dist.data.listing import Listing, list_image_tree
+from imgcls_dist.data.schema import DATASET_FILE, ID, IMAGE, LABEL, SHARD_SCHEMA, SPLITS
 from imgcls_dist.data.shards import write_shards
-from imgcls_dist.errors import UserError
+from imgcls_dist.errors import JobFailed, UserError, root_cause
+from imgcls_dist.storage import Location, PathLike, location
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-def _image_folder_rows(src: Path) -> tuple[list[tuple[str, bytes, int]], list[str], list[str]]:
-    classes = sorted(d.name for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{src}: no class subdirectories (expected SRC/<class>/<image>)")
-    rows, skipped = [], []
-    for ci, c in enumerate(classes):
-        for f in sorted((src / c).rglob("*")):
-            if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            data = f.read_bytes()
-            # Decode once at ingest so a training set never carries rows that can't be used.
-            res = decode_image(data)
-            if res.error:
-                skipped.append(f"{f}: {res.error}")
-                continue
-            rows.append((str(f.relative_to(src)), data, ci))
-    if not rows:
-        raise UserError(f"{src}: no decodable images found under the class directories")
-    return rows, classes, skipped
+# A row group per this many rows (or bytes, whichever comes first): a reader streams a shard row group
+# by row group, and a writer holds at most one in memory.
+ROW_GROUP_ROWS = 128
+ROW_GROUP_BYTES = 32 << 20
+READ_THREADS = 8  # object-store reads overlap; decode stays on the task's one CPU
+PROGRESS_EVERY_S = 10.0
 
 
 def _split_indices(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
@@ -58,38 +59,188 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float, float], se
     return {"train": train_idx, "val": val_idx, "test": test_idx}
 
 
-def ingest(
-    src: str,
-    out: str | Path,
-    *,
-    image_size: int = 32,
-    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-    rows_per_shard: int = 500,
-    seed: int = 0,
-    overwrite: bool = False,
-) -> dict:
+def _check_args(fractions: tuple[float, ...], rows_per_shard: int) -> None:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6 or fractions[0] <= 0:
         raise UserError(f"--splits {fractions}: need three non-negative fractions train,val,test summing to 1 (train > 0)")
     if rows_per_shard < 1:
         raise UserError("--rows-per-shard must be >= 1")
-    out = Path(out)
-    if (out / DATASET_FILE).exists():
-        if not overwrite:
-            raise UserError(f"{out}: already holds a dataset (use --overwrite to replace it)")
-        for s in SPLITS:
-            shutil.rmtree(out / s, ignore_errors=True)
+
+
+def _check_out(out: Location, overwrite: bool) -> None:
+    out.check_writable()
+    if (out / DATASET_FILE).exists() and not overwrite:
+        raise UserError(f"{out}: already holds a dataset (use --overwrite to replace it)")
+
+
+def _clear_out(out: Location) -> None:
+    (out / DATASET_FILE).delete()  # first: from here on OUT is no dataset until this run finishes
+    for s in SPLITS:
+        (out / s).delete()
+
+
+# ---------------------------------------------------------------- one shard (runs as a Ray task)
+
+
+def write_image_shard(src_uri: str, items: list[tuple[str, int]], dest_uri: str) -> dict[str, Any]:
+    """Read `items` ((path relative to src, label)), keep the ones that decode, write them to `dest_uri`
+    in row groups of ROW_GROUP_ROWS. Returns counts, skipped files with reasons, and who did the work."""
+    src, dest = location(src_uri), location(dest_uri)
+    t0 = time.perf_counter()
     skipped: list[str] = []
-    extra: dict = {}
-    if src.startswith("builtin:"):
-        rows_iter, _, classes, extra = builtin_rows(src.split(":", 1)[1], image_size)
-        rows = list(rows_iter)
-        source = src
+    classes: Counter = Counter()
+    rows = nbytes = 0
+    buf: list[tuple[str, bytes, int]] = []
+    buf_bytes = 0
+
+    def read(item: tuple[str, int]) -> tuple[str, int, bytes | None, str | None]:
+        try:
+            return item[0], item[1], (src / item[0]).read_bytes(), None
+        except UserError as e:
+            return item[0], item[1], None, str(e).split(": ", 1)[-1]
+
+    with dest.open_output() as sink, pq.ParquetWriter(sink, SHARD_SCHEMA) as writer, \
+            ThreadPoolExecutor(READ_THREADS) as pool:
+        def flush() -> None:
+            nonlocal buf_bytes
+            if buf:
+                ids, images, labels = zip(*buf)
+                writer.write_table(pa.table({ID: pa.array(ids, pa.string()), IMAGE: pa.array(images, pa.binary()),
+                                             LABEL: pa.array(labels, pa.int64())}, schema=SHARD_SCHEMA))
+                buf.clear()
+                buf_bytes = 0
+
+        for start in range(0, len(items), READ_THREADS * 4):  # bounded read-ahead
+            for rel, label, data, err in pool.map(read, items[start:start + READ_THREADS * 4]):
+                if err is None:
+                    err = decode_image(data).error  # a training set never carries rows that can't be used
+                if err is not None:
+                    skipped.append(f"{src / rel}: {err}")
+                    continue
+                buf.append((rel, data, label))
+                buf_bytes += len(data)
+                rows += 1
+                nbytes += len(data)
+                classes[label] += 1
+                if len(buf) >= ROW_GROUP_ROWS or buf_bytes >= ROW_GROUP_BYTES:
+                    flush()
+        flush()
+    return {"file": dest.uri, "rows": rows, "bytes": nbytes, "class_counts": dict(classes), "skipped": skipped,
+            "listed": len(items), "pid": os.getpid(), "node": _node_id(), "seconds": time.perf_counter() - t0}
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - provenance only
+        return None
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _plan_shards(listing: Listing, parts: dict[str, np.ndarray], out: Location,
+                 rows_per_shard: int) -> list[tuple[str, list[tuple[str, int]], str]]:
+    """(split, items, destination URI) per shard; each split's rows in path order."""
+    plan = []
+    for split in SPLITS:
+        chosen = sorted(parts[split].tolist(), key=lambda i: listing.paths[i])
+        for k, start in enumerate(range(0, len(chosen), rows_per_shard)):
+            items = [(listing.paths[i], listing.labels[i]) for i in chosen[start:start + rows_per_shard]]
+            plan.append((split, items, (out / split / f"part-{k:05d}.parquet").uri))
+    return plan
+
+
+def _progress_line(done: int, total: int, files: int, all_files: int, skipped: int, t0: float) -> str:
+    el = time.perf_counter() - t0
+    rate = files / el if el > 0 else 0.0
+    eta = (all_files - files) / rate if rate > 0 else float("nan")
+    return (f"ingest: {done}/{total} shards, {files:,}/{all_files:,} files ({skipped} skipped), "
+            f"{rate:,.0f} files/s, ETA {eta:,.0f}s")
+
+
+def _run_shard_tasks(src: Location, plan: list[tuple[str, list, str]], verbose: bool) -> list[dict[str, Any]]:
+    import ray
+
+    from imgcls_dist.ray_utils import ensure_ray
+
+    ensure_ray()
+    # Retried on a lost worker or node and on errors (a flaky store): a retry rewrites the same file.
+    task = ray.remote(write_image_shard).options(num_cpus=1, max_retries=3, retry_exceptions=True)
+    pending = {task.remote(src.uri, items, dest): i for i, (_, items, dest) in enumerate(plan)}
+    results: list[dict[str, Any] | None] = [None] * len(plan)
+    all_files = sum(len(items) for _, items, _ in plan)
+    files = skipped = 0
+    t0 = last = time.perf_counter()
+    refs = list(pending)
+    try:
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=len(refs), timeout=1.0)
+            for ref in ready:
+                r = ray.get(ref)
+                results[pending[ref]] = r
+                files += r["listed"]
+                skipped += len(r["skipped"])
+            now = time.perf_counter()
+            if verbose and (now - last >= PROGRESS_EVERY_S or not refs):
+                print(_progress_line(len(plan) - len(refs), len(plan), files, all_files, skipped, t0), flush=True)
+                last = now
+    except Exception as e:  # noqa: BLE001 - a task failed after its retries: one line, no dataset.json written
+        for ref in refs:
+            ray.cancel(ref)
+        raise JobFailed(f"ingest failed: {root_cause(e)}") from None
+    return [r for r in results if r is not None]
+
+
+def _plan_tree(src: Location, out: Location, fractions, rows_per_shard: int, seed: int):
+    """Listing, split and shard plan: everything decided before a byte is read or written."""
+    listing = list_image_tree(src)
+    if listing.splits is not None:
+        sp = np.asarray(listing.splits)
+        parts = {s: np.flatnonzero(sp == s) for s in SPLITS}
     else:
-        p = Path(src)
-        if not p.is_dir():
-            raise UserError(f"{src}: not a directory (expected an ImageFolder tree SRC/<class>/<image> or builtin:digits)")
-        rows, classes, skipped = _image_folder_rows(p)
-        source = str(p.resolve())
+        parts = _split_indices(np.asarray(listing.labels, dtype=np.int64), fractions, seed)
+    return listing, _plan_shards(listing, parts, out, rows_per_shard)
+
+
+def _ingest_tree(src: Location, out: Location, listing: Listing, plan: list, fractions,
+                 verbose: bool) -> dict[str, Any]:
+    say = print if verbose else (lambda *a, **k: None)
+    layout = "pre-split tree, splits kept" if listing.splits is not None else f"split {fractions}"
+    say(f"ingest {src}: {len(listing):,} images in {len(listing.classes)} classes ({layout}) -> {out}, "
+        f"{len(plan)} shards on Ray", flush=True)
+    for note in listing.notes:
+        say(f"ingest: note: {note}", flush=True)
+    results = _run_shard_tasks(src, plan, verbose)
+    for split in SPLITS:  # an empty split still gets one (empty) shard so the layout is complete
+        if not any(p[0] == split for p in plan):
+            write_shards([], out / split)
+    counts, class_counts, skipped = Counter(), {s: Counter() for s in SPLITS}, []
+    for (split, _, _), r in zip(plan, results):
+        counts[split] += r["rows"]
+        class_counts[split].update({int(k): v for k, v in r["class_counts"].items()})
+        skipped.extend(r["skipped"])
+    if not sum(counts.values()):
+        raise UserError(f"{src}: none of the {len(listing)} listed images decodes")
+    return {
+        "classes": listing.classes,
+        "counts": {s: counts[s] for s in SPLITS},
+        "source": src.uri,
+        "layout": "pre-split" if listing.splits is not None else "split by ingest",
+        "class_counts": {s: {listing.classes[k]: v for k, v in sorted(class_counts[s].items())} for s in SPLITS},
+        "skipped": sorted(skipped),
+        "notes": listing.notes,
+        "ingest": {"shards": len(plan), "worker_processes": len({(r["node"], r["pid"]) for r in results}),
+                   "nodes": len({r["node"] for r in results}), "bytes": sum(r["bytes"] for r in results)},
+    }
+
+
+def _ingest_builtin(name: str, out: Location, image_size: int, fractions, rows_per_shard: int,
+                    seed: int) -> dict[str, Any]:
+    """Built-in datasets are tiny and generated in memory: written by this process, no Ray needed."""
+    rows_iter, _, classes, extra = builtin_rows(name, image_size)
+    rows = list(rows_iter)
     labels = np.array([r[2] for r in rows], dtype=np.int64)
     parts = _split_indices(labels, fractions, seed)
     counts = {}
@@ -97,14 +248,56 @@ def ingest(
         chosen = sorted(parts[split].tolist())
         write_shards((rows[i] for i in chosen), out / split, rows_per_shard=rows_per_shard)
         counts[split] = len(chosen)
-    meta = {
+    return {
         "classes": classes,
         "counts": counts,
-        "source": source,
+        "source": f"builtin:{name}",
         "class_counts": {s: {classes[k]: v for k, v in sorted(Counter(labels[parts[s]].tolist()).items())} for s in SPLITS},
-        "seed": seed,
-        "skipped": skipped,
+        "skipped": [],
         **{k: v for k, v in extra.items() if k != "source"},
     }
-    (out / DATASET_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def ingest(
+    src: str,
+    out: PathLike,
+    *,
+    image_size: int = 32,
+    fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+    rows_per_shard: int = 500,
+    seed: int = 0,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> dict:
+    _check_args(fractions, rows_per_shard)
+    out_loc = location(out)
+    builtin = src.startswith("builtin:")
+    if builtin and src.split(":", 1)[1] not in BUILTINS:
+        raise UserError(f"{src}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+    if not builtin:  # every check, the listing and the plan before anything is written
+        src_loc = location(src).check_readable("source directory")
+        if not src_loc.is_dir():
+            raise UserError(f"{src}: not a directory (expected an image tree SRC/<class>/<image>, "
+                            "SRC/<split>/<class>/<image>, or builtin:digits)")
+        listing, plan = _plan_tree(src_loc, out_loc, fractions, rows_per_shard, seed)
+    _check_out(out_loc, overwrite)
+    _clear_out(out_loc)
+    t0 = time.perf_counter()
+    if builtin:
+        meta = _ingest_builtin(src.split(":", 1)[1], out_loc, image_size, fractions, rows_per_shard, seed)
+    else:
+        meta = _ingest_tree(src_loc, out_loc, listing, plan, fractions, verbose)
+    meta["seed"] = seed
+    meta["wall_s"] = round(time.perf_counter() - t0, 2)
+    (out_loc / DATASET_FILE).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def print_summary(meta: dict, out: str) -> None:
+    c = meta["counts"]
+    print(f"ingested {sum(c.values())} images, {len(meta['classes'])} classes -> {out} "
+          f"(train {c['train']}, val {c['val']}, test {c['test']})")
+    for s in meta["skipped"][:10]:
+        print(f"  skipped {s}", file=sys.stderr)
+    if len(meta["skipped"]) > 10:
+        print(f"  ... and {len(meta['skipped']) - 10} more skipped (all listed in {DATASET_FILE})", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -11,18 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imgcls_dist.data.schema import ID, IMAGE, LABEL, SHARD_SCHEMA
+from imgcls_dist.storage import Location, PathLike, location
 
 
 def write_shards(
     rows: Iterable[tuple[str, bytes, int | None]],
-    out_dir: str | Path,
+    out_dir: PathLike,
     rows_per_shard: int = 1000,
     prefix: str = "part",
-) -> list[Path]:
+) -> list[Location]:
     """Write (id, image bytes, label) rows as numbered Parquet files of at most rows_per_shard rows."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    out = location(out_dir).mkdir()
+    written: list[Location] = []
     buf: list[tuple[str, bytes, int | None]] = []
 
     def flush() -> None:
@@ -32,7 +31,7 @@ def write_shards(
             schema=SHARD_SCHEMA,
         )
         path = out / f"{prefix}-{len(written):05d}.parquet"
-        pq.write_table(table, path)
+        pq.write_table(table, path.path, filesystem=path.fs)
         written.append(path)
         buf.clear()
 
@@ -57,14 +56,15 @@ class ShardRows:
         return len(self.images)
 
 
-def read_rows(files: list[Path], limit: int | None = None, with_labels: bool = True) -> ShardRows:
+def read_rows(files: Iterable[PathLike], limit: int | None = None, with_labels: bool = True) -> ShardRows:
     ids: list[str] = []
     images: list[bytes] = []
     labels: list[int] = []
-    for f in files:
-        names = set(pq.read_schema(f).names)
+    for f in map(location, files):
+        pf = pq.ParquetFile(f.path, filesystem=f.fs)
+        names = set(pf.schema_arrow.names)
         cols = [IMAGE] + [c for c in (ID, LABEL) if c in names]
-        t = pq.read_table(f, columns=cols)
+        t = pf.read(columns=cols)
         n = t.num_rows
         images.extend(t.column(IMAGE).to_pylist())
         ids.extend(t.column(ID).to_pylist() if ID in names else [f"{f.stem}:{i}" for i in range(n)])

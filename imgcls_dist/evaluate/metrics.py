@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
 from imgcls_dist.evaluate.plots import plot_confusion_matrix
+from imgcls_dist.storage import PathLike, location
 
 
-def write_classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], out_dir: str | Path,
+def write_classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str], out_dir: PathLike,
                                 title: str = "", extra: dict | None = None) -> dict:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """classification_report.txt, confusion_matrix.png and metrics.json into `out_dir` (any filesystem)."""
+    out = location(out_dir)
     labels = list(range(len(classes)))
     report = classification_report(y_true, y_pred, labels=labels, target_names=classes, digits=4, zero_division=0)
     acc = float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -10,8 +10,18 @@ matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from imgcls_dist.storage import Location, PathLike, location  # noqa: E402
 
-def plot_training_history(history: list[dict], path: str | Path) -> Path:
+
+def save_figure(fig, path: PathLike, dpi: int = 110) -> Location:
+    """PNG to any filesystem (rendered in memory, written in one piece), and the figure closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    return location(path).write_bytes(buf.getvalue())
+
+
+def plot_training_history(history: list[dict], path: PathLike) -> Location:
     epochs = [h["epoch"] + 1 for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
@@ -36,13 +46,10 @@ def plot_training_history(history: list[dict], path: str | Path) -> Path:
                     a.axvline(epochs[i], color="gray", ls=":", lw=1)
                 axes[0].annotate(f"{sizes[i]}px", (epochs[i], axes[0].get_ylim()[1]), fontsize=8, va="top")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, title: str = "confusion matrix") -> Path:
+def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: PathLike, title: str = "confusion matrix") -> Location:
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -57,7 +64,4 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: str | Path, 
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

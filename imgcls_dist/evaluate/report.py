@@ -9,7 +9,7 @@ counted separately, never silently mixed in.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+import io
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,20 +20,21 @@ from sklearn.metrics import accuracy_score
 from imgcls_dist.data.schema import LABEL, read_dataset_meta
 from imgcls_dist.errors import UserError
 from imgcls_dist.evaluate.metrics import write_classification_report
-from imgcls_dist.infer.pipeline import ERROR, prediction_files, read_manifest
+from imgcls_dist.infer.publish import ERROR, prediction_files, read_manifest
+from imgcls_dist.storage import PathLike, location
 
 
-def _load_columns(out: str | Path) -> pa.Table:
+def _load_columns(out: PathLike) -> pa.Table:
     files = prediction_files(out)
     if not files:
         return pa.table({"pred": pa.array([], pa.int32()), LABEL: pa.array([], pa.int64()),
                          ERROR: pa.array([], pa.string())})
-    if LABEL not in pq.read_schema(files[0]).names:
+    if LABEL not in pq.ParquetFile(files[0].path, filesystem=files[0].fs).schema_arrow.names:
         raise UserError(f"{out}: predictions have no 'label' column (the input had no labels); nothing to evaluate")
-    return pa.concat_tables(pq.read_table(f, columns=["pred", LABEL, ERROR]) for f in files)
+    return pa.concat_tables(pq.read_table(f.path, filesystem=f.fs, columns=["pred", LABEL, ERROR]) for f in files)
 
 
-def summarize(out: str | Path, num_classes: int | None = None) -> dict[str, Any]:
+def summarize(out: PathLike, num_classes: int | None = None) -> dict[str, Any]:
     """Counts and accuracy of one prediction set, plus the arrays for a full report."""
     manifest = read_manifest(out)
     t = _load_columns(out)
@@ -64,13 +65,14 @@ def summarize(out: str | Path, num_classes: int | None = None) -> dict[str, Any]
     }
 
 
-def _classes(out: str | Path, classes_file: str | Path | None) -> list[str]:
+def _classes(out: PathLike, classes_file: PathLike | None) -> list[str]:
     from_manifest = read_manifest(out).get("classes")
     if classes_file is None:
         if not from_manifest:
             raise UserError(f"{out}: manifest has no classes; pass --classes dataset.json")
         return list(from_manifest)
-    given = read_dataset_meta(Path(classes_file).parent if Path(classes_file).is_file() else classes_file)["classes"]
+    cf = location(classes_file)
+    given = read_dataset_meta(cf.parent if cf.is_file() else cf)["classes"]
     if from_manifest and list(from_manifest) != list(given):
         raise UserError(f"{classes_file}: classes differ from the models' classes in {out}/_manifest.json")
     return list(given)
@@ -82,7 +84,7 @@ def parse_compare(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep:
-            name, path = Path(item).name, item
+            name, path = location(item).name, item
         if not name or not path:
             raise UserError(f"--compare: expected NAME=OUT, got {item!r}")
         if name in out:
@@ -125,11 +127,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def evaluate_predictions(
-    out: str | Path,
+    out: PathLike,
     *,
-    classes_file: str | Path | None = None,
+    classes_file: PathLike | None = None,
     compare: dict[str, str] | None = None,
-    report_dir: str | Path | None = None,
+    report_dir: PathLike | None = None,
     name: str | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
@@ -140,17 +142,19 @@ def evaluate_predictions(
     if not main["evaluated_rows"]:
         raise UserError(f"{out}: nothing to evaluate: no row has both a label and a prediction "
                         f"({main['rows']} rows, {main['error_rows']} errors, {main['unlabeled_rows']} without label)")
-    report_dir = Path(report_dir) if report_dir is not None else Path(out) / "eval"
+    out_name = name or location(out).name
+    report_dir = location(report_dir) if report_dir is not None else location(out) / "eval"
     extra = {k: main[k] for k in ("run_id", "error_rows", "unlabeled_rows", "evaluated_rows", "views", "combine")}
     extra["total_rows"] = main["rows"]
+    # The figure's title names the prediction set, not its path (a long URI runs off the figure).
     summary = write_classification_report(main["y_true"], main["y_pred"], classes, report_dir,
-                                          title=f"predictions {out}", extra=extra)
-    result: dict[str, Any] = {**summary, "report_dir": str(report_dir)}
+                                          title=f"predictions {out_name}", extra=extra)
+    result: dict[str, Any] = {**summary, "report_dir": report_dir.uri}
     say = print if verbose else (lambda *a, **k: None)
     say(f"evaluate {out}: accuracy {main['accuracy']:.4f} on {main['evaluated_rows']} rows "
         f"({main['error_rows']} error rows, {main['unlabeled_rows']} rows without label) -> {report_dir}")
     if compare:
-        sets = {name or Path(out).name or str(out): main}
+        sets = {out_name: main}
         for cname, cpath in compare.items():
             if cname in sets:
                 raise UserError(f"--compare: name {cname!r} clashes with the main prediction set's name")
@@ -159,10 +163,11 @@ def evaluate_predictions(
                 raise UserError(f"{cpath}: classes differ from {out}")
             sets[cname] = s
         rows = comparison_rows(sets)
-        with open(report_dir / "comparison.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        (report_dir / "comparison.csv").write_text(buf.getvalue())
         say(format_table(rows))
         result["comparison"] = rows
     return result

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from imgcls_dist.evaluate.metrics import write_classification_report
+from imgcls_dist.storage import PathLike
 
 
-def evaluate_model_on_files(model_path: str | Path, files: list[str], out_dir: str | Path, title: str = "") -> dict:
+def evaluate_model_on_files(model_path: PathLike, files: list[str], out_dir: PathLike, title: str = "") -> dict:
     labels, probs, classes = predict_files(model_path, files)
     ok = labels >= 0  # undecodable rows carry -1 and are not scored
     return write_classification_report(labels[ok], probs[ok].argmax(1), classes, out_dir, title=title,
                                        extra={"undecodable_rows": int((~ok).sum())})
 
 
-def predict_files(model_path: str | Path, files: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def predict_files(model_path: PathLike, files: list[str], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels, probs, classes) of a model file over labelled shards, single process, through the same decode
     and predictor code as batch inference (no TTA). Undecodable rows get label -1."""
     from imgcls_dist.data.shards import read_rows
@@ -24,7 +23,7 @@ def predict_files(model_path: str | Path, files: list[str], batch_size: int = 25
     from imgcls_dist.infer.predictor import EnsemblePredictor
 
     predictor = EnsemblePredictor([model_path], views="none", batch_size=batch_size)
-    rows = read_rows([Path(f) for f in files])
+    rows = read_rows(files)
     arrays, errors = prepare_encoded(rows.images, predictor.input_keys)
     labels = rows.labels.copy()
     labels[np.array([e is not None for e in errors], dtype=bool)] = -1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.infer.tta import apply_views, default_views, resolve_views
-from imgcls_dist.models.checkpoint import MODEL_FILE, build_model_from_file, resolve_model_path
+from imgcls_dist.models.checkpoint import MODEL_FILE, resolve_model_path
 from imgcls_dist.models.preprocess import normalize
+from imgcls_dist.models.registry import build_model_from_file
+from imgcls_dist.storage import PathLike, is_uri, location
 
 InputKey = tuple[int, int]  # (image_size, channels), as in infer.prepare (not imported: it pulls albumentations)
 COMBINES = ("mean", "weighted", "vote")
@@ -73,17 +76,18 @@ def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / total for x in w]
 
 
-def load_ensemble_manifest(path: str | Path) -> tuple[list[str], list[float] | None, str]:
-    """ensemble.json -> (model paths resolved against the manifest's directory, weights or None, combine).
+def load_ensemble_manifest(path: PathLike) -> tuple[list[str], list[float] | None, str]:
+    """ensemble.json (any filesystem) -> (member URIs/paths, weights or None, combine). A member path is a
+    URI, an absolute path, or relative to the manifest's directory.
 
     Format: {"models": [{"path": "...", "weight": 0.5, "name": "...", "val_acc": 0.98}, ...],
              "combine": "weighted", "weight_rule": "..."}; weight and combine are optional.
     """
-    p = Path(path)
+    p = location(path)
     try:
         doc = json.loads(p.read_text())
-    except OSError as e:
-        raise UserError(f"{p}: cannot read ensemble manifest: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a JSON ensemble manifest (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
     entries = doc.get("models") if isinstance(doc, dict) else None
@@ -93,8 +97,8 @@ def load_ensemble_manifest(path: str | Path) -> tuple[list[str], list[float] | N
     for i, e in enumerate(entries):
         if not isinstance(e, dict) or not isinstance(e.get("path"), str):
             raise UserError(f"{p}: models[{i}] must be an object with a string 'path'")
-        mp = Path(e["path"])
-        paths.append(str(mp if mp.is_absolute() else p.parent / mp))
+        mp = e["path"]
+        paths.append(mp if is_uri(mp) or Path(mp).is_absolute() else (p.parent / mp).uri)
         weights.append(e.get("weight"))
     given = [w is not None for w in weights]
     if any(given) and not all(given):
@@ -108,14 +112,14 @@ def load_ensemble_manifest(path: str | Path) -> tuple[list[str], list[float] | N
     return paths, w_out, combine
 
 
-def resolve_model_args(models: str | Path | Sequence[str | Path]) -> tuple[list[str], list[float] | None, str | None]:
-    """CLI --models values -> (model file paths, weights, combine). One ensemble.json (or a directory
-    holding one and no model.pt) is read as a manifest; anything else is a list of model files/dirs."""
-    items = [models] if isinstance(models, (str, Path)) else list(models)
+def resolve_model_args(models: PathLike | Sequence[PathLike]) -> tuple[list[str], list[float] | None, str | None]:
+    """CLI --models values (any filesystem) -> (model file URIs, weights, combine). One ensemble.json (or a
+    directory holding one and no model.pt) is read as a manifest; anything else is a list of model files/dirs."""
+    items = [models] if isinstance(models, (str, os.PathLike)) else list(models)
     if not items:
         raise UserError("--models: give one ensemble.json or at least one model file/directory")
     if len(items) == 1:
-        p = Path(items[0])
+        p = location(items[0])
         if p.suffix == ".json":
             return load_ensemble_manifest(p)
         if p.is_dir() and not (p / MODEL_FILE).exists() and (p / ENSEMBLE_FILE).is_file():
@@ -124,7 +128,7 @@ def resolve_model_args(models: str | Path | Sequence[str | Path]) -> tuple[list[
     if jsons:
         raise UserError(f"--models: an ensemble manifest must be the only --models value, "
                         f"got {jsons[0]} among {len(items)}")
-    return [str(resolve_model_path(x)) for x in items], None, None
+    return [resolve_model_path(x).uri for x in items], None, None
 
 
 def resolve_ensemble(

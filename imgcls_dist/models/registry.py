@@ -19,6 +19,7 @@ from torch import nn
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.models import weights as weights_mod
+from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.models.lenet import LeNet5
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -189,10 +190,9 @@ def adapt_stem(model: nn.Module, in_channels: int, pretrained: bool) -> None:
         old.groups, bias=old.bias is not None, padding_mode=old.padding_mode,
     )  # fmt: skip
     with torch.no_grad():
-        # Pretrained: a gray image replicated to 3 channels gives conv = sum_c W_c * x, so the summed kernel
-        # makes the 1-channel net compute exactly what the RGB net computes on that gray image.
+        # Pretrained: the summed kernel makes the 1-channel net compute what the RGB net computes on a gray image.
         # Scratch: one input slice keeps the family's own init distribution (e.g. resnet's fan_out normal).
-        new.weight.copy_(old.weight.sum(1, keepdim=True) if pretrained else old.weight[:, :1])
+        new.weight.copy_(weights_mod.gray_stem_kernel(old.weight) if pretrained else old.weight[:, :1])
         if old.bias is not None:
             new.bias.copy_(old.bias)
     _set_module(model, path, new.to(device=old.weight.device, dtype=old.weight.dtype))
@@ -232,11 +232,12 @@ def _build(spec: ModelSpec, num_classes: int | None, weights=None) -> nn.Module:
     return model
 
 
-def get_model(name: str, num_classes: int, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+def get_model(name: str, num_classes: int, in_channels: int = 3, weights: weights_mod.Weights = None) -> nn.Module:
     """Build `name` with a num_classes head and an in_channels stem.
 
     weights: None/"none" (scratch), a torchvision weights name ("DEFAULT", "IMAGENET1K_V1",
-    "ResNet18_Weights.IMAGENET1K_V1"), or a checkpoint path (our model file or a raw state_dict).
+    "ResNet18_Weights.IMAGENET1K_V1"), a checkpoint path on any filesystem (our model file or a raw
+    state_dict), or a checkpoint already read (`weights.initial_weights`).
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
@@ -259,12 +260,21 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, weights: str | 
     else:
         model = _build(spec, num_classes)
         adapt_stem(model, in_channels, pretrained=False)
-    if kind == "path":
+    if kind in ("path", "checkpoint"):
         weights_mod.load_checkpoint(
             model, source, arch=spec.name, head=head_name(model, spec.family), stem=stem_name(model),
             ignore_unexpected=AUX_PREFIXES.get(spec.family, ()),
         )  # fmt: skip
     return model
+
+
+def build_model_from_file(path) -> tuple[nn.Module, dict]:
+    """Rebuild the network of a model file (any filesystem) and load its weights: (model in eval mode, metadata)."""
+    payload = load_model_file(path)
+    model = get_model(payload["arch"], num_classes=payload["num_classes"], in_channels=payload["in_channels"])
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}
 
 
 # ----------------------------------------------------------------------------------------------------- table

@@ -10,7 +10,7 @@ import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 from urllib.parse import urlparse
 
 import torch
@@ -18,6 +18,8 @@ import torchvision
 from torch import nn
 
 from imgcls_dist.errors import UserError
+from imgcls_dist.models.checkpoint import read_tensors_file, resolve_model_path
+from imgcls_dist.storage import Location, is_uri, location
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +42,63 @@ class LoadReport:
         )
 
 
-def classify(weights: str | os.PathLike | None) -> tuple[str, object]:
-    """('scratch', None) | ('path', Path) | ('torchvision', name)."""
+@dataclass
+class CheckpointWeights:
+    """A checkpoint file read once: its tensors and, for our model files, the classes they were trained on."""
+
+    source: str
+    state_dict: dict[str, torch.Tensor]
+    arch: str | None = None
+    classes: list[str] | None = None
+
+
+Weights = Union[str, os.PathLike, CheckpointWeights, None]
+
+
+def classify(weights: Weights) -> tuple[str, object]:
+    """('scratch', None) | ('checkpoint', CheckpointWeights) | ('path', Location) | ('torchvision', name)."""
+    if isinstance(weights, CheckpointWeights):
+        return "checkpoint", weights
     if weights is None or str(weights).strip().lower() in ("", "none", "scratch"):
         return "scratch", None
     s = str(weights).strip()
-    p = Path(s).expanduser()
-    if isinstance(weights, os.PathLike) or p.exists() or os.sep in s or s.endswith(_CKPT_SUFFIXES):
-        if not p.exists():
+    if is_uri(s) or isinstance(weights, os.PathLike) or os.sep in s or s.endswith(_CKPT_SUFFIXES) or Path(s).exists():
+        loc = location(s)
+        if not loc.exists():
             raise UserError(f"weights checkpoint {s} does not exist")
-        return "path", p
+        return "path", loc
     return "torchvision", s
+
+
+def read_checkpoint(path: str | os.PathLike | Location) -> CheckpointWeights:
+    """Our model file (file or directory) or a raw state_dict, on any filesystem, read with weights_only=True."""
+    loc = location(path)
+    if loc.is_dir():
+        loc = resolve_model_path(loc)
+    obj = read_tensors_file(loc)
+    arch = classes = None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        arch, classes = obj.get("arch"), obj.get("classes")
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{loc}: not a model file or state_dict (expected a dict of tensors)")
+    for prefix in _WRAPPER_PREFIXES:
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return CheckpointWeights(loc.uri, obj, arch, list(classes) if classes is not None else None)
+
+
+def initial_weights(weights: Weights) -> Weights:
+    """A checkpoint path becomes its CheckpointWeights (read once, for get_model and for its class list);
+    scratch and torchvision names pass through."""
+    kind, source = classify(weights)
+    return read_checkpoint(source) if kind == "path" else weights
+
+
+def gray_stem_kernel(rgb: torch.Tensor) -> torch.Tensor:
+    """A 3-channel conv kernel -> the 1-channel kernel that computes the same output on a gray image
+    replicated to RGB: conv(x, W) = sum_c W_c * x when every channel holds x."""
+    return rgb.sum(1, keepdim=True)
 
 
 # ----------------------------------------------------------------------------------------------- torchvision
@@ -116,33 +164,15 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
-    if path.is_dir():
-        from imgcls_dist.models.checkpoint import resolve_model_path
-
-        path = resolve_model_path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never run code from a checkpoint
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise UserError(f"{path}: cannot load checkpoint ({_first_line(e)})") from None
-    arch = None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj, arch = obj["state_dict"], obj.get("arch")
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path}: not a model file or state_dict (expected a dict of tensors)")
-    for prefix in _WRAPPER_PREFIXES:
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix) :]: v for k, v in obj.items()}
-    return obj, arch
-
-
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, *, arch: str, head: str, stem: str, ignore_unexpected=()
+    model: nn.Module, weights: CheckpointWeights | str | os.PathLike | Location, *, arch: str, head: str, stem: str,
+    ignore_unexpected=()
 ) -> LoadReport:
     """Load a checkpoint into a freshly built model, tolerating exactly: head shape/absence (fresh head kept),
     a 3->1 channel stem (kernels summed), `ignore_unexpected` prefixes, missing BN num_batches_tracked."""
-    path = Path(path).expanduser()
-    ckpt, ckpt_arch = _read_state_dict(path)
+    if not isinstance(weights, CheckpointWeights):
+        weights = read_checkpoint(weights)
+    ckpt, ckpt_arch, path = weights.state_dict, weights.arch, weights.source
     target = model.state_dict()
     report, to_load, problems = LoadReport(str(path)), {}, []
     in_head = lambda k: k == head or k.startswith(head + ".")  # noqa: E731
@@ -159,7 +189,7 @@ def load_checkpoint(
         elif k == f"{stem}.weight" and v.dim() == 4 and v.shape[1] == 3 and target[k].shape[1] == 1 and (
             v.shape[0] == target[k].shape[0] and v.shape[2:] == target[k].shape[2:]
         ):
-            to_load[k] = v.sum(1, keepdim=True)  # same identity as registry.adapt_stem (gray replicated to RGB)
+            to_load[k] = gray_stem_kernel(v)
             report.adapted.append(k)
         else:
             problems.append(f"shape {k} {tuple(v.shape)} vs {tuple(target[k].shape)}")

@@ -8,12 +8,13 @@ at each epoch start, so resuming at epoch e reproduces exactly what an uninterru
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgcls_dist.models.checkpoint import save_model_file
+from imgcls_dist.models.checkpoint import load_model_file, save_model_file
 
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
@@ -35,3 +36,28 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
 def load_history(directory: str | Path) -> list[dict]:
     p = Path(directory) / HISTORY
     return json.loads(p.read_text()) if p.is_file() else []
+
+
+@dataclass
+class ResumeState:
+    """What a worker continues from: the checkpoint of the last finished epoch."""
+
+    epoch: int
+    model_state: dict
+    optimizer: dict
+    schedule: dict
+    scaler: dict | None
+    nonfinite_total: int
+    history: list[dict]
+
+
+def restore(checkpoint) -> ResumeState | None:
+    """A Ray Train checkpoint (or None: a fresh run) -> the state to resume from."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        train_state = load_train_state(d)
+        return ResumeState(epoch=train_state["epoch"], model_state=load_model_file(d)["state_dict"],
+                           optimizer=train_state["optimizer"], schedule=train_state["schedule"],
+                           scaler=train_state.get("scaler"), nonfinite_total=train_state.get("nonfinite_total", 0),
+                           history=load_history(d))

@@ -22,7 +22,7 @@ def _variant(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
     return build_config(raw, source=f"{cfg.run.name} ({suffix})")
 
 
-def measure_asha_saving(cfg: ExperimentConfig, *, fault: dict | None = None) -> dict[str, Any]:
+def measure_asha_saving(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the campaign twice (`<run.name>_asha`, `<run.name>_fifo`); print a table; return the numbers."""
     from imgcls_dist.tune.campaign import run_campaign
 
@@ -30,7 +30,7 @@ def measure_asha_saving(cfg: ExperimentConfig, *, fault: dict | None = None) -> 
     out: dict[str, Any] = {}
     configs = {}
     for mode, early in (("asha", True), ("fifo", False)):
-        s = run_campaign(_variant(cfg, mode), early_stopping=early, fault=fault)
+        s = run_campaign(_variant(cfg, mode), early_stopping=early)
         out[mode] = {"campaign_dir": s["campaign_dir"], "trials": s["num_trials"], "trial_epochs": s["trial_epochs"],
                      "stopped_early": s["stopped_early"], "errored": s["errored"], "best_val_acc": s["best_val_acc"],
                      "best_trial": s["best_trial"], "wall_s": s["wall_s"]}
@@ -60,12 +60,11 @@ def format_saving_table(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from imgcls_dist.config import load_config
+    from imgcls_dist.config import add_config_args, load_config
     from imgcls_dist.errors import JobFailed, UserError
 
     ap = argparse.ArgumentParser(prog="asha_saving", description=__doc__.splitlines()[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_args(ap)
     a = ap.parse_args(argv)
     try:
         measure_asha_saving(load_config(a.config, a.overrides))

@@ -8,8 +8,8 @@ deprecated):
   <campaign>/trials), launches `build_trainer(..., callbacks=[EpochReportCallback(), ...])` and
   `fit`s it. EpochReportCallback (a TuneReportCallback) relays every epoch's report from the Train
   controller to the trial, so ASHA sees val_acc per epoch; the Train workers do all the compute and
-  request their own CPUs/GPUs. A stopped trial aborts its Train run before its actor goes away
-  (see trial.py: otherwise the run's placement group - its CPUs - leaks in local mode).
+  request their own CPUs/GPUs. A trial ASHA stops takes its Train run with it; Train's placement-group
+  cleaner frees the run's CPUs (see trial.py).
 * The trial driver reserves **no CPU**: it only launches and watches its Train run. Ray refuses an
   all-zero request (`{"CPU": 0}` -> "empty head bundle"), and any CPU fraction would make
   trials x (workers + fraction) overflow the CPUs the workers need (2 x 1.01 > 2 on a 2-CPU box, so the
@@ -29,7 +29,9 @@ deprecated):
 * Resume: the campaign dir holds Tune's experiment state; `Tuner.restore(resume_unfinished=True,
   resume_errored=False)` skips finished/failed trials and relaunches unfinished ones with the same
   trial name, so the same (run.name, storage_path) makes Train V2 continue them from their latest
-  checkpoint.
+  checkpoint. Trial statuses come from `status.TrialStatusLog` (a Tune callback), which survives resume.
+* Storage: the campaign dir may be local, s3:// or gs://; Tune and every trial's Train run get the
+  same pyarrow filesystem (`storage.ray_storage`).
 """
 
 from __future__ import annotations
@@ -40,81 +42,42 @@ import time
 from pathlib import Path
 from typing import Any
 
-from imgcls_dist.config import ExperimentConfig, build_config, read_yaml, write_config
+from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, build_config, read_yaml, write_config
 from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.storage import Location, is_uri, location, ray_storage
 from imgcls_dist.tune import results as R
 from imgcls_dist.tune.space import (apply_sampled, candidate_values, get_dotted, num_trials, plain, to_tune_space,
                                     validate_space)
 
 TRIALS_DIR = "trials"
 META_FILE = "campaign.json"  # how the campaign was started (scheduler, sizing): resume keeps it
-CONFIG_FILE = "config.yaml"  # same name as trial.CONFIG_FILE
 # Logical memory a trial driver reserves instead of CPU (see module docstring).
 DRIVER_MEMORY_BYTES = 128 * 1024 * 1024
 # Settings checked against the dataset and model registry for every value the space can produce.
 _DATA_KEYS = ("model.arch", "data.image_size", "data.path", "data.in_channels", "train.progressive_resizing")
 
 
-def campaign_dir_for(cfg: ExperimentConfig) -> Path:
-    storage = cfg.run.storage_path
-    if "://" in storage:
-        raise UserError(f"run.storage_path: {storage}: tune campaigns need a local or shared-filesystem path "
-                        "(results, plots and the ensemble are written beside the trials)")
-    return Path(storage).resolve() / cfg.run.name
+def campaign_dir_for(cfg: ExperimentConfig) -> Location:
+    """<run.storage_path>/<run.name>/ on any filesystem: Tune's state, the trials' runs and every result."""
+    return location(cfg.run.storage_path) / cfg.run.name
 
 
 def plan_resources(cfg: ExperimentConfig, n_trials: int, cpus: float, gpus: float) -> dict[str, Any]:
-    """Workers per trial and how many trials run at once without oversubscribing the cluster."""
-    workers = cfg.scaling.num_workers or 1
-    use_gpu = cfg.scaling.use_gpu if cfg.scaling.use_gpu is not None else gpus > 0
-    if use_gpu and gpus < workers:
-        raise UserError(f"scaling: a trial needs {workers} GPU worker(s) but the Ray cluster has {gpus:g} GPUs")
-    cpus_per_trial = workers * cfg.scaling.cpus_per_worker
-    if cpus_per_trial > cpus + 1e-9:
-        raise UserError(f"scaling: a trial needs {workers} worker(s) x {cfg.scaling.cpus_per_worker:g} CPU = "
-                        f"{cpus_per_trial:g} CPUs but the Ray cluster has {cpus:g} (it would wait forever)")
+    """Workers per trial (the same rule as `train`, with 1 worker when num_workers is null) and how many
+    trials run at once without oversubscribing the cluster."""
+    from imgcls_dist.ray_utils import plan_workers
+
+    s = cfg.scaling
+    worker_plan = plan_workers(s.num_workers, s.use_gpu, s.cpus_per_worker, cpus, gpus, default_workers=1,
+                               who="a trial")
+    workers, use_gpu = worker_plan.num_workers, worker_plan.use_gpu
+    cpus_per_trial = workers * s.cpus_per_worker
     fit = int(cpus // cpus_per_trial + 1e-9)
     if use_gpu:
         fit = min(fit, int(gpus // workers))
     limits = [fit, n_trials] + ([cfg.tune.max_concurrent] if cfg.tune.max_concurrent else [])
-    return {"workers_per_trial": workers, "use_gpu": bool(use_gpu), "cpus_per_trial": cpus_per_trial,
+    return {"workers_per_trial": workers, "use_gpu": use_gpu, "cpus_per_trial": cpus_per_trial,
             "concurrency": max(1, min(limits)), "fit": fit, "cluster_cpus": cpus, "cluster_gpus": gpus}
-
-
-def trial_name(trial) -> str:
-    """`trial_00003`: the counter of Tune's trial id; stable across resume (names the Train run too)."""
-    return f"trial_{trial.trial_id.rsplit('_', 1)[-1]}"
-
-
-def fault_for(fault: dict | None, sampled: dict[str, Any]) -> dict | None:
-    """Test hook: `fault` goes to the trials whose sampled values match fault["match"] (all when absent)."""
-    if not fault:
-        return None
-    match = fault.get("match") or {}
-    if all(plain(sampled.get(k)) == v for k, v in match.items()):
-        return {k: v for k, v in fault.items() if k != "match"}
-    return None
-
-
-def absolutize_paths(raw: dict[str, Any], cwd: str | Path) -> dict[str, Any]:
-    """Relative data/weights paths -> absolute: Tune runs each trial in its own working directory."""
-    data = raw.get("data") or {}
-    if isinstance(data.get("path"), str) and "://" not in data["path"] and not Path(data["path"]).is_absolute():
-        data["path"] = str((Path(cwd) / data["path"]).resolve())
-    model = raw.get("model") or {}
-    w = model.get("weights")
-    if isinstance(w, str) and not Path(w).expanduser().is_absolute() and (Path(cwd) / w).exists():
-        model["weights"] = str((Path(cwd) / w).resolve())  # a local checkpoint (torchvision names stay names)
-    return raw
-
-
-def trial_config(base: dict[str, Any], sampled: dict[str, Any], name: str, trials_dir: str,
-                 cwd: str | None = None) -> ExperimentConfig:
-    raw = apply_sampled(base, sampled)
-    if cwd:
-        absolutize_paths(raw, cwd)
-    raw["run"] = {**raw.get("run", {}), "name": name, "storage_path": trials_dir}
-    return build_config(raw, source=f"trial {name}")
 
 
 def _validate_against_data(cfg: ExperimentConfig) -> None:
@@ -133,18 +96,18 @@ def _validate_against_data(cfg: ExperimentConfig) -> None:
                 raise UserError(f"tune.space.{key}: value {v!r}: {e}") from None
 
 
-def _read_meta(campaign: Path) -> dict[str, Any]:
+def _read_meta(campaign: Location) -> dict[str, Any]:
     try:
         return json.loads((campaign / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+    except (UserError, json.JSONDecodeError):
         return {}
 
 
-def _is_nonempty_dir(p: Path) -> bool:
-    return p.is_dir() and any(p.iterdir())
+def _is_nonempty_dir(p: Location) -> bool:
+    return bool(p.iterdir())
 
 
-def _resume_config(cfg: ExperimentConfig, campaign: Path) -> ExperimentConfig:
+def _resume_config(cfg: ExperimentConfig, campaign: Location) -> ExperimentConfig:
     """The campaign's own saved config is authoritative on resume (Tune restores its saved space too)."""
     saved_path = campaign / CONFIG_FILE
     if not saved_path.is_file():
@@ -179,13 +142,8 @@ def asha_rungs(cfg: ExperimentConfig) -> list[int]:
     return rungs
 
 
-def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True,
-                 fault: dict | None = None) -> dict[str, Any]:
-    """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary.
-
-    `fault` is a test hook forwarded to `build_trainer` for the trials whose sampled values match
-    `fault["match"]` (e.g. `{"nan_loss": True, "epoch": -1, "marker": ..., "match": {"train.lr": 0.01}}`).
-    """
+def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True) -> dict[str, Any]:
+    """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary."""
     campaign = campaign_dir_for(cfg)
     exists = _is_nonempty_dir(campaign)
     if exists and not resume:
@@ -203,34 +161,37 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
     validate_space(cfg)  # before any Ray work: a bad space fails in milliseconds
     _validate_against_data(cfg)
     n_trials = num_trials(cfg)
+    campaign.check_writable()
 
     import ray.tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
+    from imgcls_dist.tune.status import TrialStatusLog, trial_name
     from imgcls_dist.tune.trial import trial_driver
 
     ensure_ray()
     plan = plan_resources(cfg, n_trials, cluster_cpus(), cluster_gpus())
     trials_dir = campaign / TRIALS_DIR
+    storage_path, storage_fs = ray_storage(campaign.parent)
     base = cfg.to_dict()
     trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(trial_driver, base=base, trials_dir=str(trials_dir), cwd=os.getcwd(),
-                                 num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"], fault=fault),
+        ray.tune.with_parameters(trial_driver, base=base, trials_dir=trials_dir.uri, cwd=os.getcwd(),
+                                 num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"]),
         {"CPU": 0, "memory": DRIVER_MEMORY_BYTES})
     print(f"tune campaign {cfg.run.name}: {n_trials} trials ({cfg.tune.search} search, "
           f"{'ASHA' if early_stopping else 'FIFO, no early stopping'}), {cfg.train.epochs} epochs each, "
           f"{plan['workers_per_trial']} {'GPU' if plan['use_gpu'] else 'CPU'} worker(s) per trial, "
           f"{plan['concurrency']} at a time on {plan['cluster_cpus']:g} CPUs -> {campaign}", flush=True)
 
+    status_log = TrialStatusLog(campaign)
     t0 = time.perf_counter()
     if resume:
-        if not ray.tune.Tuner.can_restore(str(campaign)):
+        if not ray.tune.Tuner.can_restore(campaign.path, storage_filesystem=storage_fs):
             raise UserError(f"--resume: {campaign} holds no resumable Tune campaign")
-        tuner = ray.tune.Tuner.restore(str(campaign), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False)
+        tuner = ray.tune.Tuner.restore(campaign.path, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=False, storage_filesystem=storage_fs)
     else:
-        campaign.mkdir(parents=True, exist_ok=True)
         write_config(cfg, campaign / CONFIG_FILE)
         (campaign / META_FILE).write_text(json.dumps({
             "early_stopping": early_stopping, "num_trials": n_trials, "search": cfg.tune.search,
@@ -252,8 +213,10 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
             ),
             run_config=ray.tune.RunConfig(
                 name=cfg.run.name,
-                storage_path=str(campaign.parent),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 failure_config=ray.tune.FailureConfig(max_failures=0),
+                callbacks=[status_log],
                 verbose=1,
             ),
         )
@@ -277,18 +240,14 @@ def _error_reason(err: BaseException | None) -> str | None:
     return " ".join(msg.split())[:500]
 
 
-def _tune_statuses(grid) -> dict[str, str]:
-    """trial name -> Tune status (TERMINATED, ERROR, or RUNNING/PENDING for an interrupted campaign)."""
-    analysis = getattr(grid, "_experiment_analysis", None)  # ResultGrid keeps no public per-trial status
-    try:
-        return {str(t): t.status for t in analysis.trials} if analysis is not None else {}
-    except Exception:  # noqa: BLE001 - fall back to error/no-error below
-        return {}
+def collect_rows(cfg: ExperimentConfig, campaign: Location, grid) -> list[dict[str, Any]]:
+    from imgcls_dist.tune.status import read_statuses
 
-
-def collect_rows(cfg: ExperimentConfig, campaign: Path, grid) -> list[dict[str, Any]]:
     keys = list(cfg.tune.space)
-    statuses = _tune_statuses(grid)
+    # When every trial ended (the normal return of fit()), ResultGrid's counts say so; only an interrupted
+    # campaign needs the per-trial record of which ones had ended.
+    all_ended = grid.num_terminated + grid.num_errors == len(grid)
+    statuses = {} if all_ended else read_statuses(campaign)
     rows = []
     for res in grid:
         name = Path(res.path).name
@@ -296,7 +255,7 @@ def collect_rows(cfg: ExperimentConfig, campaign: Path, grid) -> list[dict[str, 
         metrics = res.metrics or {}
         seen = metrics.get("epochs_done")
         error = _error_reason(res.error)
-        status = "ERROR" if error is not None else statuses.get(name, "TERMINATED")
+        status = "ERROR" if error is not None else "TERMINATED" if all_ended else statuses.get(name, "UNFINISHED")
         row: dict[str, Any] = {"trial": name, **{k: plain(res.config.get(k)) for k in keys}}
         row.update({
             "best_val_acc": best["val_acc"] if best else None,
@@ -311,14 +270,14 @@ def collect_rows(cfg: ExperimentConfig, campaign: Path, grid) -> list[dict[str, 
             "stopped_early": status == "TERMINATED" and seen is not None and int(seen) < cfg.train.epochs,
             "status": status,
             "error": error,
-            "checkpoint": str(best_dir) if best_dir else None,
+            "checkpoint": best_dir.uri if best_dir else None,
             "curve": [h["val_acc"] for h in history],
         })
         rows.append(row)
     return rows
 
 
-def finalize_campaign(cfg: ExperimentConfig, campaign: Path, grid, plan: dict, *, wall_s: float,
+def finalize_campaign(cfg: ExperimentConfig, campaign: Location, grid, plan: dict, *, wall_s: float,
                       early_stopping: bool = True) -> dict[str, Any]:
     from imgcls_dist.tune.plots import plot_metric_vs_param, plot_trial_curves
 
@@ -349,9 +308,9 @@ def finalize_campaign(cfg: ExperimentConfig, campaign: Path, grid, plan: dict, *
         print(f"{len(unfinished)} trial(s) did not finish ({', '.join(unfinished)}): continue with --resume",
               flush=True)
     summary: dict[str, Any] = {
-        "campaign_dir": str(campaign),
-        "results_csv": str(results_csv),
-        "plots": [str(p) for p in plots],
+        "campaign_dir": campaign.uri,
+        "results_csv": results_csv.uri,
+        "plots": [p.uri for p in plots],
         "num_trials": len(rows),
         "errored": sum(r["status"] == "ERROR" for r in rows),
         "unfinished": len(unfinished),
@@ -372,8 +331,8 @@ def finalize_campaign(cfg: ExperimentConfig, campaign: Path, grid, plan: dict, *
     best_yaml = R.write_best_yaml(best_cfg, best, campaign / R.BEST_FILE)
     ens_path, members = R.write_ensemble(rows, cfg.tune.top_k, campaign)
     summary.update({"best_trial": best["trial"], "best_val_acc": best["best_val_acc"],
-                    "best_params": {k: best[k] for k in keys}, "best_config": str(best_yaml),
-                    "ensemble": str(ens_path), "ensemble_members": members})
+                    "best_params": {k: best[k] for k in keys}, "best_config": best_yaml.uri,
+                    "ensemble": ens_path.uri if ens_path else None, "ensemble_members": members})
     print(f"\nbest: {best['trial']} val_acc {best['best_val_acc']:.4f} "
           f"({', '.join(f'{k}={R.fmt(best[k])}' for k in keys)})\n"
           f"{len(rows)} trials ({summary['errored']} failed, {summary['stopped_early']} stopped early by ASHA), "

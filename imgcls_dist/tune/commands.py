@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from imgcls_dist.config import add_config_args
+
 
 def cmd_tune(a: argparse.Namespace) -> int:
     from imgcls_dist.config import load_config
@@ -22,9 +24,7 @@ def cmd_tune(a: argparse.Namespace) -> int:
 
 def register_tune_commands(sub) -> None:
     p = sub.add_parser("tune", help="hyperparameter search with Ray Tune + ASHA; each trial is a Ray Train run")
-    p.add_argument("--config", required=True, help="YAML experiment config with a tune: section")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set tune.num_samples=4 (repeatable)")
+    add_config_args(p, example="tune.num_samples=4")
     p.add_argument("--resume", action="store_true",
                    help="continue the campaign in <run.storage_path>/<run.name> (finished trials are kept)")
     p.add_argument("--no-early-stopping", action="store_true",

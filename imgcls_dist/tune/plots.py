@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -11,13 +10,16 @@ matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from imgcls_dist.evaluate.plots import save_figure  # noqa: E402
+from imgcls_dist.storage import Location, PathLike  # noqa: E402
+
 
 def _ok(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("best_val_acc") is not None]
 
 
-def plot_metric_vs_param(rows: list[dict[str, Any]], key: str, path: str | Path, *, color_key: str | None = None,
-                         logx: bool = False, searched: bool = True, title: str | None = None) -> Path:
+def plot_metric_vs_param(rows: list[dict[str, Any]], key: str, path: PathLike, *, color_key: str | None = None,
+                         logx: bool = False, searched: bool = True, title: str | None = None) -> Location:
     """Best val_acc of each trial against one searched value; color = another (categorical) one.
 
     Hollow markers are trials ASHA stopped early (their accuracy is from fewer epochs)."""
@@ -45,14 +47,11 @@ def plot_metric_vs_param(rows: list[dict[str, Any]], key: str, path: str | Path,
         ax.legend(title=color_key, fontsize=8, title_fontsize=8, loc="best")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
-def plot_trial_curves(curves: dict[str, list[float]], stopped_at: dict[str, int | None], path: str | Path, *,
-                      max_epochs: int, rungs: list[int] | None = None) -> Path:
+def plot_trial_curves(curves: dict[str, list[float]], stopped_at: dict[str, int | None], path: PathLike, *,
+                      max_epochs: int, rungs: list[int] | None = None) -> Location:
     """val_acc per epoch of every trial; an x marks the epoch at which ASHA stopped a trial (epochs
     after it are ones the trial finished while the stop reached it), dotted lines are ASHA's rungs."""
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -79,7 +78,4 @@ def plot_trial_curves(curves: dict[str, list[float]], stopped_at: dict[str, int 
     if len(curves) <= 20:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -8,17 +8,19 @@ the checkpoint with the highest val_acc is the trial's best model. Status and er
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import shutil
-from pathlib import Path
 from typing import Any
 
 from imgcls_dist.config import ExperimentConfig, TuneConfig, build_config, write_config
-from imgcls_dist.models.checkpoint import MODEL_FILE
+from imgcls_dist.errors import UserError
+from imgcls_dist.infer.predictor import ENSEMBLE_FILE
+from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
+from imgcls_dist.storage import Location, PathLike, location
+from imgcls_dist.train.state import HISTORY
 from imgcls_dist.tune.space import apply_sampled
 
-ENSEMBLE_FILE = "ensemble.json"
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.yaml"
 # Ensemble weights: softmax(val_acc / T). Validation accuracies of a campaign's top trials sit within a
@@ -32,16 +34,18 @@ WEIGHT_RULE = (f"softmax(val_acc / {WEIGHT_TEMPERATURE}) over the top-k trials' 
                "+1 point of val_acc multiplies a model's weight by e; weights sum to 1")
 
 
-def _checkpoint_dirs(run_dir: Path) -> list[tuple[Path, list[dict]]]:
+def _checkpoint_dirs(run_dir: Location) -> list[tuple[Location, list[dict]]]:
     """(checkpoint dir, its history) for every complete checkpoint of a Train run, oldest epoch first."""
     out = []
-    for d in run_dir.glob("checkpoint_*"):
-        h = d / "history.json"
+    for d in run_dir.iterdir():
+        if not d.name.startswith("checkpoint_"):
+            continue
+        h = d / HISTORY
         if not (d / MODEL_FILE).is_file() or not h.is_file():
             continue  # a checkpoint the run was killed while writing
         try:
             hist = json.loads(h.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (UserError, json.JSONDecodeError):
             continue
         if hist:
             out.append((d, hist))
@@ -49,9 +53,7 @@ def _checkpoint_dirs(run_dir: Path) -> list[tuple[Path, list[dict]]]:
     return out
 
 
-def _loads(model_dir: Path) -> bool:
-    from imgcls_dist.models.checkpoint import load_model_file
-
+def _loads(model_dir: Location) -> bool:
     try:
         load_model_file(model_dir)
         return True
@@ -59,7 +61,7 @@ def _loads(model_dir: Path) -> bool:
         return False
 
 
-def trial_history(run_dir: Path) -> tuple[list[dict], Path | None, dict | None]:
+def trial_history(run_dir: Location) -> tuple[list[dict], Location | None, dict | None]:
     """(epochs trained, best checkpoint dir, the history row of the best epoch) of one trial's Train run."""
     ckpts = _checkpoint_dirs(run_dir)
     if not ckpts:
@@ -94,20 +96,19 @@ def fmt(v: Any) -> str:
     return str(v)
 
 
-def write_results_csv(rows: list[dict], keys: list[str], path: Path) -> Path:
+def write_results_csv(rows: list[dict], keys: list[str], path: PathLike) -> Location:
     cols = result_columns(keys)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in sort_rows(rows):
-            w.writerow({c: ("" if r.get(c) is None else (json.dumps(r[c]) if isinstance(r[c], list) else r[c]))
-                        for c in cols})
-    return path
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in sort_rows(rows):
+        w.writerow({c: ("" if r.get(c) is None else (json.dumps(r[c]) if isinstance(r[c], list) else r[c]))
+                    for c in cols})
+    return location(path).write_text(buf.getvalue())
 
 
-def read_results_csv(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_results_csv(path: PathLike) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(location(path).read_text())))
 
 
 def format_table(rows: list[dict], keys: list[str], max_error: int = 60) -> str:
@@ -140,12 +141,10 @@ def best_config(base: dict[str, Any], row: dict[str, Any], keys: list[str], *, n
     return build_config(raw, source=BEST_FILE)
 
 
-def write_best_yaml(cfg: ExperimentConfig, row: dict, path: Path) -> Path:
-    write_config(cfg, path)
+def write_best_yaml(cfg: ExperimentConfig, row: dict, path: PathLike) -> Location:
     header = (f"# Best trial of tune campaign: {row['trial']} (best val_acc {row['best_val_acc']:.4f} at epoch "
               f"{row['best_epoch'] + 1} of {row['epochs_run']}).\n# Retrain: imgcls-dist train --config {path}\n")
-    path.write_text(header + path.read_text())
-    return path
+    return write_config(cfg, path, header=header)
 
 
 def ensemble_weights(accs: list[float], temperature: float = WEIGHT_TEMPERATURE) -> list[float]:
@@ -155,8 +154,9 @@ def ensemble_weights(accs: list[float], temperature: float = WEIGHT_TEMPERATURE)
     return [e / s for e in ex]
 
 
-def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Path) -> tuple[Path | None, list[dict]]:
-    """Copy the top-k trials' best model.pt to models/<trial>/ and write ensemble.json (predictor format)."""
+def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Location) -> tuple[Location | None, list[dict]]:
+    """Copy the top-k trials' best model.pt to models/<trial>/ and write ensemble.json (predictor format;
+    member paths relative to the campaign directory, so the campaign can be copied or moved as a whole)."""
     ranked = [r for r in sort_rows(rows) if r["best_val_acc"] is not None and r.get("checkpoint")]
     top = ranked[:top_k]
     if not top:
@@ -164,12 +164,9 @@ def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Path) -> tuple[Pa
     weights = ensemble_weights([r["best_val_acc"] for r in top])
     models = []
     for r, w in zip(top, weights):
-        dst = campaign_dir / "models" / r["trial"] / MODEL_FILE
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(r["checkpoint"]) / MODEL_FILE, dst)
-        models.append({"path": str(dst.relative_to(campaign_dir)), "weight": w, "name": r["trial"],
+        dst = location(r["checkpoint"]) / MODEL_FILE
+        dst = dst.copy_to(campaign_dir / "models" / r["trial"] / MODEL_FILE)
+        models.append({"path": dst.relative_to(campaign_dir), "weight": w, "name": r["trial"],
                        "val_acc": r["best_val_acc"], "epoch": r["best_epoch"]})
     doc = {"models": models, "combine": "weighted", "weight_rule": WEIGHT_RULE}
-    path = campaign_dir / ENSEMBLE_FILE
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    return path, models
+    return (campaign_dir / ENSEMBLE_FILE).write_text(json.dumps(doc, indent=2) + "\n"), models

@@ -25,12 +25,14 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from imgcls_dist.config import ExperimentConfig
+from imgcls_dist.config import ExperimentConfig, build_config
 from imgcls_dist.errors import UserError
+from imgcls_dist.storage import is_uri
 
 TYPES = ("loguniform", "uniform", "choice", "randint")
 _FIELDS = {
@@ -261,3 +263,24 @@ def num_trials(cfg: ExperimentConfig) -> int:
         return cfg.tune.num_samples
     entries = {k: check_entry(k, e) for k, e in cfg.tune.space.items()}
     return math.prod(len(grid_values(k, e)) for k, e in entries.items()) if entries else 1
+
+
+def absolutize_paths(raw: dict[str, Any], cwd: str | Path) -> dict[str, Any]:
+    """Relative data/weights paths -> absolute: Tune runs each trial in its own working directory."""
+    data = raw.get("data") or {}
+    if isinstance(data.get("path"), str) and not is_uri(data["path"]) and not Path(data["path"]).is_absolute():
+        data["path"] = str((Path(cwd) / data["path"]).resolve())
+    model = raw.get("model") or {}
+    w = model.get("weights")
+    if isinstance(w, str) and not is_uri(w) and not Path(w).expanduser().is_absolute() and (Path(cwd) / w).exists():
+        model["weights"] = str((Path(cwd) / w).resolve())  # a local checkpoint (torchvision names stay names)
+    return raw
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], name: str, trials_dir: str,
+                 cwd: str | None = None) -> ExperimentConfig:
+    raw = apply_sampled(base, sampled)
+    if cwd:
+        absolutize_paths(raw, cwd)
+    raw["run"] = {**raw.get("run", {}), "name": name, "storage_path": trials_dir}
+    return build_config(raw, source=f"trial {name}")

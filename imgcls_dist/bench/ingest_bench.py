@@ -1,0 +1,182 @@
+"""Ingest benchmark: ratios measured in one run, on a generated tree of JPEGs.
+
+- speed-up = files/s of `ingest` (listing + Ray tasks that read, check and write shards) / files/s of a
+  single-process loop doing the same work on the same tree (read, decode check, write the same shards).
+  Goal >= 1.6 on 2 CPUs. Ray is started before either is timed; each side's wall time is end to end.
+- driver memory = peak RSS of this (driver) process during the ingest of the largest tree / of the smallest.
+  Goal <= 1.2: the driver holds the listing (paths and labels), never the image bytes.
+- `bench_storage`: train and infer throughput reading from a loopback S3 server (moto_server) / from local
+  disk, same data, same job (for the record; no goal).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from imgcls_dist.bench.common import machine, print_table
+
+
+def make_jpeg_tree(root: Path, files: int, size: int = 96, classes: int = 10, seed: int = 0) -> Path:
+    """`files` JPEGs in root/<class>/: smooth random colour fields (realistic JPEG sizes, ~3-5 KB)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (64, 4, 4, 3), dtype=np.uint8)
+    for c in range(classes):
+        (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        small = base[i % 64] ^ np.uint8(i % 251)
+        img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        (root / f"class_{i % classes:02d}" / f"{i:07d}.jpg").write_bytes(buf.getvalue())
+    return root
+
+
+def single_process_ingest(src: Path, out: Path, rows_per_shard: int) -> int:
+    """The baseline: one process reads, decode-checks and writes every file (what ingest did before Ray)."""
+    from imgcls_dist.data.decode import decode_image
+    from imgcls_dist.data.shards import write_shards
+
+    classes = sorted(d.name for d in src.iterdir() if d.is_dir())
+    rows = []
+    for ci, c in enumerate(classes):
+        for f in sorted((src / c).iterdir()):
+            data = f.read_bytes()
+            if decode_image(data).error is None:
+                rows.append((f"{c}/{f.name}", data, ci))
+    write_shards(rows, out, rows_per_shard=rows_per_shard)
+    return len(rows)
+
+
+class DriverPeak:
+    """Peak RSS of this process, sampled in a thread."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s, self.peak = interval_s, 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> DriverPeak:
+        self.peak = self._proc.memory_info().rss
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def bench_ingest(files: Sequence[int] = (10_000, 40_000), rows_per_shard: int = 500) -> dict[str, Any]:
+    from imgcls_dist.data.ingest import ingest
+    from imgcls_dist.ray_utils import ensure_ray
+
+    ensure_ray()
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    rows = []
+    try:
+        for n in files:
+            src = make_jpeg_tree(work / f"src{n}", n)
+            t0 = time.perf_counter()
+            single_process_ingest(src, work / f"single{n}", rows_per_shard)
+            single_s = time.perf_counter() - t0
+            with DriverPeak() as peak:
+                t0 = time.perf_counter()
+                meta = ingest(str(src), work / f"ray{n}", rows_per_shard=rows_per_shard, verbose=False)
+                ray_s = time.perf_counter() - t0
+            assert sum(meta["counts"].values()) == n
+            rows.append({"files": n, "single_files_per_s": n / single_s, "ray_files_per_s": n / ray_s,
+                         "speedup": single_s / ray_s, "driver_peak_rss_mb": peak.peak / 2**20,
+                         "ray_worker_processes": meta["ingest"]["worker_processes"]})
+            shutil.rmtree(src)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"machine": machine(), "rows": rows, "speedup": rows[-1]["speedup"],
+              "driver_rss_ratio": rows[-1]["driver_peak_rss_mb"] / rows[0]["driver_peak_rss_mb"]}
+    print(f"ingest of a JPEG tree ({machine()}):")
+    print_table(rows, ["files", "single_files_per_s", "ray_files_per_s", "speedup", "driver_peak_rss_mb",
+                       "ray_worker_processes"])
+    print(f"Ray ingest / single process: {result['speedup']:.2f}x files/s (goal >= 1.6); driver peak RSS "
+          f"{files[-1]} / {files[0]} files: {result['driver_rss_ratio']:.2f} (goal <= 1.2)")
+    return result
+
+
+def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, Any]:
+    """Train and infer throughput, same data on local disk and on a loopback moto_server."""
+    import subprocess
+    import socket
+    import sys
+
+    from imgcls_dist.bench.infer_bench import make_bench_model
+    from imgcls_dist.config import load_config
+    from imgcls_dist.data.ingest import ingest
+    from imgcls_dist.data.synthetic import write_synthetic_shards
+    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.ray_utils import ensure_ray
+    from imgcls_dist.train.job import run_training
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"})
+    work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import pyarrow.fs as pafs
+
+        pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", region="us-east-1",
+                          allow_bucket_creation=True).create_dir("bench")
+        ensure_ray()  # after the environment points at the server: workers inherit it
+        fractions = (train_rows / 1797, 0.1, 1 - train_rows / 1797 - 0.1)
+        for where, root in (("local", str(work)), ("s3", "s3://bench")):
+            ingest("builtin:digits", f"{root}/digits", image_size=32, fractions=fractions, verbose=False)
+            write_synthetic_shards(f"{root}/rows", infer_rows, size=32, rows_per_shard=500)
+        model, _ = make_bench_model(work / "model", "lenet5", 32)
+        rows = []
+        for where, root in (("local", str(work)), ("s3", "s3://bench")):
+            cfg = load_config(None, [f"data.path={root}/digits", "model.arch=lenet5", "train.epochs=2",
+                                     "data.loader_workers=1", "scaling.num_workers=1", "run.tensorboard=false",
+                                     f"run.name=storage_{where}", f"run.storage_path={root}/runs"])
+            t0 = time.perf_counter()
+            res = run_training(cfg, report_test=False)
+            train_s = time.perf_counter() - t0
+            m = run_batch_inference([model], f"{root}/rows", f"{root}/preds", tta="none", verbose=False)
+            rows.append({"storage": where, "train_wall_s": train_s,
+                         "train_img_per_s": max(h["images_per_s"] for h in res["history"]),
+                         "infer_wall_s": m["wall_s"], "infer_img_per_s": m["images_per_s"]})
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    local, s3 = rows
+    result = {"machine": machine(), "rows": rows,
+              "train_wall_ratio_s3_local": s3["train_wall_s"] / local["train_wall_s"],
+              "infer_rate_ratio_s3_local": s3["infer_img_per_s"] / local["infer_img_per_s"]}
+    print(f"train and infer on local disk vs a loopback S3 server ({machine()}):")
+    print_table(rows, ["storage", "train_wall_s", "train_img_per_s", "infer_wall_s", "infer_img_per_s"])
+    print(f"S3 / local: train wall {result['train_wall_ratio_s3_local']:.2f}x, infer img/s "
+          f"{result['infer_rate_ratio_s3_local']:.2f}x (for the record)")
+    return result

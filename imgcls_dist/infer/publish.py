@@ -1,0 +1,218 @@
+"""The predictions directory protocol: one writer at a time, staged output, the manifest as commit point.
+
+Designed for object stores, which have no rename and no lock, and used unchanged on local disk:
+
+1. **Lease.** A run writes `OUT/.leases/<run_id>.json`, then lists `.leases/`. Any other live lease is a
+   concurrent run: this one deletes its lease and stops with a clear error. Because each run writes before
+   it lists and listings are strongly consistent (S3 since 2020, GCS, POSIX), of two runs starting together
+   at least the later one sees the other; both may stop, never both proceed. A lease stays live while its
+   run rewrites it every `LEASE_HEARTBEAT_S`; it is stale when its last write is more than `LEASE_TTL_S`
+   older than ours (both times from the store's clock, so client clocks never matter), or at once when it
+   names a process on this host that no longer exists (a killed run, rerun on the same machine).
+2. **Staging.** Ray Data writes into `OUT/.staging-<run_id>/`: dot-prefixed, so pyarrow/Ray Data dataset
+   discovery and `list_parquet` skip it; the previous complete output stays valid meanwhile. Staging left by
+   runs that no longer hold a lease is deleted.
+3. **Count.** Rows from the staged files' Parquet footers; rows out != rows in publishes nothing.
+4. **Publish.** Delete `OUT/_manifest.json` (from here OUT claims nothing), delete the old top-level
+   `*.parquet`, move the staged files to `OUT/part-<run_id>-NNNNN.parquet` (a rename on local disk, a
+   server-side copy + delete on object stores), delete the staging dir.
+5. **Commit.** Write `OUT/_manifest.json` last, in one atomic write (local: temp file + rename; object
+   stores: one PUT). It lists every file with its row count and size.
+
+Readers go through the manifest (`prediction_files`): no manifest means incomplete, and a listed file that
+is missing or has another size means OUT was changed after the commit; both are refused. A crash at any step
+leaves either the previous manifest (steps 1-3) or none (4); the next run cleans up and republishes, so a
+rerun replaces rows and never duplicates them. Residual risk, documented in docs/cluster.md: a run frozen for
+longer than the TTL (a stalled VM) loses its lease to a newer run; it checks its lease again before step 4
+and fails instead of publishing, but a freeze between that check and step 5 is not detected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import pyarrow.parquet as pq
+
+from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.storage import Location, PathLike, location
+
+MANIFEST = "_manifest.json"
+LEASES = ".leases"
+STAGING_PREFIX = ".staging-"
+ERROR = "error"
+LEASE_HEARTBEAT_S = float(os.environ.get("IMGCLS_INFER_LEASE_HEARTBEAT_S", "10"))
+LEASE_TTL_S = float(os.environ.get("IMGCLS_INFER_LEASE_TTL_S", "60"))
+
+
+# ---------------------------------------------------------------- lease
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Lease:
+    """This run's claim on OUT (see module docstring, step 1); `with lease:` holds it with a heartbeat."""
+
+    def __init__(self, out: Location, run_id: str):
+        self.out, self.run_id = out, run_id
+        self.file = out / LEASES / f"{run_id}.json"
+        self.body = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _stale(self, other: Location, now_ns: int) -> tuple[bool, float]:
+        mtime = other.mtime_ns()
+        if mtime is None:
+            return True, 0.0  # deleted meanwhile
+        age = max(0.0, (now_ns - mtime) / 1e9)
+        try:
+            doc = json.loads(other.read_text())
+        except (UserError, json.JSONDecodeError):
+            return True, age  # torn or vanished: not a live run's
+        if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"]):
+            return True, age
+        return age > LEASE_TTL_S, age
+
+    def acquire(self) -> None:
+        self.file.write_bytes(self.body)
+        now = self.file.mtime_ns() or time.time_ns()  # the store's clock, not ours
+        for other in (self.out / LEASES).files(".json", recursive=False):
+            if other == self.file:
+                continue
+            stale, age = self._stale(other, now)
+            if stale:
+                other.delete()
+                continue
+            self.file.delete()
+            raise UserError(f"{self.out}: another infer run ({other.stem}, last heartbeat {age:.0f}s ago) is "
+                            f"writing here; wait for it to finish, or if it died, rerun after "
+                            f"{max(1.0, LEASE_TTL_S - age):.0f}s (when its lease expires)")
+        self._thread = threading.Thread(target=self._beat, name="infer-lease", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LEASE_HEARTBEAT_S):
+            try:
+                self.file.write_bytes(self.body)
+            except Exception:  # noqa: BLE001 - a missed beat is survivable; check() catches a lost lease
+                pass
+
+    def check(self) -> None:
+        """Before publishing: the lease must still be ours (another run may have judged us dead)."""
+        if not self.file.is_file():
+            raise JobFailed(f"{self.out}: this run's lease {self.file.name} was taken over (the run was frozen for "
+                            f"more than {LEASE_TTL_S:.0f}s?); nothing published")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=LEASE_HEARTBEAT_S + 5)
+        self.file.delete()
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def remove_stale_staging(out: Location, run_id: str) -> None:
+    """Staging dirs of other runs: with our lease held, none of them belongs to a live run."""
+    for d in out.iterdir():
+        if d.name.startswith(STAGING_PREFIX) and d.name != f"{STAGING_PREFIX}{run_id}":
+            d.delete()
+
+
+# ---------------------------------------------------------------- count, publish, commit
+
+
+def staged_counts(staging: Location) -> list[tuple[Location, int, int]]:
+    """(file, rows, error rows) from Parquet footers: null counts of `error` come from column
+    statistics, so counting never reads the data pages."""
+    out = []
+    for f in staging.files(".parquet", recursive=False):
+        pf = pq.ParquetFile(f.path, filesystem=f.fs)
+        md = pf.metadata
+        col = md.schema.names.index(ERROR)
+        nulls = 0
+        for rg in range(md.num_row_groups):
+            stats = md.row_group(rg).column(col).statistics
+            if stats is None or not stats.has_null_count:
+                nulls = None
+                break
+            nulls += stats.null_count
+        if nulls is None:
+            nulls = pf.read(columns=[ERROR]).column(ERROR).null_count
+        out.append((f, md.num_rows, md.num_rows - nulls))
+    return out
+
+
+def publish(out: Location, staged: list[tuple[Location, int, int]], run_id: str) -> list[dict[str, Any]]:
+    """Step 4: the staged files become OUT's top-level files; returns their manifest entries."""
+    (out / MANIFEST).delete()  # from here until the commit, OUT claims nothing
+    for old in out.files(".parquet", recursive=False):
+        old.delete()
+    files = []
+    for i, (src, rows, errors) in enumerate(staged):
+        dst = src.move_to(out / f"part-{run_id}-{i:05d}.parquet")
+        files.append({"name": dst.name, "rows": rows, "error_rows": errors, "bytes": dst.size()})
+    return files
+
+
+def commit(out: Location, manifest: dict[str, Any]) -> None:
+    """Step 5: the manifest, last and in one atomic write."""
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+# ---------------------------------------------------------------- readers
+
+
+def read_manifest(out: PathLike) -> dict[str, Any]:
+    """The manifest of a completed run; UserError when OUT is missing, incomplete or not predictions."""
+    loc = location(out)
+    p = loc / MANIFEST
+    if not p.is_file():
+        if not loc.is_dir():
+            loc.check_readable("predictions directory")
+        raise UserError(f"{loc}: no {MANIFEST} (not a predictions directory, or its infer run did not finish)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def prediction_files(out: PathLike) -> list[Location]:
+    """The files a completed run published (from its manifest, never a directory listing)."""
+    loc = location(out)
+    files = []
+    for entry in read_manifest(loc).get("files", []):
+        f = loc / entry["name"]
+        if not f.is_file():
+            raise UserError(f"{loc}: manifest lists {f.name}, which is missing (rerun infer)")
+        if "bytes" in entry and f.size() != entry["bytes"]:
+            raise UserError(f"{loc}: {f.name} changed after the run published it (rerun infer)")
+        files.append(f)
+    return files
+
+
+@contextmanager
+def exclusive(out: Location, run_id: str) -> Iterator[Lease]:
+    """Hold OUT for this run: the lease, and stale staging of dead runs removed."""
+    with Lease(out, run_id) as lease:
+        remove_stale_staging(out, run_id)
+        yield lease

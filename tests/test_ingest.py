@@ -1,0 +1,120 @@
+"""`ingest` of image trees through Ray tasks: ImageFolder and pre-split layouts, errors before any write,
+progress on the console, and s3:// in and out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_dist.cli import main
+from imgcls_dist.data.builtin import digits_images
+from imgcls_dist.data.ingest import ingest
+from imgcls_dist.data.schema import SPLITS, validate_dataset
+from imgcls_dist.data.shards import read_rows
+from imgcls_dist.errors import UserError
+from imgcls_dist.storage import location
+
+
+def image_tree(root: Path, per_class: int, splits: dict[str, str] | None = None, size: int = 12,
+               classes=("0", "1", "2")) -> int:
+    """Digit PNGs in root/<class>/ (or root/<split folder>/<class>/ with `splits`: folder -> share of
+    the images). Returns the number of files written."""
+    images, labels, _ = digits_images(size)
+    n = 0
+    for c in classes:
+        picks = [img for img, lbl in zip(images, labels) if str(lbl) == c][:per_class]
+        folders = list(splits.items()) if splits else [("", 1.0)]
+        start = 0
+        for k, (folder, share) in enumerate(folders):
+            stop = len(picks) if k == len(folders) - 1 else start + int(round(share * len(picks)))
+            d = root / folder / c if folder else root / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i, img in enumerate(picks[start:stop]):
+                Image.fromarray(img).save(d / f"{c}_{start + i:04d}.png")
+                n += 1
+            start = stop
+    return n
+
+
+def test_a_few_thousand_files_ingest_in_parallel_ray_tasks(ray_session, tmp_path, capsys):
+    src = tmp_path / "src"
+    n = image_tree(src, per_class=170, classes=tuple(str(i) for i in range(10)))  # 1,700 files
+    (src / "3" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (src / "notes.txt").write_text("not an image")
+    meta = ingest(str(src), tmp_path / "out", rows_per_shard=150, fractions=(0.7, 0.15, 0.15))
+    out = capsys.readouterr().out
+    assert "ingest: " in out and f"{n + 1:,}/{n + 1:,} files (1 skipped)" in out  # the final progress line
+    assert meta["ingest"]["worker_processes"] > 1, meta["ingest"]  # the reading ran in several Ray workers
+    assert meta["ingest"]["shards"] >= 12
+    assert sum(meta["counts"].values()) == n and len(meta["skipped"]) == 1 and "broken.png" in meta["skipped"][0]
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["layout"] == "split by ingest"
+    ds = validate_dataset(tmp_path / "out")
+    ids = {s: read_rows(ds["files"][s]).ids for s in SPLITS}
+    assert sum(len(v) for v in ids.values()) == n == len(set().union(*ids.values()))
+    for s in SPLITS:  # stratified: every class in every split, in proportion
+        frac = np.bincount(read_rows(ds["files"][s]).labels, minlength=10) / len(ids[s])
+        assert np.all(np.abs(frac - 0.1) < 0.02), (s, frac)
+    assert all(i.split("/")[0] == i.split("/")[1].split("_")[0] for i in ids["train"])  # id = path, label = folder
+
+
+def test_pre_split_tree_keeps_its_splits(ray_session, tmp_path):
+    src = tmp_path / "src"
+    image_tree(src, per_class=20, splits={"train": 0.6, "valid": 0.2, "test": 0.2})
+    meta = ingest(str(src), tmp_path / "out", fractions=(0.9, 0.1, 0.0), verbose=False)  # fractions ignored
+    assert meta["layout"] == "pre-split" and meta["classes"] == ["0", "1", "2"]
+    assert meta["counts"] == {"train": 36, "val": 12, "test": 12}
+    ds = validate_dataset(tmp_path / "out")
+    for split, folder in (("train", "train"), ("val", "valid"), ("test", "test")):
+        rows = read_rows(ds["files"][split])
+        assert all(i.startswith(f"{folder}/") for i in rows.ids), split
+        assert [meta["classes"][k] for k in rows.labels] == [i.split("/")[1] for i in rows.ids]
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"train/0": 2, "train/1": 2, "val/0": 1, "val/7": 1}, "class '7' is in val/ but missing from train/"),
+    ({"train/0": 2, "cats": 2}, "split folders (train) beside other folders (cats)"),
+    ({"val/0": 2, "test/0": 2}, "needs a train/ folder"),
+    ({"val/0": 2, "validation/0": 2, "train/0": 2}, "val and validation are both the val split"),
+])
+def test_bad_trees_fail_before_anything_is_written(tmp_path, layout, message, capsys):
+    src = tmp_path / "src"
+    images, _, _ = digits_images(8)
+    for folder, count in layout.items():
+        (src / folder).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(images[i]).save(src / folder / f"{i}.png")
+    assert main(["ingest", str(src), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_failed_ingest_keeps_the_existing_dataset(ray_session, tmp_path):
+    ingest("builtin:digits", tmp_path / "d", image_size=8)
+    before = (tmp_path / "d" / "dataset.json").read_text()
+    with pytest.raises(UserError, match="no images in class folders"):
+        (tmp_path / "empty").mkdir()
+        ingest(str(tmp_path / "empty"), tmp_path / "d", overwrite=True)
+    assert (tmp_path / "d" / "dataset.json").read_text() == before
+
+
+def test_s3_tree_to_s3_dataset(ray_session, s3, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    bucket = s3.bucket()
+    local = tmp_path / "photos"
+    image_tree(local, per_class=12, splits={"train": 0.5, "val": 0.25, "test": 0.25})
+    location(f"{bucket}/photos").upload(local)
+    assert main(["ingest", f"{bucket}/photos", f"{bucket}/data", "--rows-per-shard", "5"]) == 0
+    meta = json.loads(location(f"{bucket}/data/dataset.json").read_text())
+    assert meta["source"] == f"{bucket}/photos" and meta["counts"] == {"train": 18, "val": 9, "test": 9}
+    ds = validate_dataset(f"{bucket}/data")
+    assert [f.name for f in ds["files"]["train"]] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # nothing else appeared locally
+
+    assert main(["ingest", "builtin:digits", f"{bucket}/digits", "--image-size", "8"]) == 0
+    assert validate_dataset(f"{bucket}/digits")["rows"]["train"] > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no local 's3:' directory
