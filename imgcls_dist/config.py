@@ -33,6 +33,9 @@ class DataConfig(Section):
     in_channels: Literal[1, 3] = 3
     batch_size: int = Field(64, ge=1, description="per worker")
     loader_workers: int = Field(1, ge=0, description="DataLoader processes per worker (decode + augment)")
+    # Rows each worker holds in its shuffle buffer (train/stream.py): more mixing, more memory (rows x bytes
+    # per encoded image: 2048 x ~110 KB for ImageNet-size JPEGs = ~220 MB). 0: row-group order only.
+    shuffle_buffer: int = Field(2048, ge=0)
     # Caps for quick runs and tests; None = use everything.
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_val_samples: Optional[int] = Field(None, ge=1)
@@ -81,6 +84,13 @@ class TrainConfig(Section):
     # [[epoch, size], ...]: from `epoch` (0-based) on, train at `size`; validation always at data.image_size.
     progressive_resizing: list[tuple[int, int]] = Field(default_factory=list)
     max_nonfinite_steps: int = Field(5, ge=1, description="consecutive non-finite losses before the run stops")
+    # Also a checkpoint every N optimizer steps inside an epoch (0: at epoch end only); a run killed mid-epoch
+    # resumes at the first sample it had not trained.
+    checkpoint_every_steps: int = Field(0, ge=0)
+    # torch.compile through accelerate's dynamo backend (inductor): faster GPU steps after a warm-up compile.
+    compile: bool = False
+    # Progress line inside an epoch at most this often (rank 0), and per-step loss/LR in TensorBoard.
+    progress_every_s: float = Field(30.0, gt=0)
     seed: int = 0
 
     @field_validator("progressive_resizing")

@@ -37,8 +37,11 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     port = _free_port()
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the job's processes, not this one's
-    ray.init(num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **api}}, **common)
+    # address="local": always a new instance (a bare init would join a cluster that `ray start` left on this
+    # machine, and refuse num_cpus there).
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **api}}, **common)
 
 
 def _free_port() -> int:

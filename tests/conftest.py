@@ -134,6 +134,18 @@ def ray_session(s3):
     ray.shutdown()
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Local mode runs the loop in this process, and accelerate's state is a process-wide singleton: a
+    previous config's settings (e.g. gradient accumulation) must not carry over. (Train's worker
+    processes are new for every run, so the product needs no reset.)"""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
     """The built-in digits ingested once (1,797 images at 32px)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -42,23 +43,27 @@ def n_train(data_dir) -> int:
     return json.loads((Path(data_dir) / "dataset.json").read_text())["counts"]["train"]
 
 
-def test_single_worker_run_writes_every_artifact(ray_session, tiny_digits_dir, tmp_path):
-    res = run_training(tiny_cfg(tiny_digits_dir, tmp_path, extra=["train.epochs=3", "train.warmup_epochs=1"]))
+def test_single_worker_run_writes_every_artifact_and_resizes_progressively(ray_session, tiny_digits_dir, tmp_path):
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, extra=["train.epochs=4", "train.warmup_epochs=1", "data.image_size=24",
+                                                     "train.progressive_resizing=[[1, 16], [3, 20]]"])
+    res = run_training(cfg)
     run = Path(res["run_dir"])
     for f in ("config.yaml", "metrics.csv", "training_history.png", "model.pt", "classification_report.txt",
               "confusion_matrix.png", "summary.json"):
         assert (run / f).is_file(), f
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 3
+    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
     hist = res["history"]
-    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
     assert all(h["train_samples"] == h["unique_samples"] == n_train(tiny_digits_dir) for h in hist)
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
-    # warmup (factor 0.1) then cosine over the remaining 2 epochs, stepped per epoch
-    assert [h["lr"] for h in hist] == pytest.approx([0.0003, 0.003, 0.0015], rel=1e-6)
+    # warmup (factor 0.1) then cosine over the remaining 3 epochs, stepped per epoch
+    assert [h["lr"] for h in hist] == pytest.approx([0.0003, 0.003, 0.00225, 0.00075], rel=1e-6)
+    assert [h["image_size"] for h in hist] == [24, 16, 16, 20]  # the phases, at their planned epochs
     m = load_model_file(run / "model.pt")  # weights_only load of plain types
-    assert m["arch"] == "lenet5" and m["classes"] == [str(i) for i in range(10)] and m["image_size"] == 16
-    assert m["config"]["train"]["epochs"] == 3 and m["hflip"] is False
+    assert m["arch"] == "lenet5" and m["classes"] == [str(i) for i in range(10)]
+    assert m["image_size"] == 24  # validation/export size, whatever the training phase
+    assert m["config"]["train"]["epochs"] == 4 and m["hflip"] is False
     assert 0.0 <= res["test_acc"] <= 1.0 and "accuracy" in (run / "classification_report.txt").read_text()
 
 
@@ -101,79 +106,73 @@ def test_a_plain_train_command_has_a_clean_console_and_notes_a_missing_test_spli
     assert not (run / "classification_report.txt").exists()
 
 
-def test_a_broken_test_split_costs_the_report_never_the_run(ray_session, no_test_split, tmp_path, capsys):
-    broken = tmp_path / "d"
-    shutil.copytree(no_test_split, broken)
-    (broken / "test" / "part-00001.parquet").write_bytes(b"not parquet")  # a test shard that is not Parquet
-    assert main(_tiny_cli_train(broken, tmp_path / "runs", "broken")) == 0
-    out, err = capsys.readouterr()
-    run = tmp_path / "runs" / "broken"
-    for f in ("config.yaml", "metrics.csv", "training_history.png", "model.pt", "summary.json"):
-        assert (run / f).is_file(), f
-    assert not (run / "classification_report.txt").exists() and "Traceback" not in out + err
-    assert "warning: no test report (" in err and "part-00001.parquet: not a readable Parquet file" in err
-    assert "not a readable Parquet" in json.loads((run / "summary.json").read_text())["test_report_error"]
+def _latest_registered_step(run_dir: Path) -> int | None:
+    """The `step` of the latest checkpoint Train has registered (its snapshot), None while there is none."""
+    try:
+        snap = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
+        return int(torch.load(run_dir / name / "train_state.pt", weights_only=True)["step"])
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError):
+        return None
 
 
-def test_two_workers_see_each_sample_exactly_once(ray_session, tiny_digits_dir, tmp_path):
-    res = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="w2", extra=["scaling.num_workers=2"]),
-                       report_test=False)
-    n = n_train(tiny_digits_dir)
-    for h in res["history"]:
-        assert h["world_size"] == 2
-        assert len(h["worker_samples"]) == 2 and all(c > 0 for c in h["worker_samples"])
-        assert abs(h["worker_samples"][0] - h["worker_samples"][1]) <= 1
-        assert sum(h["worker_samples"]) == h["unique_samples"] == n
-
-
-def test_progressive_resizing_changes_input_size_at_planned_epochs(ray_session, tiny_digits_dir, tmp_path):
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="prog", extra=[
-        "train.epochs=4", "data.image_size=24", "train.progressive_resizing=[[1, 16], [3, 20]]"])
-    res = run_training(cfg, report_test=False)
-    assert [h["image_size"] for h in res["history"]] == [24, 16, 16, 20]
-    assert load_model_file(Path(res["run_dir"]) / "model.pt")["image_size"] == 24  # validation/export size
-
-
-def _kill_first_train_worker_after_a_checkpoint(run_dir: Path, killed: dict, timeout_s: float = 240) -> None:
-    """From outside the run, as a crash would: SIGKILL a Train worker process of our Ray node once the run
-    has written its first checkpoint."""
+def _kill_a_train_worker_mid_epoch(run_dir: Path, killed: dict, timeout_s: float = 240) -> None:
+    """From outside the run, as a crash would: SIGKILL a Train worker process of our Ray node as soon as
+    Train has registered a mid-epoch checkpoint."""
     deadline = time.time() + timeout_s
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_*/train_state.pt")):
-        time.sleep(0.1)
+    while time.time() < deadline and not _latest_registered_step(run_dir):
+        time.sleep(0.05)
     while time.time() < deadline:
         workers = ray_worker_processes("RayTrainWorker")
         if workers:
             killed["pid"] = workers[0].pid
             os.kill(workers[0].pid, signal.SIGKILL)
             return
-        time.sleep(0.1)
+        time.sleep(0.05)
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(ray_session, tiny_digits_dir, tmp_path):
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=["train.epochs=4", "run.max_failures=2"])
+def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_session, tiny_digits_dir, tmp_path, capfd,
+                                                                         monkeypatch):
+    """Two workers, checkpoints every 5 steps (an epoch is 23 batches per worker); a worker is killed once
+    Train has registered a mid-epoch checkpoint: Train restarts the group, which resumes inside that epoch,
+    trains every sample exactly once across the kill (split evenly between the workers), and ends with the
+    weights of an uninterrupted run, bit for bit."""
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train registers checkpoints as it polls
+    extra = ["train.epochs=3", "train.checkpoint_every_steps=5", "scaling.num_workers=2", "data.batch_size=8"]
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[*extra, "run.max_failures=2"])
     killed: dict = {}
-    killer = threading.Thread(target=_kill_first_train_worker_after_a_checkpoint,
-                              args=(tmp_path / "runs" / "fault", killed), daemon=True)
+    killer = threading.Thread(target=_kill_a_train_worker_mid_epoch, args=(tmp_path / "runs" / "fault", killed),
+                              daemon=True)
     killer.start()
     res = run_training(cfg, report_test=False)
     killer.join()
     assert killed.get("pid") and not psutil.pid_exists(killed["pid"])  # the worker really died mid-run
-    hist = res["history"]
-    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]  # nothing trained twice, nothing skipped
-    clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=["train.epochs=4"]), report_test=False)
-    # Seeds are per (seed, epoch, rank): the resumed run matches an uninterrupted one.
-    assert [h["lr"] for h in hist] == pytest.approx([h["lr"] for h in clean["history"]])
-    assert hist[-1]["val_acc"] == pytest.approx(clean["history"][-1]["val_acc"], abs=1e-9)
-    assert hist[-1]["train_loss"] == pytest.approx(clean["history"][-1]["train_loss"], rel=1e-5)
+    resumed_at = re.search(r"resuming at epoch (\d)/3, batch (\d+)/23", capfd.readouterr().out)
+    assert resumed_at and int(resumed_at.group(2)) > 1  # inside an epoch
+    hist, n = res["history"], n_train(tiny_digits_dir)
+    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    for h in hist:  # per sample: exactly once per epoch, across the kill, evenly between the workers
+        assert h["world_size"] == 2 and h["train_samples"] == h["unique_samples"] == n
+        assert sum(h["worker_samples"]) == n and abs(h["worker_samples"][0] - h["worker_samples"][1]) <= 1
+    clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=extra), report_test=False)
+    # Every random stream is a function of (seed, epoch, rank, step / sample): the resumed run is the
+    # uninterrupted one.
+    assert [h["lr"] for h in hist] == [h["lr"] for h in clean["history"]]
+    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in clean["history"]]
+    resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_rerun_after_driver_death_resumes(ray_session, tiny_digits_dir, tmp_path):
+def test_rerun_after_driver_death_resumes_and_a_broken_test_split_costs_only_the_report(
+        ray_session, tiny_digits_dir, tmp_path, capsys):
     """A driver in another process (joined to the same cluster) is killed once Train has recorded a
-    checkpoint; rerunning the same run.name + storage_path continues from that checkpoint."""
-    import os
-
+    checkpoint; rerunning the same run.name + storage_path continues from that checkpoint. The dataset's
+    test split has a shard that is not Parquet: the finished run warns, has no report, keeps everything else."""
+    data = tmp_path / "d"
+    shutil.copytree(tiny_digits_dir, data)
+    (data / "test" / "part-99999.parquet").write_bytes(b"not parquet")
     storage = tmp_path / "runs"
-    sets = [f"data.path={tiny_digits_dir}", "data.image_size=16", "train.epochs=6", "train.warmup_epochs=0",
+    sets = [f"data.path={data}", "data.image_size=16", "train.epochs=6", "train.warmup_epochs=0",
             "run.name=driver", f"run.storage_path={storage}", "scaling.num_workers=1", "data.loader_workers=0"]
     cmd = [sys.executable, "-m", "imgcls_dist.cli", "train", "--config", str(ROOT / "configs/lenet5_digits.yaml")]
     for s in sets:
@@ -197,9 +196,18 @@ def test_rerun_after_driver_death_resumes(ray_session, tiny_digits_dir, tmp_path
             time.sleep(0.5)
     done = json.loads((storage / "driver" / latest / "history.json").read_text())
     assert 1 <= len(done) < 6
-    res = run_training(load_config(ROOT / "configs/lenet5_digits.yaml", sets), report_test=False)
+    capsys.readouterr()
+    res = run_training(load_config(ROOT / "configs/lenet5_digits.yaml", sets))
     assert [h["epoch"] for h in res["history"]] == list(range(6))
     assert res["history"][: len(done)] == done  # restored, not retrained
+
+    out, err = capsys.readouterr()
+    run = storage / "driver"
+    for f in ("config.yaml", "metrics.csv", "training_history.png", "model.pt", "summary.json"):
+        assert (run / f).is_file(), f
+    assert not (run / "classification_report.txt").exists() and "Traceback" not in out + err
+    assert "warning: no test report (" in err and "part-99999.parquet: not a readable Parquet file" in err
+    assert "not a readable Parquet" in json.loads((run / "summary.json").read_text())["test_report_error"]
 
 
 def test_non_finite_loss_stops_with_clear_error_and_no_checkpoint(ray_session, tiny_digits_dir, tmp_path):
@@ -213,18 +221,6 @@ def test_non_finite_loss_stops_with_clear_error_and_no_checkpoint(ray_session, t
 
 
 FAMILY_CONFIGS = sorted((ROOT / "configs").glob("*_digits.yaml"))
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    """Local mode runs the loop in this process, and accelerate's state is a process-wide singleton: a
-    previous config's settings (e.g. gradient accumulation) must not carry over. (Train's worker
-    processes are new for every run, so the product needs no reset.)"""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
 
 
 @pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=[p.stem for p in FAMILY_CONFIGS])

@@ -1,7 +1,8 @@
 """`imgcls-dist bench gpu` / `python -m imgcls_dist.bench.gpu_bench`: the GPU check, without Ray.
 
 Runs on a machine with only torch + torchvision: (1) training-step images/s for resnet50 and
-efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32; (2) the batch predictor's
+efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32, and with torch.compile on CUDA
+(what `train.compile` turns on); (2) the batch predictor's
 path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
 forward — vs the pure forward on a ready float batch. Prints one table and writes it as JSON.
 Context: NVIDIA publishes ~2,500 img/s per A100 for AMP ResNet-50 training; a ResNet-50 forward is
@@ -38,10 +39,13 @@ def _timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def train_step_rate(arch: str, device: torch.device, batch: int, size: int, amp: bool, warmup: int, iters: int) -> float:
+def train_step_rate(arch: str, device: torch.device, batch: int, size: int, amp: bool, warmup: int, iters: int,
+                    compile: bool = False) -> float:
     model = torchvision.models.get_model(arch, num_classes=1000).to(device)
     if amp:
         model = model.to(memory_format=torch.channels_last)
+    if compile:  # what train.compile does through accelerate's dynamo plugin (inductor)
+        model = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
     if amp:
@@ -99,8 +103,12 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
 
 
 def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: int = 5, iters: int = 20,
-        out: str | Path = "gpu_bench.json", archs: tuple[str, ...] = ("resnet50", "efficientnet_b0")) -> dict:
+        out: str | Path = "gpu_bench.json", archs: tuple[str, ...] = ("resnet50", "efficientnet_b0"),
+        compile: bool | None = None) -> dict:
+    """`compile` None: compiled training steps are measured on CUDA only (inductor's CPU compile of a
+    resnet50 takes minutes and is not what train.compile is for)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compile = dev.type == "cuda" if compile is None else compile
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
@@ -110,6 +118,11 @@ def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: in
         rows.append({"measure": f"train {arch} fp32 img/s", "value": fp32})
         rows.append({"measure": f"train {arch} bf16+channels_last img/s", "value": bf16})
         rows.append({"measure": f"train {arch} ratio bf16/fp32", "value": bf16 / fp32})
+        if compile:  # warm-up covers the compile; the timed steps run the compiled graph
+            compiled = train_step_rate(arch, dev, batch, size, amp=True, warmup=max(warmup, 3), iters=iters,
+                                       compile=True)
+            rows.append({"measure": f"train {arch} bf16+channels_last+torch.compile img/s", "value": compiled})
+            rows.append({"measure": f"train {arch} ratio compiled/eager", "value": compiled / bf16})
     pr = predictor_rates(dev, batch, size, warmup, iters)
     for k, v in pr.items():
         rows.append({"measure": f"infer resnet50 {k} img/s", "value": v})

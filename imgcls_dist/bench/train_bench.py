@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from imgcls_dist.bench.common import machine, print_table
 from imgcls_dist.config import ExperimentConfig, load_config
+from imgcls_dist.data.augment import build_train_transform
 from imgcls_dist.data.schema import validate_dataset
-from imgcls_dist.data.shards import read_rows
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import get_model, get_spec
 from imgcls_dist.models.transfer import param_groups
 from imgcls_dist.train.data import make_train_loader
 from imgcls_dist.train.optim import build_optimizer
+from imgcls_dist.train.stream import list_row_groups
 
 
 def plain_epoch_times(cfg: ExperimentConfig, image_size: int, hflip: bool) -> list[float]:
@@ -30,14 +31,16 @@ def plain_epoch_times(cfg: ExperimentConfig, image_size: int, hflip: bool) -> li
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     meta = validate_dataset(cfg.data.path, ("train",))
-    rows = read_rows(meta["files"]["train"], limit=cfg.data.max_train_samples)
+    groups = list_row_groups([f.uri for f in meta["files"]["train"]], limit=cfg.data.max_train_samples)
     spec = get_spec(cfg.model.arch)
     model = get_model(cfg.model.arch, num_classes=len(meta["classes"]), in_channels=cfg.data.in_channels)
     opt = build_optimizer(param_groups(model, cfg.model.arch, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
                           cfg.train)
+    transform = build_train_transform(cfg.augment.preset, cfg.augment.strength, image_size, hflip=hflip,
+                                      seed=cfg.train.seed)
     loader, ds, sampler = make_train_loader(
-        rows, channels=cfg.data.in_channels, preset=cfg.augment.preset, strength=cfg.augment.strength,
-        image_size=image_size, hflip=hflip, batch_size=cfg.data.batch_size, rank=0, world=1, seed=cfg.train.seed,
+        groups, channels=cfg.data.in_channels, transform=transform, image_size=image_size,
+        batch_size=cfg.data.batch_size, rank=0, world=1, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
         loader_workers=cfg.data.loader_workers)
     times = []
     for epoch in range(cfg.train.epochs):
@@ -94,3 +97,32 @@ def bench_train(config: str | Path = "configs/resnet18_digits.yaml", data: str =
     return {"overhead_ratio": ray_epoch / plain_epoch, "scaling_2w_1w": sps2 / sps1, "plain_epoch_s": plain_epoch,
             "ray_epoch_s": ray_epoch, "samples_per_s_1w": sps1, "samples_per_s_2w": sps2, "wall_1w_s": wall1,
             "machine": machine()}
+
+
+def bench_checkpoint_cost(config: str | Path = "configs/resnet18_digits.yaml", data: str = "data/digits",
+                          epochs: int = 2, every: tuple[int, ...] = (0, 10, 5, 2), storage: str = "runs/bench",
+                          overrides: tuple[str, ...] = ()) -> dict:
+    """Train images/s with a mid-epoch checkpoint every N optimizer steps, as a ratio to none (N = 0).
+    The epoch time includes the checkpoints' saving and upload (they happen inside the epoch)."""
+    import shutil
+
+    from imgcls_dist.train.job import run_training
+
+    rows = []
+    for n in every:
+        name = f"bench_ckpt_{n}"
+        shutil.rmtree(Path(storage) / name, ignore_errors=True)
+        cfg = load_config(config, [f"data.path={data}", f"train.epochs={epochs}", "train.warmup_epochs=0",
+                                   f"run.storage_path={storage}", f"run.name={name}", "run.tensorboard=false",
+                                   "scaling.num_workers=1", f"train.checkpoint_every_steps={n}", *overrides])
+        res = run_training(cfg, report_test=False)
+        rate = sum(h["images_per_s"] for h in res["history"]) / len(res["history"])
+        steps = -(-res["history"][0]["train_samples"] // cfg.data.batch_size)
+        rows.append({"checkpoint_every_steps": n, "steps_per_epoch": steps,
+                     "checkpoints_per_epoch": (steps - 1) // n if n else 0, "images_per_s": rate})
+    base = rows[0]["images_per_s"]
+    for r in rows:
+        r["step_time_ratio_vs_none"] = base / r["images_per_s"]
+    print(f"bench checkpoint cost: {cfg.model.arch}, {epochs} epochs — {machine()}")
+    print_table(rows, list(rows[0]))
+    return {"rows": rows, "machine": machine()}

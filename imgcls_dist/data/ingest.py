@@ -21,23 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.model_selection import train_test_split
 
 from imgcls_dist.data.builtin import BUILTINS, builtin_rows
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.data.listing import Listing, list_image_tree
-from imgcls_dist.data.schema import DATASET_FILE, ID, IMAGE, LABEL, SHARD_SCHEMA, SPLITS
-from imgcls_dist.data.shards import write_shards
+from imgcls_dist.data.schema import DATASET_FILE, SPLITS
+from imgcls_dist.data.shards import ShardWriter, write_shards
 from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.storage import Location, PathLike, location
 
-# A row group per this many rows (or bytes, whichever comes first): a reader streams a shard row group
-# by row group, and a writer holds at most one in memory.
-ROW_GROUP_ROWS = 128
-ROW_GROUP_BYTES = 32 << 20
-READ_THREADS = 8  # object-store reads overlap; decode stays on the task's one CPU
+# Object-store reads overlap in threads (each is a round trip); local files are read in the task's thread:
+# measured on 2,000 96-px JPEGs, 8 threads made a task 2x slower (1,147 vs 2,345 files/s).
+READ_THREADS_REMOTE = 8
 PROGRESS_EVERY_S = 10.0
 
 
@@ -83,49 +79,39 @@ def _clear_out(out: Location) -> None:
 
 def write_image_shard(src_uri: str, items: list[tuple[str, int]], dest_uri: str) -> dict[str, Any]:
     """Read `items` ((path relative to src, label)), keep the ones that decode, write them to `dest_uri`
-    in row groups of ROW_GROUP_ROWS. Returns counts, skipped files with reasons, and who did the work."""
-    src, dest = location(src_uri), location(dest_uri)
+    (row group by row group). Returns counts, skipped files with reasons, and who did the work."""
+    src = location(src_uri)
     t0 = time.perf_counter()
     skipped: list[str] = []
     classes: Counter = Counter()
-    rows = nbytes = 0
-    buf: list[tuple[str, bytes, int]] = []
-    buf_bytes = 0
+    nbytes = 0
 
     def read(item: tuple[str, int]) -> tuple[str, int, bytes | None, str | None]:
         try:
+            if src.is_local:
+                with open(f"{src.path}/{item[0]}", "rb") as f:
+                    return item[0], item[1], f.read(), None
             return item[0], item[1], (src / item[0]).read_bytes(), None
+        except OSError as e:
+            return item[0], item[1], None, f"cannot read file: {e.strerror or e}"
         except UserError as e:
             return item[0], item[1], None, str(e).split(": ", 1)[-1]
 
-    with dest.open_output() as sink, pq.ParquetWriter(sink, SHARD_SCHEMA) as writer, \
-            ThreadPoolExecutor(READ_THREADS) as pool:
-        def flush() -> None:
-            nonlocal buf_bytes
-            if buf:
-                ids, images, labels = zip(*buf)
-                writer.write_table(pa.table({ID: pa.array(ids, pa.string()), IMAGE: pa.array(images, pa.binary()),
-                                             LABEL: pa.array(labels, pa.int64())}, schema=SHARD_SCHEMA))
-                buf.clear()
-                buf_bytes = 0
-
-        for start in range(0, len(items), READ_THREADS * 4):  # bounded read-ahead
-            for rel, label, data, err in pool.map(read, items[start:start + READ_THREADS * 4]):
+    threads = 1 if src.is_local else READ_THREADS_REMOTE
+    with ShardWriter(dest_uri) as writer, ThreadPoolExecutor(threads) as pool:
+        for start in range(0, len(items), threads * 4):  # bounded read-ahead
+            for rel, label, data, err in pool.map(read, items[start:start + threads * 4]):
                 if err is None:
                     err = decode_image(data).error  # a training set never carries rows that can't be used
                 if err is not None:
                     skipped.append(f"{src / rel}: {err}")
                     continue
-                buf.append((rel, data, label))
-                buf_bytes += len(data)
-                rows += 1
+                writer.add(rel, data, label)
                 nbytes += len(data)
                 classes[label] += 1
-                if len(buf) >= ROW_GROUP_ROWS or buf_bytes >= ROW_GROUP_BYTES:
-                    flush()
-        flush()
-    return {"file": dest.uri, "rows": rows, "bytes": nbytes, "class_counts": dict(classes), "skipped": skipped,
-            "listed": len(items), "pid": os.getpid(), "node": _node_id(), "seconds": time.perf_counter() - t0}
+    return {"file": dest_uri, "rows": writer.rows, "bytes": nbytes, "class_counts": dict(classes),
+            "skipped": skipped, "listed": len(items), "pid": os.getpid(), "node": _node_id(),
+            "seconds": time.perf_counter() - t0}
 
 
 def _node_id() -> str | None:

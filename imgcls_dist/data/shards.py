@@ -13,6 +13,51 @@ from imgcls_dist.data.schema import ID, IMAGE, LABEL, SHARD_SCHEMA
 from imgcls_dist.storage import Location, PathLike, location
 
 
+# A row group per this many rows (or bytes, whichever comes first): a reader streams a shard row group by
+# row group (train/stream.py reads ahead two of them), and a writer holds at most one in memory.
+ROW_GROUP_ROWS = 128
+ROW_GROUP_BYTES = 32 << 20
+
+
+class ShardWriter:
+    """One shard (any filesystem), written row group by row group."""
+
+    def __init__(self, dest: PathLike):
+        self.dest = location(dest)
+        self._sink = self.dest.open_output()
+        self._writer = pq.ParquetWriter(self._sink, SHARD_SCHEMA)
+        self._buf: list[tuple[str, bytes, int | None]] = []
+        self._bytes = 0
+        self.rows = 0
+
+    def add(self, row_id: str, image: bytes, label: int | None) -> None:
+        self._buf.append((row_id, image, label))
+        self._bytes += len(image)
+        self.rows += 1
+        if len(self._buf) >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buf:
+            ids, images, labels = zip(*self._buf)
+            self._writer.write_table(pa.table({ID: pa.array(ids, pa.string()), IMAGE: pa.array(images, pa.binary()),
+                                               LABEL: pa.array(labels, pa.int64())}, schema=SHARD_SCHEMA))
+            self._buf.clear()
+            self._bytes = 0
+
+    def close(self) -> Location:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        return self.dest
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def write_shards(
     rows: Iterable[tuple[str, bytes, int | None]],
     out_dir: PathLike,
@@ -22,25 +67,18 @@ def write_shards(
     """Write (id, image bytes, label) rows as numbered Parquet files of at most rows_per_shard rows."""
     out = location(out_dir).mkdir()
     written: list[Location] = []
-    buf: list[tuple[str, bytes, int | None]] = []
-
-    def flush() -> None:
-        ids, images, labels = zip(*buf) if buf else ((), (), ())
-        table = pa.table(
-            {ID: pa.array(ids, pa.string()), IMAGE: pa.array(images, pa.binary()), LABEL: pa.array(labels, pa.int64())},
-            schema=SHARD_SCHEMA,
-        )
-        path = out / f"{prefix}-{len(written):05d}.parquet"
-        pq.write_table(table, path.path, filesystem=path.fs)
-        written.append(path)
-        buf.clear()
-
+    writer: ShardWriter | None = None
     for row in rows:
-        buf.append(row)
-        if len(buf) >= rows_per_shard:
-            flush()
-    if buf or not written:
-        flush()  # an empty split still gets one (empty) shard so the layout is complete
+        if writer is None:
+            writer = ShardWriter(out / f"{prefix}-{len(written):05d}.parquet")
+        writer.add(*row)
+        if writer.rows >= rows_per_shard:
+            written.append(writer.close())
+            writer = None
+    if writer is not None:
+        written.append(writer.close())
+    if not written:  # an empty split still gets one (empty) shard so the layout is complete
+        written.append(ShardWriter(out / f"{prefix}-00000.parquet").close())
     return written
 
 

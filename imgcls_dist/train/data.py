@@ -1,109 +1,86 @@
-"""Training/validation inputs for one Ray Train worker.
+"""Training/validation loaders of one Ray Train worker, over the streamed shards of `train/stream.py`.
 
-Sharding choice (why not accelerate's or Ray Data's split): accelerate's BatchSamplerShard and torch's
-DistributedSampler pad the last batches by repeating samples, and Ray Data's streaming_split with
-equal=True drops or balances rows — neither gives "each sample exactly once per epoch". Here every
-worker takes a strided slice of one epoch-seeded permutation, and all workers cut their slice into
-the same number of batches (sizes differ by at most one) so DDP's collectives never wait on a worker
-that ran out of batches. Decode + augment run in DataLoader processes, overlapping the step.
+The batch sampler (`stream.EpochBatches`) runs in the training process and hands whole batches of encoded
+samples to `loader_workers` DataLoader processes, which decode and augment them while the step runs.
+Undecodable rows come back as a blank placeholder with label -1: training drops them (counted) so one
+bad image never kills a run; evaluation does not count them.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterator
-
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from imgcls_dist.data.augment import apply, build_eval_transform, build_train_transform, derive_seed, reseed
+from imgcls_dist.data.augment import apply, build_eval_transform, derive_seed, reseed
 from imgcls_dist.data.decode import decode_image
-from imgcls_dist.data.shards import ShardRows
 from imgcls_dist.models.preprocess import stack_hwc
+from imgcls_dist.train.stream import EpochBatches, RowGroup, Sample
 
 
-class ExactShardBatchSampler(Sampler[list[int]]):
-    def __init__(self, n: int, rank: int, world: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.n, self.rank, self.world, self.batch_size, self.seed, self.shuffle = n, rank, world, batch_size, seed, shuffle
+class DecodeSamples(Dataset):
+    """(sample id, encoded bytes, label) -> (uint8 HWC image, label, sample id). Each sample's augmentation
+    is seeded by (seed, epoch, sample id): the same in whichever loader process decodes it, and on resume."""
+
+    def __init__(self, channels: int, transform, size: int, seed: int = 0, seeded: bool = True):
+        self.channels, self.transform, self.size, self.seed, self.seeded = channels, transform, size, seed, seeded
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self) -> np.ndarray:
-        order = np.random.default_rng(derive_seed(self.seed, self.epoch)).permutation(self.n) if self.shuffle else np.arange(self.n)
-        return order[self.rank :: self.world]
-
-    def __len__(self) -> int:
-        # Same on every rank: batches of the largest slice.
-        return max(1, math.ceil(math.ceil(self.n / self.world) / self.batch_size))
-
-    def __iter__(self) -> Iterator[list[int]]:
-        mine = self.indices()
-        for chunk in np.array_split(mine, len(self)):
-            yield chunk.tolist()
-
-
-class RowsDataset(Dataset):
-    """Encoded rows -> (uint8 HWC image, label, row index). Undecodable rows come back as a blank
-    placeholder with label -1: training drops them (counted) so one bad image never kills a run, and
-    evaluation keeps them so accelerate's gather_for_metrics still knows where the padding starts."""
-
-    def __init__(self, rows: ShardRows, channels: int, transform, size: int, seed: int = 0, rank: int = 0):
-        self.rows, self.channels, self.transform, self.size = rows, channels, transform, size
-        self.seed, self.rank, self.epoch = seed, rank, 0
-
-    def __len__(self) -> int:
-        return len(self.rows)
 
     def set_epoch(self, epoch: int, transform=None, size: int | None = None) -> None:
         self.epoch = epoch
         if transform is not None:
             self.transform, self.size = transform, size
-        reseed(self.transform, derive_seed(self.seed, epoch, self.rank, 0xFFFF))
 
-    def __getitem__(self, i: int):
-        res = decode_image(self.rows.images[i], channels=self.channels)
+    def __len__(self) -> int:  # batches come from the batch sampler; the DataLoader never asks for a length
+        raise TypeError("DecodeSamples is indexed by samples from the batch sampler")
+
+    def __getitem__(self, sample: Sample):
+        sid, data, label = sample
+        res = decode_image(data, channels=self.channels)
         if res.array is None:
-            return np.zeros((self.size, self.size, self.channels), np.uint8), -1, i
-        return apply(self.transform, res.array), int(self.rows.labels[i]), i
+            return np.zeros((self.size, self.size, self.channels), np.uint8), -1, sid
+        if self.seeded:
+            reseed(self.transform, derive_seed(self.seed, self.epoch, sid))
+        return apply(self.transform, res.array), label, sid
 
 
 def _worker_init(_: int) -> None:
-    info = get_worker_info()
-    ds: RowsDataset = info.dataset  # type: ignore[assignment]
-    # Different augmentation stream per (epoch, Ray worker, loader process); workers restart every epoch.
-    reseed(ds.transform, derive_seed(ds.seed, ds.epoch, ds.rank, info.id))
     torch.set_num_threads(1)
 
 
 def collate_keep(batch):
+    """-> (images uint8 NCHW, labels, sample ids, undecodable rows); placeholders stay (evaluation)."""
     images = stack_hwc([b[0] for b in batch])
     labels = torch.tensor([b[1] for b in batch], dtype=torch.long)
-    idx = torch.tensor([b[2] for b in batch], dtype=torch.long)
-    return images, labels, idx
+    ids = torch.tensor([b[2] for b in batch], dtype=torch.long)
+    return images, labels, ids, int((labels < 0).sum())
 
 
 def collate_drop_bad(batch):
+    """Training: undecodable rows leave the batch (counted); a batch of nothing but bad rows keeps its
+    placeholders (all labels -1), which the loop turns into a step that changes no weight."""
     good = [b for b in batch if b[1] >= 0]
-    if not good:
-        return None, None, None, len(batch)
-    return (*collate_keep(good), len(batch) - len(good))
+    images, labels, ids, _ = collate_keep(good or batch)
+    return images, labels, ids, len(batch) - len(good)
 
 
-def make_train_loader(rows: ShardRows, *, channels: int, preset: str, strength: float, image_size: int, hflip: bool,
-                      batch_size: int, rank: int, world: int, seed: int, loader_workers: int) -> tuple[DataLoader, RowsDataset, ExactShardBatchSampler]:
-    tf = build_train_transform(preset, strength, image_size, hflip=hflip, seed=seed)
-    ds = RowsDataset(rows, channels, tf, image_size, seed=seed, rank=rank)
-    sampler = ExactShardBatchSampler(len(rows), rank, world, batch_size, seed)
-    loader = DataLoader(ds, batch_sampler=sampler, num_workers=loader_workers, collate_fn=collate_drop_bad,
-                        worker_init_fn=_worker_init if loader_workers else None, persistent_workers=False,
-                        pin_memory=torch.cuda.is_available())
-    return loader, ds, sampler
-
-
-def make_eval_loader(rows: ShardRows, *, channels: int, image_size: int, batch_size: int, loader_workers: int) -> DataLoader:
-    ds = RowsDataset(rows, channels, build_eval_transform(image_size), image_size)
-    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=loader_workers, collate_fn=collate_keep,
+def _loader(dataset: Dataset, sampler: EpochBatches, loader_workers: int, collate) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=loader_workers, collate_fn=collate,
+                      worker_init_fn=_worker_init if loader_workers else None, persistent_workers=False,
                       pin_memory=torch.cuda.is_available())
+
+
+def make_train_loader(groups: list[RowGroup], *, channels: int, transform, image_size: int, batch_size: int,
+                      rank: int, world: int, seed: int, shuffle_buffer: int,
+                      loader_workers: int) -> tuple[DataLoader, DecodeSamples, EpochBatches]:
+    dataset = DecodeSamples(channels, transform, image_size, seed=seed)
+    sampler = EpochBatches(groups, batch_size=batch_size, rank=rank, world=world, seed=seed, buffer=shuffle_buffer)
+    return _loader(dataset, sampler, loader_workers, collate_drop_bad), dataset, sampler
+
+
+def make_eval_loader(groups: list[RowGroup], *, channels: int, image_size: int, batch_size: int, rank: int,
+                     world: int, loader_workers: int) -> DataLoader:
+    """This rank's contiguous share of the split, in order (metrics are summed across ranks)."""
+    dataset = DecodeSamples(channels, build_eval_transform(image_size), image_size, seeded=False)
+    sampler = EpochBatches(groups, batch_size=batch_size, rank=rank, world=world, seed=0, buffer=0, shuffle=False)
+    return _loader(dataset, sampler, loader_workers, collate_keep)

@@ -20,6 +20,7 @@ from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.models.registry import get_spec
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
+from imgcls_dist.train.stream import list_row_groups, total_rows
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -45,21 +46,29 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
                             + "): ingest with --splits giving it a share")
     test_dir = location(cfg.data.path) / "test"
     test_files = test_dir.files(".parquet", recursive=False)
+    # The row groups (footers only) are what the workers stream: a list of (file, group, rows), whatever
+    # the dataset's size in bytes.
+    train_groups = list_row_groups([f.uri for f in meta["files"]["train"]], limit=cfg.data.max_train_samples)
+    val_groups = list_row_groups([f.uri for f in meta["files"]["val"]], limit=cfg.data.max_val_samples)
     return {
         "classes": meta["classes"],
         "image_size": int(image_size),
         "hflip": cfg.augment.hflip if cfg.augment.hflip is not None else hflip_allowed(meta),
-        "train_files": [f.uri for f in meta["files"]["train"]],
-        "val_files": [f.uri for f in meta["files"]["val"]],
+        "train_groups": train_groups,
+        "val_groups": val_groups,
+        "train_rows": total_rows(train_groups),
         "test_files": [f.uri for f in test_files],
     }
 
 
-def resolve_scaling(cfg: ExperimentConfig) -> tuple[int, bool]:
+def resolve_scaling(cfg: ExperimentConfig, train_rows: int | None = None) -> tuple[int, bool]:
     from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, plan_workers
 
     s = cfg.scaling
     plan = plan_workers(s.num_workers, s.use_gpu, s.cpus_per_worker, cluster_cpus(), cluster_gpus())
+    if train_rows is not None and train_rows < plan.num_workers:
+        raise UserError(f"scaling.num_workers: {plan.num_workers} workers for {train_rows} training rows "
+                        "(every worker needs at least one)")
     return plan.num_workers, plan.use_gpu
 
 
@@ -122,7 +131,7 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     ds = resolve_dataset(cfg)
     out = run_location(cfg).check_writable()
     ensure_ray()
-    num_workers, use_gpu = resolve_scaling(cfg)
+    num_workers, use_gpu = resolve_scaling(cfg, ds["train_rows"])
     write_config(cfg, out / CONFIG_FILE)
     print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}", flush=True)

@@ -1,14 +1,20 @@
 """Training checkpoints: `model.pt` (design.md export) + `train_state.pt` (resume) + `history.json`.
 
 Everything is plain tensors/containers so both files load with `weights_only=True`. RNG state is not
-stored: every random stream (shuffle, augmentation, MixUp, dropout) is reseeded from (seed, epoch, rank)
-at each epoch start, so resuming at epoch e reproduces exactly what an uninterrupted run would do.
+stored: every random stream is a function of the run's seed and its position (the epoch's row-group
+permutation and shuffle buffer of (seed, epoch, rank), each sample's augmentation of (seed, epoch, sample
+id), MixUp/CutMix and dropout of (seed, epoch, rank, step)), so resuming reproduces exactly what an
+uninterrupted run would do.
+
+A checkpoint is taken at the end of an epoch (`step` 0: the next run starts at epoch + 1) or, with
+`train.checkpoint_every_steps`, inside one (`step` = batches done: the next run starts at that epoch, at
+that batch, with every rank's partial epoch totals restored).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,29 @@ from imgcls_dist.models.checkpoint import load_model_file, save_model_file
 
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
+
+
+@dataclass
+class EpochStats:
+    """One worker's share of an epoch (so far)."""
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped_rows: int = 0
+    seen_idx: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_state(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "skipped_rows": self.skipped_rows, "seconds": self.seconds,
+                "seen_idx": torch.tensor(self.seen_idx, dtype=torch.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> EpochStats:
+        return cls(loss_sum=float(state["loss_sum"]), correct=int(state["correct"]), seen=int(state["seen"]),
+                   skipped_rows=int(state["skipped_rows"]), seconds=float(state["seconds"]),
+                   seen_idx=state["seen_idx"].tolist())
 
 
 def save_training_checkpoint(directory: Path, *, model_state: dict, model_meta: dict, train_state: dict,
@@ -40,15 +69,18 @@ def load_history(directory: str | Path) -> list[dict]:
 
 @dataclass
 class ResumeState:
-    """What a worker continues from: the checkpoint of the last finished epoch."""
+    """What a worker continues from."""
 
-    epoch: int
+    epoch: int  # the epoch to run next
+    step: int  # batches of it already trained (0: from its start)
     model_state: dict
     optimizer: dict
     schedule: dict
     scaler: dict | None
     nonfinite_total: int
+    consecutive_bad: int
     history: list[dict]
+    partial: list[EpochStats] | None  # per rank, when step > 0
 
 
 def restore(checkpoint) -> ResumeState | None:
@@ -56,8 +88,11 @@ def restore(checkpoint) -> ResumeState | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as d:
-        train_state = load_train_state(d)
-        return ResumeState(epoch=train_state["epoch"], model_state=load_model_file(d)["state_dict"],
-                           optimizer=train_state["optimizer"], schedule=train_state["schedule"],
-                           scaler=train_state.get("scaler"), nonfinite_total=train_state.get("nonfinite_total", 0),
-                           history=load_history(d))
+        ts = load_train_state(d)
+        step = int(ts.get("step", 0))
+        partial = [EpochStats.from_state(p) for p in ts["partial"]] if step else None
+        return ResumeState(epoch=ts["epoch"] if step else ts["epoch"] + 1, step=step,
+                           model_state=load_model_file(d)["state_dict"], optimizer=ts["optimizer"],
+                           schedule=ts["schedule"], scaler=ts.get("scaler"),
+                           nonfinite_total=ts.get("nonfinite_total", 0), consecutive_bad=ts.get("consecutive_bad", 0),
+                           history=load_history(d), partial=partial)
