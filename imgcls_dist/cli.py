@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.tune.commands import register_tune_commands
 
     register_tune_commands(sub)
+    from imgcls_dist.ensemble.commands import register_ensemble_commands
+
+    register_ensemble_commands(sub)  # ensemble build
     from imgcls_dist.bench.commands import register_bench_commands
 
     register_bench_commands(sub)

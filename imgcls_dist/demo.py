@@ -61,6 +61,7 @@ def run_demo(workdir: Path, quick: bool = False) -> dict:
 
 
 def _infer_and_evaluate(workdir: Path, data: Path, runs: dict, quick: bool) -> dict:
+    from imgcls_dist.ensemble.build import build_ensemble
     from imgcls_dist.evaluate.report import evaluate_predictions
     from imgcls_dist.infer.pipeline import run_batch_inference
 
@@ -72,12 +73,19 @@ def _infer_and_evaluate(workdir: Path, data: Path, runs: dict, quick: bool) -> d
         out = preds / f"{name}_plain"
         run_batch_inference([r["model"]], test, out, tta="none")
         sets[f"{name} (no TTA)"] = str(out)
-    ens = preds / "ensemble_tta"
-    # Default TTA views come from the models' metadata: shifts and zooms, never flips for digits.
-    run_batch_inference([r["model"] for r in runs.values()], test, ens, tta=None, combine="mean")
-
+    mean = preds / "mean_tta"
+    # The plain mean with the default TTA views (the views every model saw in training) ...
+    run_batch_inference([r["model"] for r in runs.values()], test, mean, tta=None, combine="mean")
+    sets["plain mean + TTA"] = str(mean)
+    # ... against the ensemble built on the validation split: temperatures, weights and views fitted there.
+    manifest_path = workdir / "ensemble" / "ensemble.json"
+    manifest = build_ensemble([r["model"] for r in runs.values()], data, manifest_path)
+    ens = preds / "ensemble_built"
+    run_batch_inference(manifest_path, test, ens)
     _banner("4/4 evaluate")
     report = evaluate_predictions(ens, classes_file=data / DATASET_FILE, compare=sets, report_dir=workdir / "report",
-                                  name="ensemble + TTA")
-    print(f"report: {workdir / 'report'} (classification_report.txt, confusion_matrix.png, comparison.csv)")
+                                  name="built ensemble")
+    print(f"report: {workdir / 'report'} (classification_report.txt, confusion_matrix.png, comparison.csv, "
+          f"reliability.png); ensemble: {manifest_path} ({len(manifest['models'])} member(s), views "
+          f"{','.join(manifest['views'])})")
     return {"predictions": str(ens), "report_dir": str(workdir / "report"), "evaluation": report}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +13,7 @@ from sklearn.metrics import accuracy_score
 from test_infer_helpers import digit_rows, save_model, write_input
 
 from imgcls_dist.cli import main
+from imgcls_dist.evaluate.metrics import expected_calibration_error
 from imgcls_dist.infer.pipeline import run_batch_inference
 
 pytestmark = pytest.mark.e2e
@@ -68,6 +70,17 @@ def test_compare_prints_table_and_csv(outs, capsys):
     assert rows[0]["models"] == "2"
     gain = float(rows[0]["accuracy"]) - float(rows[1]["accuracy"])
     assert float(rows[0]["vs_best_single"]) == pytest.approx(gain, abs=2e-4)
+    # calibration columns, recomputed here from the probs column of the same rows
+    for row, out_dir in zip(rows, (ens, single)):
+        t = pa.concat_tables(pq.read_table(f) for f in out_dir.glob("*.parquet"))
+        keep = [lbl is not None and err is None for lbl, err in zip(t.column("label").to_pylist(),
+                                                                      t.column("error").to_pylist())]
+        probs = np.array([p for p, k in zip(t.column("probs").to_pylist(), keep) if k], np.float64)
+        y = np.array([v for v, k in zip(t.column("label").to_pylist(), keep) if k])
+        assert float(row["nll"]) == pytest.approx(-np.log(probs[np.arange(len(y)), y]).mean(), abs=1e-4)
+        assert float(row["ece"]) == pytest.approx(expected_calibration_error(probs, y), abs=1e-4)
+        assert row["calibrated"] == "no"
+    assert (d / "cmp" / "reliability.png").stat().st_size > 5000 and "reliability.png" in out
 
 
 def test_evaluate_refuses_incomplete_or_mismatched(outs, tmp_path, capsys):

@@ -15,7 +15,8 @@ from imgcls_dist.data.augment import apply, build_eval_transform
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.predictor import EnsemblePredictor, load_ensemble_manifest, resolve_ensemble
+from imgcls_dist.ensemble.manifest import load_ensemble_manifest, resolve_ensemble
+from imgcls_dist.infer.predictor import EnsemblePredictor
 from imgcls_dist.infer.prepare import prepare_encoded, to_channels
 from imgcls_dist.infer.tta import VIEWS
 from imgcls_dist.models.preprocess import normalize
@@ -136,12 +137,15 @@ def test_ensemble_manifest_paths_weights_combine(tmp_path):
            "combine": "weighted", "weight_rule": "val_acc-proportional"}
     manifest = tmp_path / "ensemble.json"
     manifest.write_text(json.dumps(doc))
-    paths, weights, combine = load_ensemble_manifest(manifest)
+    spec = load_ensemble_manifest(manifest)
+    paths, weights, combine = spec.paths, spec.weights, spec.combine
     assert paths == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b" / "model.pt")]
-    assert weights == [0.75, 0.25] and combine == "weighted"
+    assert weights == [0.75, 0.25] and combine == "weighted" and spec.temperatures is None and spec.views is None
     # explicit --combine mean drops the manifest's weights; explicit weights replace them
-    assert resolve_ensemble(str(manifest), None, "mean")[1:] == (None, "mean")
-    assert resolve_ensemble(str(manifest), [1, 1], None)[1:] == ([1, 1], None)
+    mean = resolve_ensemble(str(manifest), None, "mean")
+    assert (mean.weights, mean.combine) == (None, "mean")
+    given = resolve_ensemble(str(manifest), [1, 1], None)
+    assert (given.weights, given.combine) == ([1, 1], None)
     pred = EnsemblePredictor(paths, weights=weights, combine=combine)
     assert pred.weights == [0.75, 0.25] and pred.members[0].path == str(a)
 

@@ -176,13 +176,6 @@ def test_asha_rungs():
     assert asha_rungs(load_config(None, ["train.epochs=3", "tune.grace_period=1", "tune.reduction_factor=3"])) == [1]
 
 
-def test_ensemble_weights_follow_val_acc_and_sum_to_one():
-    w = R.ensemble_weights([0.99, 0.98, 0.95])
-    assert sum(w) == pytest.approx(1.0) and w[0] > w[1] > w[2]
-    assert w[0] / w[1] == pytest.approx(math.e)  # +1 point of val_acc = x e
-    assert R.ensemble_weights([0.9, 0.9]) == [0.5, 0.5]
-
-
 def test_best_config_is_a_complete_standalone_training_config(tmp_path):
     cfg = cfg_with({"train.lr": {"type": "loguniform", "lower": 1e-4, "upper": 1e-1}}, "run.name=camp")
     row = {"trial": "trial_00002", "train.lr": 0.0123, "best_val_acc": 0.97, "best_epoch": 3, "epochs_run": 4}

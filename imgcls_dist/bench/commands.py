@@ -1,4 +1,5 @@
-"""`imgcls-dist bench {train,infer,augment,tune,gpu,ingest,storage}`: each prints ratios measured in one run."""
+"""`imgcls-dist bench {train,infer,augment,tune,gpu,ingest,storage,train-ingest,checkpoint,ensemble}`: each prints
+ratios measured in one run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 from pathlib import Path
 
 from imgcls_dist.config import add_config_args
+
+DIGITS = "data/digits"  # `imgcls-dist ingest builtin:digits data/digits`
 
 
 def _save(result: dict, path: str | None) -> None:
@@ -19,7 +22,13 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "train":
         from imgcls_dist.bench.train_bench import bench_train
 
-        r = bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data, epochs=a.epochs, overrides=tuple(a.overrides))
+        r = bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
+                        overrides=tuple(a.overrides))
+    elif a.what == "checkpoint":
+        from imgcls_dist.bench.train_bench import bench_checkpoint_cost
+
+        r = bench_checkpoint_cost(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
+                                  overrides=tuple(a.overrides))
     elif a.what == "infer":
         from imgcls_dist.bench.infer_bench import bench_infer, bench_predict_latency
 
@@ -29,10 +38,18 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from imgcls_dist.bench.ingest_bench import bench_ingest
 
         r = bench_ingest(files=tuple(int(x) for x in a.files.split(",")))
+    elif a.what == "train-ingest":
+        from imgcls_dist.bench.train_ingest_bench import bench_train_ingest
+
+        r = bench_train_ingest(gigabytes=tuple(float(x) for x in a.gigabytes.split(",")))
     elif a.what == "storage":
         from imgcls_dist.bench.ingest_bench import bench_storage
 
         r = bench_storage()
+    elif a.what == "ensemble":
+        from imgcls_dist.bench.ensemble_bench import bench_ensemble
+
+        r = bench_ensemble(data=a.data or "data/digits-test30")
     elif a.what == "augment":
         from imgcls_dist.bench.augment_bench import bench_augment
 
@@ -41,7 +58,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
         from imgcls_dist.config import load_config
         from imgcls_dist.tune.asha_saving import format_saving_table, measure_asha_saving
 
-        r = measure_asha_saving(load_config(a.config or "configs/tune_digits.yaml", [f"data.path={a.data}", *a.overrides]))
+        cfg = load_config(a.config or "configs/tune_digits.yaml", [f"data.path={a.data or DIGITS}", *a.overrides])
+        r = measure_asha_saving(cfg)
         print(format_saving_table(r))
     else:
         from imgcls_dist.bench.gpu_bench import run
@@ -53,14 +71,17 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 def register_bench_commands(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print ratios measured in one run (see docs/benchmarks.md)")
-    p.add_argument("what", choices=["train", "infer", "augment", "tune", "gpu", "ingest", "storage"])
+    p.add_argument("what", choices=["train", "infer", "augment", "tune", "gpu", "ingest", "storage", "train-ingest",
+                                     "checkpoint", "ensemble"])
     add_config_args(p, required=False)  # train/tune: experiment config and overrides
-    p.add_argument("--data", default="data/digits", help="train/tune: dataset directory")
+    p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
+                   "ensemble: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
     p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
     p.add_argument("--arch", default="resnet18", help="infer: model")
     p.add_argument("--batch-size", type=int, default=256, help="infer: batch size")
     p.add_argument("--image-size", type=int, default=64, help="augment: output size")
     p.add_argument("--files", default="10000,40000", help="ingest: JPEG tree sizes to compare memory at")
+    p.add_argument("--gigabytes", default="1,4", help="train-ingest: training shard sizes to compare memory at")
     p.add_argument("--out", default=None, help="write the result as JSON")
     p.set_defaults(func=cmd_bench)

@@ -1,8 +1,10 @@
-"""Classification metrics (sklearn) and the report files written beside a run or a prediction set."""
+"""Classification metrics (sklearn), calibration error, and the report files written beside a run or a
+prediction set."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
@@ -25,3 +27,44 @@ def write_classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes:
     summary = {"accuracy": acc, "rows": int(len(y_true)), **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+# 15 equal-width confidence bins, as in Guo et al. (2017). Written here because sklearn has no multiclass
+# ECE (sklearn.calibration.calibration_curve is binary and does not return the bin counts ECE weighs by).
+ECE_BINS = 15
+
+
+@dataclass
+class ReliabilityBins:
+    """Top-1 confidence histogram: per bin the row count, summed confidence and correct rows. Additive, so
+    a prediction set is binned file by file."""
+
+    count: np.ndarray
+    confidence: np.ndarray
+    correct: np.ndarray
+
+    @classmethod
+    def empty(cls, bins: int = ECE_BINS) -> ReliabilityBins:
+        return cls(np.zeros(bins, np.int64), np.zeros(bins), np.zeros(bins))
+
+    def add(self, probs: np.ndarray, labels: np.ndarray) -> ReliabilityBins:
+        conf = probs.max(axis=1).astype(np.float64)
+        idx = np.minimum((conf * len(self.count)).astype(np.int64), len(self.count) - 1)
+        np.add.at(self.count, idx, 1)
+        np.add.at(self.confidence, idx, conf)
+        np.add.at(self.correct, idx, (probs.argmax(axis=1) == labels).astype(np.float64))
+        return self
+
+    def ece(self) -> float:
+        """Expected calibration error: sum over bins of |accuracy - mean confidence| weighted by bin share."""
+        n = self.count.sum()
+        return float(np.abs(self.correct - self.confidence).sum() / n) if n else float("nan")
+
+    def curve(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean confidence, accuracy, count) of the non-empty bins."""
+        m = self.count > 0
+        return self.confidence[m] / self.count[m], self.correct[m] / self.count[m], self.count[m]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    return ReliabilityBins.empty(bins).add(probs, labels).ece()

@@ -65,3 +65,17 @@ def plot_confusion_matrix(cm: np.ndarray, classes: list[str], path: PathLike, ti
                             color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def plot_reliability(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], path: PathLike,
+                     title: str = "reliability") -> Location:
+    """Reliability diagram: accuracy against mean top-1 confidence per bin, one line per prediction set
+    ({name: (confidence, accuracy, ece)}); the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="perfect calibration")
+    for name, (conf, acc, ece) in curves.items():
+        ax.plot(conf, acc, "o-", ms=4, label=f"{name} (ECE {ece:.4f})")
+    ax.set(xlabel="mean confidence (top-1)", ylabel="accuracy", xlim=(0, 1.01), ylim=(0, 1.01), title=title)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)

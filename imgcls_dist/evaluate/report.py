@@ -1,7 +1,8 @@
 """Evaluate prediction sets written by `infer`: accuracy, per-class report, confusion matrix, comparisons.
 
 Only completed runs are read (their `_manifest.json` lists the files), and only the small columns
-(pred, label, error): memory is ~20 bytes per row, not the probabilities.
+(pred, label, error): memory is ~20 bytes per row. The probabilities are read file by file for the
+calibration numbers (NLL, expected calibration error, the reliability diagram), never all at once.
 Accuracy is over rows that have both a label and a prediction; error rows and unlabeled rows are
 counted separately, never silently mixed in.
 """
@@ -19,9 +20,13 @@ from sklearn.metrics import accuracy_score
 
 from imgcls_dist.data.schema import LABEL, read_dataset_meta
 from imgcls_dist.errors import UserError
-from imgcls_dist.evaluate.metrics import write_classification_report
+from imgcls_dist.evaluate.metrics import ECE_BINS, ReliabilityBins, write_classification_report
+from imgcls_dist.evaluate.plots import plot_reliability
 from imgcls_dist.infer.publish import ERROR, prediction_files, read_manifest
 from imgcls_dist.storage import PathLike, location
+
+
+RELIABILITY_PLOT = "reliability.png"
 
 
 def _load_columns(out: PathLike) -> pa.Table:
@@ -34,7 +39,25 @@ def _load_columns(out: PathLike) -> pa.Table:
     return pa.concat_tables(pq.read_table(f.path, filesystem=f.fs, columns=["pred", LABEL, ERROR]) for f in files)
 
 
-def summarize(out: PathLike, num_classes: int | None = None) -> dict[str, Any]:
+def calibration(out: PathLike) -> tuple[float, ReliabilityBins]:
+    """(mean NLL, reliability bins) over the rows with a label and a prediction, file by file."""
+    bins, nll_sum, n = ReliabilityBins.empty(), 0.0, 0
+    for f in prediction_files(out):
+        t = pq.read_table(f.path, filesystem=f.fs, columns=["probs", LABEL, ERROR])
+        ok = (t.column(LABEL).is_valid().to_numpy(zero_copy_only=False)
+              & t.column(ERROR).is_null().to_numpy(zero_copy_only=False))
+        if not ok.any():
+            continue
+        t = t.filter(pa.array(ok))
+        probs = np.asarray(t.column("probs").combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)
+        y = t.column(LABEL).to_numpy(zero_copy_only=False).astype(np.int64)
+        bins.add(probs, y)
+        nll_sum += float(-np.log(np.clip(probs[np.arange(len(y)), y].astype(np.float64), 1e-12, 1.0)).sum())
+        n += len(y)
+    return (nll_sum / n if n else float("nan")), bins
+
+
+def summarize(out: PathLike, num_classes: int | None = None, with_calibration: bool = False) -> dict[str, Any]:
     """Counts and accuracy of one prediction set, plus the arrays for a full report."""
     manifest = read_manifest(out)
     t = _load_columns(out)
@@ -47,6 +70,7 @@ def summarize(out: PathLike, num_classes: int | None = None) -> dict[str, Any]:
         bad = int(y_true.min() if y_true.min() < 0 else y_true.max())
         raise UserError(f"{out}: label {bad} outside classes [0, {num_classes - 1}]")
     models = manifest.get("models", [])
+    nll, bins = calibration(out) if with_calibration and len(y_true) else (float("nan"), None)
     return {
         "out": str(out),
         "run_id": manifest.get("run_id"),
@@ -62,6 +86,9 @@ def summarize(out: PathLike, num_classes: int | None = None) -> dict[str, Any]:
         "y_true": y_true,
         "y_pred": y_pred,
         "classes": manifest.get("classes"),
+        "temperatures": manifest.get("temperatures"),
+        "nll": nll,
+        "bins": bins,
     }
 
 
@@ -107,8 +134,11 @@ def comparison_rows(sets: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "name": name, "models": s["models"], "archs": s["archs"], "views": s["views"], "combine": s["combine"],
             "rows": s["rows"], "errors": s["error_rows"], "evaluated": s["evaluated_rows"],
+            "calibrated": "yes" if any(t != 1 for t in (s.get("temperatures") or [])) else "no",
             "accuracy": round(s["accuracy"], 4),
             "vs_best_single": None if base is None else round(s["accuracy"] - base, 4),
+            "nll": round(s["nll"], 4),
+            "ece": round(s["bins"].ece(), 4) if s.get("bins") is not None else None,
         })
     return rows
 
@@ -138,7 +168,7 @@ def evaluate_predictions(
     """Report for OUT (classification_report.txt, confusion_matrix.png, metrics.json in report_dir,
     default OUT/eval) and, with `compare`, a comparison table (printed and comparison.csv)."""
     classes = _classes(out, classes_file)
-    main = summarize(out, len(classes))
+    main = summarize(out, len(classes), with_calibration=bool(compare))
     if not main["evaluated_rows"]:
         raise UserError(f"{out}: nothing to evaluate: no row has both a label and a prediction "
                         f"({main['rows']} rows, {main['error_rows']} errors, {main['unlabeled_rows']} without label)")
@@ -158,7 +188,7 @@ def evaluate_predictions(
         for cname, cpath in compare.items():
             if cname in sets:
                 raise UserError(f"--compare: name {cname!r} clashes with the main prediction set's name")
-            s = summarize(cpath, len(classes))
+            s = summarize(cpath, len(classes), with_calibration=True)
             if s["classes"] and list(s["classes"]) != classes:
                 raise UserError(f"{cpath}: classes differ from {out}")
             sets[cname] = s
@@ -168,6 +198,10 @@ def evaluate_predictions(
         w.writeheader()
         w.writerows(rows)
         (report_dir / "comparison.csv").write_text(buf.getvalue())
+        curves = {name: (*s["bins"].curve()[:2], s["bins"].ece()) for name, s in sets.items() if s["bins"] is not None}
+        plot_reliability(curves, report_dir / RELIABILITY_PLOT, title="reliability (top-1 confidence)")
         say(format_table(rows))
+        say(f"calibration: {report_dir / RELIABILITY_PLOT} (nll: mean negative log-likelihood; ece: expected "
+            f"calibration error, {ECE_BINS} bins)")
         result["comparison"] = rows
     return result

@@ -131,6 +131,7 @@ class InferJob:
     members: list[dict[str, Any]]
     classes: list[str]
     norm_weights: list[float]
+    temperatures: list[float]
     batch_size: int
     out: Location
 
@@ -152,7 +153,8 @@ def _check_output(out: Location, files: list[Location]) -> None:
 
 
 def validate_job(models, input, output, *, tta, batch_size, weights, combine) -> InferJob:
-    from imgcls_dist.infer.predictor import EnsemblePredictor, resolve_ensemble
+    from imgcls_dist.ensemble.manifest import print_spread_note, resolve_ensemble
+    from imgcls_dist.infer.predictor import EnsemblePredictor
 
     files = list_parquet(input)
     rows_in = validate_files(files, require_id=True)
@@ -160,14 +162,15 @@ def validate_job(models, input, output, *, tta, batch_size, weights, combine) ->
     if label_mixed:
         print("infer: note: only some input files have a 'label' column; labels are not passed through",
               file=sys.stderr)
-    model_paths, weights, combine = resolve_ensemble(models, weights, combine)
+    spec = resolve_ensemble(models, weights, combine)
     # Built once on CPU here so a bad file, arch/weights mismatch or class mismatch fails now, not in an actor.
-    probe = EnsemblePredictor(model_paths, views=tta, weights=weights, combine=combine, device="cpu",
-                              batch_size=batch_size)
+    probe = EnsemblePredictor.from_spec(spec, views=tta, device="cpu", batch_size=batch_size)
     out = location(output)
     _check_output(out, files)
-    return InferJob(files, rows_in, with_label, model_paths, weights, probe.combine, probe.views, probe.input_keys,
-                    probe.describe(), probe.classes, probe.weights, batch_size, out)
+    print_spread_note(spec, probe.describe())
+    return InferJob(files, rows_in, with_label, spec.paths, spec.weights, probe.combine, probe.views,
+                    probe.input_keys, probe.describe(), probe.classes, probe.weights, probe.temperatures,
+                    batch_size, out)
 
 
 def plan_job(num_actors: int | None) -> tuple[ActorPlan, float]:
@@ -208,7 +211,8 @@ def execute(job: InferJob, plan: ActorPlan, staging: Location, cpus_before: floa
             ds = ds.map_batches(
                 PredictActor,
                 fn_constructor_kwargs=dict(model_paths=job.model_paths, views=job.views, weights=job.weights,
-                                           combine=job.combine, batch_size=job.batch_size,
+                                           combine=job.combine, temperatures=job.temperatures,
+                                           batch_size=job.batch_size,
                                            torch_threads=plan.torch_threads, with_label=job.with_label),
                 compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
@@ -250,6 +254,7 @@ def publish_job(job: InferJob, plan: ActorPlan, staging: Location, lease: publis
         "tta_views": job.views,
         "combine": job.combine,
         "weights": job.norm_weights,
+        "temperatures": job.temperatures,
         "batch_size": job.batch_size,
         "actors": asdict(plan),
         "wall_s": round(wall, 3),

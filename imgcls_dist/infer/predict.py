@@ -9,7 +9,8 @@ import numpy as np
 
 from imgcls_dist.data.decode import decode_file
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.predictor import EnsemblePredictor, resolve_ensemble
+from imgcls_dist.ensemble.manifest import print_spread_note, resolve_ensemble
+from imgcls_dist.infer.predictor import EnsemblePredictor
 from imgcls_dist.infer.prepare import resize_for
 
 
@@ -22,9 +23,12 @@ def load_predictor(
     device: str | None = None,
     batch_size: int = 64,
 ) -> EnsemblePredictor:
-    """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's."""
-    paths, weights, combine = resolve_ensemble(models, weights, combine)
-    return EnsemblePredictor(paths, views=tta, weights=weights, combine=combine, device=device, batch_size=batch_size)
+    """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's,
+    --tta its views; its temperatures always apply."""
+    spec = resolve_ensemble(models, weights, combine)
+    predictor = EnsemblePredictor.from_spec(spec, views=tta, device=device, batch_size=batch_size)
+    print_spread_note(spec, predictor.describe())
+    return predictor
 
 
 def predict_with(predictor: EnsemblePredictor, images: Sequence[str | Path], topk: int = 5) -> list[dict[str, Any]]:

@@ -9,13 +9,16 @@ RGB step, so both give identical pixels (tests/test_infer_predictor.py checks it
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+import pyarrow.parquet as pq
 from PIL import Image
 
 from imgcls_dist.data.augment import apply, build_eval_transform
 from imgcls_dist.data.decode import DEFAULT_MAX_PIXELS, decode_image
+from imgcls_dist.data.schema import IMAGE, LABEL
+from imgcls_dist.storage import PathLike, location
 
 InputKey = tuple[int, int]  # (image_size, channels)
 
@@ -57,3 +60,23 @@ def prepare_encoded(
                 err = " ".join(f"preprocess failed: {type(exc).__name__}: {exc}".split())[:200]
         errors[i] = err
     return arrays, errors
+
+
+def labelled_batches(files: Sequence[PathLike], keys: Sequence[InputKey], batch_size: int = 256,
+                     max_rows: int | None = None) -> Iterator[tuple[np.ndarray, dict[InputKey, np.ndarray]]]:
+    """(labels, {key: [N,H,W,C] uint8}) batches of labelled shards, streamed (memory does not grow with
+    the split); undecodable or unlabelled rows get label -1. At most `max_rows` rows."""
+    seen = 0
+    for uri in files:
+        f = location(uri)
+        pf = pq.ParquetFile(f.path, filesystem=f.fs)
+        for batch in pf.iter_batches(batch_size=batch_size, columns=[IMAGE, LABEL]):
+            if max_rows is not None:
+                if seen >= max_rows:
+                    return
+                batch = batch.slice(0, max_rows - seen)
+            seen += batch.num_rows
+            arrays, errors = prepare_encoded(batch.column(IMAGE).to_pylist(), keys)
+            y = np.array([-1 if v is None else v for v in batch.column(LABEL).to_pylist()], dtype=np.int64)
+            y[np.array([e is not None for e in errors], dtype=bool)] = -1
+            yield y, arrays

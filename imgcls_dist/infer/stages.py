@@ -71,14 +71,14 @@ def decode_batch(batch: pa.Table, keys: list[InputKey], with_label: bool) -> pa.
 class PredictActor:
     """Ray Data actor UDF: loads the ensemble once per actor, predicts the rows that decoded."""
 
-    def __init__(self, model_paths, views, weights, combine, batch_size, torch_threads, with_label):
+    def __init__(self, model_paths, views, weights, combine, temperatures, batch_size, torch_threads, with_label):
         import torch
 
         from imgcls_dist.infer.predictor import EnsemblePredictor
 
         torch.set_num_threads(torch_threads)
         self.predictor = EnsemblePredictor(model_paths, views=views, weights=weights, combine=combine,
-                                           batch_size=batch_size)
+                                           temperatures=temperatures, batch_size=batch_size)
         self.with_label = with_label
         self.schema = output_schema(with_label)
 

@@ -329,7 +329,7 @@ def finalize_campaign(cfg: ExperimentConfig, campaign: Location, grid, plan: dic
     best_cfg = R.best_config(base, best, keys, name=f"{cfg.run.name}_best", storage_path=cfg.run.storage_path,
                              num_workers=plan["workers_per_trial"])
     best_yaml = R.write_best_yaml(best_cfg, best, campaign / R.BEST_FILE)
-    ens_path, members = R.write_ensemble(rows, cfg.tune.top_k, campaign)
+    ens_path, members = R.write_ensemble(rows, cfg.tune.top_k, campaign, cfg.data.path, cfg.data.max_val_samples)
     summary.update({"best_trial": best["trial"], "best_val_acc": best["best_val_acc"],
                     "best_params": {k: best[k] for k in keys}, "best_config": best_yaml.uri,
                     "ensemble": ens_path.uri if ens_path else None, "ensemble_members": members})

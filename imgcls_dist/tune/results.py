@@ -15,7 +15,8 @@ from typing import Any
 
 from imgcls_dist.config import ExperimentConfig, TuneConfig, build_config, write_config
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.predictor import ENSEMBLE_FILE
+from imgcls_dist.ensemble.build import build_ensemble
+from imgcls_dist.ensemble.manifest import ENSEMBLE_FILE
 from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.train.state import HISTORY
@@ -23,15 +24,6 @@ from imgcls_dist.tune.space import apply_sampled
 
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.yaml"
-# Ensemble weights: softmax(val_acc / T). Validation accuracies of a campaign's top trials sit within a
-# point or two of each other, so weights proportional to val_acc would be uniform in all but name
-# (0.985 vs 0.975 -> 50.3% / 49.7%). With T = 0.01 every extra point of validation accuracy multiplies
-# a model's weight by e: a clearly better trial leads, while trials within noise of each other (one
-# image of a ~270-image val split is 0.4 points) keep comparable say - a mild, monotone preference
-# that never zeroes a member out (that is what top_k is for).
-WEIGHT_TEMPERATURE = 0.01
-WEIGHT_RULE = (f"softmax(val_acc / {WEIGHT_TEMPERATURE}) over the top-k trials' best validation accuracy: "
-               "+1 point of val_acc multiplies a model's weight by e; weights sum to 1")
 
 
 def _checkpoint_dirs(run_dir: Location) -> list[tuple[Location, list[dict]]]:
@@ -147,26 +139,16 @@ def write_best_yaml(cfg: ExperimentConfig, row: dict, path: PathLike) -> Locatio
     return write_config(cfg, path, header=header)
 
 
-def ensemble_weights(accs: list[float], temperature: float = WEIGHT_TEMPERATURE) -> list[float]:
-    m = max(accs)
-    ex = [math.exp((a - m) / temperature) for a in accs]
-    s = sum(ex)
-    return [e / s for e in ex]
-
-
-def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Location) -> tuple[Location | None, list[dict]]:
-    """Copy the top-k trials' best model.pt to models/<trial>/ and write ensemble.json (predictor format;
-    member paths relative to the campaign directory, so the campaign can be copied or moved as a whole)."""
+def write_ensemble(rows: list[dict], top_k: int, campaign_dir: Location, val: PathLike,
+                   max_val_rows: int | None = None) -> tuple[Location | None, list[dict]]:
+    """Copy the top-k trials' best model.pt to models/<trial>/ and build ensemble.json from them on the
+    validation split (`ensemble.build`: temperatures, greedy member and view selection). Member paths are
+    relative to the campaign directory, so the campaign can be copied or moved as a whole."""
     ranked = [r for r in sort_rows(rows) if r["best_val_acc"] is not None and r.get("checkpoint")]
     top = ranked[:top_k]
     if not top:
         return None, []
-    weights = ensemble_weights([r["best_val_acc"] for r in top])
-    models = []
-    for r, w in zip(top, weights):
-        dst = location(r["checkpoint"]) / MODEL_FILE
-        dst = dst.copy_to(campaign_dir / "models" / r["trial"] / MODEL_FILE)
-        models.append({"path": dst.relative_to(campaign_dir), "weight": w, "name": r["trial"],
-                       "val_acc": r["best_val_acc"], "epoch": r["best_epoch"]})
-    doc = {"models": models, "combine": "weighted", "weight_rule": WEIGHT_RULE}
-    return (campaign_dir / ENSEMBLE_FILE).write_text(json.dumps(doc, indent=2) + "\n"), models
+    copied = [(location(r["checkpoint"]) / MODEL_FILE).copy_to(campaign_dir / "models" / r["trial"] / MODEL_FILE).uri
+              for r in top]
+    doc = build_ensemble(copied, val, campaign_dir / ENSEMBLE_FILE, max_rows=max_val_rows)
+    return campaign_dir / ENSEMBLE_FILE, doc["models"]

@@ -1,0 +1,36 @@
+"""CLI subcommand `ensemble build` (registered by cli.py): parse and call `ensemble.build.build_ensemble`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_ensemble_build(a: argparse.Namespace) -> int:
+    from imgcls_dist.ensemble.build import build_ensemble
+
+    build_ensemble(a.models, a.val, a.out, batch_size=a.batch_size, max_rows=a.max_rows)
+    return 0
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected a positive integer")
+    return v
+
+
+def register_ensemble_commands(sub) -> None:
+    p = sub.add_parser("ensemble", help="build an ensemble on validation data (temperatures, members, TTA views)")
+    esub = p.add_subparsers(dest="ensemble_command", required=True)
+    b = esub.add_parser("build", help="fit temperatures, select members and TTA views on the validation split")
+    b.add_argument("--models", nargs="+", required=True, metavar="PATH",
+                   help="candidate model files / checkpoint dirs, one ensemble.json, or a tune campaign directory")
+    b.add_argument("--val", required=True,
+                   help="dataset directory (its val/ split is used, never test/) or labelled Parquet shards")
+    b.add_argument("--out", required=True, help="ensemble.json to write (or a directory to hold it)")
+    b.add_argument("--batch-size", type=_positive, default=128, help="images per forward, before TTA views")
+    b.add_argument("--max-rows", type=_positive, default=None, help="use at most this many validation rows")
+    b.set_defaults(func=cmd_ensemble_build)

@@ -1,0 +1,210 @@
+"""ensemble build: temperature scaling, greedy member and view selection on validation data, the manifest
+it writes, and that inference applies its temperatures, weights and views."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_infer_helpers import save_model
+
+from imgcls_dist.cli import main as cli_main
+from imgcls_dist.data.schema import split_files
+from imgcls_dist.ensemble.build import build_ensemble
+from imgcls_dist.ensemble.calibrate import MIN_ERRORS_TO_SHARPEN, choose_temperature, fit_temperature, softmax
+from imgcls_dist.ensemble.manifest import load_ensemble_manifest, resolve_ensemble, spread_note
+from imgcls_dist.ensemble.select import accuracy, log_loss, select_members, select_views
+from imgcls_dist.errors import UserError
+from imgcls_dist.evaluate.metrics import expected_calibration_error
+from imgcls_dist.infer.predict import load_predictor
+from imgcls_dist.infer.prepare import labelled_batches
+from imgcls_dist.models.checkpoint import load_model_file, save_model_file
+from imgcls_dist.models.preprocess import normalize
+
+# ------------------------------------------------------------------ synthetic logits (known answers)
+
+
+def calibrated_logits(n: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits whose softmax IS the label distribution: labels are drawn from softmax(logits)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2.0, (n, classes))
+    p = softmax(logits).astype(np.float64)
+    labels = np.array([rng.choice(classes, p=row / row.sum()) for row in p])
+    return logits.astype(np.float32), labels
+
+
+def test_temperature_lowers_nll_and_ece_of_an_over_confident_model_and_is_one_when_calibrated():
+    logits, y = calibrated_logits(4000, 10, seed=0)
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(1.0, abs=0.08)
+
+    over = logits * 3.0  # the same ranking, three times too sharp
+    t_over = fit_temperature(over, y)
+    assert t_over == pytest.approx(3.0, rel=0.1)
+    before, after = softmax(over), softmax(over, t_over)
+    assert log_loss(after, y) < log_loss(before, y) - 0.1
+    assert expected_calibration_error(after, y) < expected_calibration_error(before, y) / 2
+    assert accuracy(after, y) == accuracy(before, y)  # T never changes an argmax
+    assert choose_temperature(over, y)[0] == t_over  # softening is always fitted
+
+
+def test_no_sharpening_is_fitted_on_a_validation_split_without_enough_errors():
+    logits, _ = calibrated_logits(300, 10, seed=11)
+    y = logits.argmax(axis=1)  # every row right: NLL falls without bound as T -> 0
+    assert fit_temperature(logits, y) < 0.2
+    t, why = choose_temperature(logits, y)
+    assert t == 1.0 and "0 validation errors" in why
+    y[:MIN_ERRORS_TO_SHARPEN] = (y[:MIN_ERRORS_TO_SHARPEN] + 1) % 10  # enough errors: the fit stands
+    assert choose_temperature(logits, y)[0] == fit_temperature(logits, y)
+
+
+def _member(y: np.ndarray, classes: int, correct: float, sharp: float, seed: int) -> np.ndarray:
+    """Probabilities of a synthetic member right on a `correct` fraction of rows (errors independent)."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 1.0, (len(y), classes))
+    right = rng.random(len(y)) < correct
+    target = np.where(right, y, (y + rng.integers(1, classes, len(y))) % classes)
+    logits[np.arange(len(y)), target] += sharp
+    return softmax(logits)
+
+
+def test_selection_never_loses_to_the_best_member_and_a_weak_member_gets_little_weight():
+    y = np.random.default_rng(1).integers(0, 10, 2000)
+    strong, weak = _member(y, 10, 0.95, 4.0, seed=2), _member(y, 10, 0.40, 4.0, seed=3)
+    counts, steps = select_members(np.stack([weak, strong]), y, ["weak", "strong"])
+    ens = (counts[0] * weak + counts[1] * strong) / sum(counts)
+    assert steps[0].added == "strong"  # the best single member by log-loss starts
+    assert log_loss(ens, y) <= log_loss(strong, y) and accuracy(ens, y) >= accuracy(strong, y)
+    assert counts[0] / sum(counts) <= 0.2
+    assert all(b.nll < a.nll and b.acc >= a.acc for a, b in zip(steps, steps[1:]))  # every step helped
+
+
+def test_two_comparable_members_ensemble_beats_both():
+    y = np.random.default_rng(4).integers(0, 10, 2000)
+    a, b = _member(y, 10, 0.85, 3.0, seed=5), _member(y, 10, 0.85, 3.0, seed=6)
+    counts, _ = select_members(np.stack([a, b]), y, ["a", "b"])
+    ens = (counts[0] * a + counts[1] * b) / sum(counts)
+    assert min(counts) >= 1
+    assert log_loss(ens, y) < min(log_loss(a, y), log_loss(b, y))
+    assert accuracy(ens, y) >= max(accuracy(a, y), accuracy(b, y))
+
+
+def test_a_view_that_hurts_is_never_chosen():
+    y = np.random.default_rng(7).integers(0, 10, 1000)
+    views = {"identity": _member(y, 10, 0.9, 3.0, seed=8), "shift_left": _member(y, 10, 0.9, 3.0, seed=9),
+             "vflip": _member(y, 10, 0.1, 3.0, seed=10)}  # a flipped digit is mostly another digit
+    chosen, steps = select_views(views, y, list(views))
+    assert "vflip" not in chosen and chosen[:2] == ["identity", "shift_left"]
+    assert steps[-1].nll < steps[0].nll
+
+
+# ------------------------------------------------------------------ real model files on digits
+
+
+def train_digits_model(path: Path, data: Path, epochs: int, seed: int, limit: int | None = None) -> Path:
+    """A lenet5 at 16px trained in-process with plain torch (seconds), saved as a model file whose training
+    config allows the standard preset's shift and zoom views."""
+    torch.manual_seed(seed)
+    model_path = save_model(path, "lenet5", 16, seed=seed)
+    payload = load_model_file(model_path)
+    from imgcls_dist.models.registry import build_model_from_file
+
+    model, meta = build_model_from_file(model_path)
+    xs, ys = [], []
+    for y, arrays in labelled_batches(split_files(data, "train"), [(16, 3)], 256, max_rows=limit):
+        xs.append(torch.from_numpy(arrays[(16, 3)]).permute(0, 3, 1, 2))
+        ys.append(torch.from_numpy(y))
+    x, y = torch.cat(xs), torch.cat(ys)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(normalize(x[idx], meta["mean"], meta["std"])), y[idx])
+            loss.backward()
+            opt.step()
+    config = {"augment": {"preset": "standard", "strength": 0.5}}
+    return save_model_file(path, model=model, arch="lenet5", classes=payload["classes"], in_channels=3, image_size=16,
+                           mean=payload["mean"], std=payload["std"], hflip=False, config=config,
+                           metrics={"val_acc": 0.0})
+
+
+@pytest.fixture(scope="module")
+def digit_models(digits_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ens_models")
+    return {"strong": train_digits_model(root / "strong", digits_dir, epochs=8, seed=0),
+            "strong2": train_digits_model(root / "strong2", digits_dir, epochs=8, seed=1),
+            "weak": train_digits_model(root / "weak", digits_dir, epochs=1, seed=2, limit=128)}
+
+
+def test_build_on_validation_never_loses_and_inference_applies_the_manifest(digit_models, digits_dir, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "ens" / "ensemble.json"
+    doc = build_ensemble([digit_models["strong"], digit_models["weak"], digit_models["strong2"]], digits_dir, out)
+    v = doc["validation"]
+    cands = {c["name"]: c for c in v["candidates"]}
+    best = min(v["candidates"], key=lambda c: c["nll_calibrated"])
+    assert v["result"]["nll"] <= best["nll_calibrated"] and v["result"]["acc"] >= best["acc"]
+    assert cands["weak"]["acc"] < cands["strong"]["acc"] - 0.2 and cands["weak"]["weight"] <= 0.2
+    counts = json.loads((digits_dir / "dataset.json").read_text())["counts"]
+    assert v["rows"] == counts["val"]  # the val split, never test
+    assert "/test/" not in v["split"] and "/val/" in v["split"]
+    assert set(doc["views"]) <= set(v["candidate_views"]) and doc["views"][0] == "identity"
+    assert all(c["nll_calibrated"] <= c["nll"] + 1e-6 for c in v["candidates"])
+    assert (out.parent / "ensemble_calibration.png").stat().st_size > 5000
+    assert "built, views" in capsys.readouterr().out
+
+    # the manifest round-trips and the predictor applies temperatures, weights and views from it
+    spec = load_ensemble_manifest(out)
+    assert spec.views == doc["views"] and spec.combine == "weighted"
+    assert spec.temperatures == [m["temperature"] for m in doc["models"]]
+    pred = load_predictor(out)
+    assert pred.views == doc["views"] and pred.temperatures == spec.temperatures
+    assert load_predictor(out, tta="none").views == ["identity"]  # --tta still overrides
+    ys, ps = [], []
+    for y, arrays in labelled_batches(split_files(digits_dir, "val"), pred.input_keys, 128):
+        ys.append(y)
+        ps.append(pred.predict_uint8(arrays))
+    probs, y = np.concatenate(ps), np.concatenate(ys)
+    assert log_loss(probs, y) == pytest.approx(v["result"]["nll"], abs=1e-4)
+    assert accuracy(probs, y) == pytest.approx(v["result"]["acc"])
+
+
+def test_cli_build_from_a_campaign_layout_and_bad_input(digit_models, digits_dir, tmp_path, capsys):
+    camp = tmp_path / "camp"
+    for name in ("strong", "weak"):
+        (camp / "models" / name).mkdir(parents=True)
+        (camp / "models" / name / "model.pt").write_bytes(Path(digit_models[name]).read_bytes())
+    assert cli_main(["ensemble", "build", "--models", str(camp), "--val", str(digits_dir),
+                     "--out", str(camp / "ensemble.json"), "--max-rows", "200"]) == 0
+    doc = json.loads((camp / "ensemble.json").read_text())
+    assert doc["validation"]["rows"] == 200 and doc["models"][0]["path"] == "models/strong/model.pt"
+    assert load_ensemble_manifest(camp / "ensemble.json").paths[0] == str(camp / "models" / "strong" / "model.pt")
+
+    no_val = tmp_path / "noval"
+    (no_val / "train").mkdir(parents=True)
+    (no_val / "dataset.json").write_text((digits_dir / "dataset.json").read_text())
+    assert cli_main(["ensemble", "build", "--models", str(digit_models["strong"]), "--val", str(no_val),
+                     "--out", str(tmp_path / "e.json")]) == 2
+    assert "missing split directory val/" in capsys.readouterr().err
+    other = save_model(tmp_path / "other", classes=[str(i) for i in range(7)])
+    with pytest.raises(UserError, match="classes differ"):
+        build_ensemble([digit_models["strong"], other], digits_dir, tmp_path / "x.json", verbose=False)
+
+
+def test_models_without_a_manifest_get_a_note_when_their_val_accuracies_differ(tmp_path):
+    a = save_model(tmp_path / "a")
+    members = [{"path": "a", "metrics": {"val_acc": 0.99}}, {"path": "b", "metrics": {"val_acc": 0.95}}]
+    spec = resolve_ensemble([a])
+    note = spread_note(spec, members)
+    assert note and "4.0 points" in note and "ensemble build" in note
+    assert spread_note(spec, [members[0], {"path": "c", "metrics": {"val_acc": 0.985}}]) is None
+    manifest = tmp_path / "ensemble.json"
+    manifest.write_text(json.dumps({"models": [{"path": "a", "weight": 1.0}]}))
+    assert spread_note(resolve_ensemble(str(manifest)), members) is None  # a built manifest says nothing
+    manifest.write_text(json.dumps({"models": [{"path": "a", "temperature": 0}]}))
+    with pytest.raises(UserError, match="'temperature' must be > 0"):
+        load_ensemble_manifest(manifest)
