@@ -169,6 +169,10 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, 
     log = open(tmp_path / "driver.log", "w")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
     env["TUNE_GLOBAL_CHECKPOINT_S"] = "1"  # Tune snapshots its state every second, not every 10
+    # Train's default poll (conftest makes it 0.25 s): each report waits for a poll, which keeps the long
+    # trial's epochs slow enough to be caught mid-run (at 0.25 s it finished all 12 before Tune recorded the
+    # short trial, in one fresh-clone run).
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "2"
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     camp = storage / "res"
     deadline = time.time() + 240
