@@ -3,6 +3,7 @@ bad input schemas, and actor-pool sizing."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -23,6 +24,8 @@ from imgcls_dist.data.synthetic import write_synthetic_shards
 from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.infer import publish
 from imgcls_dist.infer.pipeline import plan_actors, read_manifest, run_batch_inference
+from imgcls_dist.infer.predict import load_predictor
+from imgcls_dist.infer.prepare import prepare_encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,6 +142,27 @@ def test_good_rows_match_a_clean_run(mixed_run, clean_out):
     for rid, r in clean.items():
         assert mixed[rid]["pred"] == r["pred"]
         np.testing.assert_allclose(mixed[rid]["probs"], r["probs"], atol=1e-5)
+
+
+def test_a_built_manifest_reaches_the_predictor_actors(ray_session, models, inputs, tmp_path):
+    """Weights, temperatures and views of an ensemble.json go through the Ray Data job: its probabilities are
+    the in-process predictor's for the same manifest."""
+    manifest = tmp_path / "ensemble.json"
+    manifest.write_text(json.dumps({"models": [{"path": str(models[0]), "weight": 3, "temperature": 0.5},
+                                               {"path": str(models[1]), "weight": 1, "temperature": 2.0}],
+                                    "combine": "weighted", "views": ["identity", "shift_left"]}))
+    out = tmp_path / "out"
+    m = run_batch_inference(manifest, inputs.clean, out, batch_size=32, verbose=False)
+    assert m["temperatures"] == [0.5, 2.0] and m["tta_views"] == ["identity", "shift_left"]
+    assert m["weights"] == [0.75, 0.25]
+    rows = by_id(read_out(out))
+    pred = load_predictor(manifest)
+    ids, images = [r[0] for r in inputs.good_rows[:40]], [r[1] for r in inputs.good_rows[:40]]
+    arrays, errors = prepare_encoded(images, pred.input_keys)
+    assert not any(errors)
+    expect = pred.predict_uint8(arrays)
+    got = np.array([rows[i]["probs"] for i in ids])
+    np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
 def test_rerun_replaces_instead_of_appending(models, inputs, clean_out):

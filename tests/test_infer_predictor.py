@@ -78,6 +78,12 @@ def test_mean_and_weighted_combine_known_answer(tmp_path):
     # weights only matter through their ratio
     again = EnsemblePredictor([a, b], views="none", weights=[0.6, 0.2]).predict_uint8(x)
     np.testing.assert_allclose(again, weighted, atol=1e-6)
+    # a member's temperature divides its logits before its softmax (ensemble build's calibration)
+    scaled = EnsemblePredictor([a, b], views="none", temperatures=[2.0, 0.5]).predict_uint8(x)
+    expect = (softmax(np.asarray(la) / 2.0) + softmax(np.asarray(lb) / 0.5)) / 2
+    np.testing.assert_allclose(scaled, np.tile(expect, (4, 1)), atol=1e-5)
+    with pytest.raises(UserError, match="one > 0 per model"):
+        EnsemblePredictor([a, b], temperatures=[1.0, 0.0])
 
 
 def test_vote_counts_and_tie_break(tmp_path):

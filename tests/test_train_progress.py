@@ -12,8 +12,7 @@ from imgcls_dist.train.tensorboard import TensorBoardLog
 
 def test_progress_lines_and_per_step_scalars(tmp_path, capsys):
     tb = TensorBoardLog(str(tmp_path / "tb"))
-    p = EpochProgress(epoch=2, epochs=5, steps=10, first_step=0, world=2, every_s=0.01, tensorboard=tb,
-                      steps_per_epoch=10)
+    p = EpochProgress(epoch=2, epochs=5, steps=10, first_step=0, world=2, every_s=0.01, tensorboard=tb)
     for done in range(1, 11):
         time.sleep(0.012)
         p.step(done, samples=8, loss=1.0 / done, lr=0.1)

@@ -99,7 +99,7 @@ class EnsemblePredictor:
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         self.channels_last = cuda
         self.members: list[Member] = []
-        for path, w in zip(model_paths, self.weights):
+        for path, w, t in zip(model_paths, self.weights, self.temperatures):
             model, meta = build_model_from_file(path)
             if self.members and list(meta["classes"]) != list(self.members[0].meta["classes"]):
                 first = self.members[0]
@@ -108,9 +108,7 @@ class EnsemblePredictor:
                     f"{meta['path']} has {_short(meta['classes'])}"
                 )
             model = model.to(self.device, memory_format=torch.channels_last) if cuda else model.to(self.device)
-            self.members.append(Member(meta["path"], model.eval(), meta, w))
-        for m, t in zip(self.members, self.temperatures):
-            m.temperature = t
+            self.members.append(Member(meta["path"], model.eval(), meta, w, t))
         self.classes: list[str] = list(self.members[0].meta["classes"])
         self.hflip_ok = all(bool(m.meta.get("hflip", True)) for m in self.members)
         self.views = resolve_views(views, self.hflip_ok, default_views([m.meta for m in self.members]))

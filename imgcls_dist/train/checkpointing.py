@@ -22,6 +22,7 @@ from imgcls_dist.train.state import EpochStats, save_training_checkpoint
 
 TB_METRICS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
 MID_EPOCH_VAL_ACC = -1.0
+MID_EPOCH = "mid_epoch"  # the report key that marks a mid-epoch checkpoint (tune/report.py skips those)
 
 
 def save_checkpoint(run: WorkerRun, directory: Path, *, epoch: int, step: int = 0, val: dict | None = None,
@@ -72,7 +73,7 @@ def checkpoint_mid_epoch(run: WorkerRun, epoch: int, step: int, stats: EpochStat
     import ray.train
 
     partial = all_gather_list(stats.to_state(), run.world)
-    scalars = {"epoch": epoch, "step": step, "mid_epoch": 1, "val_acc": MID_EPOCH_VAL_ACC}
+    scalars = {"epoch": epoch, "step": step, MID_EPOCH: 1, "val_acc": MID_EPOCH_VAL_ACC}
     if run.rank != 0:
         ray.train.report(scalars, checkpoint=None)
         return

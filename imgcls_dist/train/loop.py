@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -122,8 +123,7 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
             stats.seen_idx.extend(ids[valid.cpu()].tolist())
         done = step + 1
         if _checkpoint_due(run, done, steps):
-            checkpoint_mid_epoch(run, epoch, done, EpochStats(**{**vars(stats), "seconds": stats.seconds +
-                                                                 time.perf_counter() - t0}))
+            checkpoint_mid_epoch(run, epoch, done, replace(stats, seconds=stats.seconds + time.perf_counter() - t0))
         progress.step(done, len(labels), float(loss.detach()) if finite else None, run.schedule.lrs[-1])
     stats.seconds += time.perf_counter() - t0
     return stats

@@ -14,11 +14,11 @@ def _duration(s: float) -> str:
 
 class EpochProgress:
     def __init__(self, *, epoch: int, epochs: int, steps: int, first_step: int, world: int, every_s: float,
-                 tensorboard=None, steps_per_epoch: int | None = None, enabled: bool = True):
+                 tensorboard=None, enabled: bool = True):
         self.epoch, self.epochs, self.steps, self.world = epoch, epochs, steps, world
         self.every_s, self.tb, self.enabled = every_s, tensorboard, enabled
         self.first_step = first_step
-        self.global_base = epoch * (steps_per_epoch or steps)
+        self.global_base = epoch * steps  # TensorBoard's step axis: optimizer steps since the run began
         self.t0 = self.last = time.perf_counter()
         self.samples = 0
 
