@@ -208,3 +208,23 @@ def test_models_without_a_manifest_get_a_note_when_their_val_accuracies_differ(t
     manifest.write_text(json.dumps({"models": [{"path": "a", "temperature": 0}]}))
     with pytest.raises(UserError, match="'temperature' must be > 0"):
         load_ensemble_manifest(manifest)
+
+
+def test_predict_with_members_of_different_val_accuracy_prints_the_note(tmp_path, capsys):
+    from PIL import Image
+
+    from imgcls_dist.data.builtin import digits_images
+
+    paths = []
+    for name, acc in (("good", 0.99), ("poor", 0.90)):
+        payload = load_model_file(save_model(tmp_path / name))
+        paths.append(str(save_model_file(tmp_path / name, state_dict=payload["state_dict"], metrics={"val_acc": acc},
+                                         **{k: payload[k] for k in ("arch", "classes", "in_channels", "image_size",
+                                                                    "mean", "std")})))
+    png = tmp_path / "digit.png"
+    Image.fromarray(digits_images(16)[0][0]).save(png)
+    assert cli_main(["predict", str(png), "--models", *paths]) == 0
+    err = capsys.readouterr().err
+    assert "9.0 points" in err and "ensemble build" in err and err.count("\n") == 1
+    assert cli_main(["predict", str(png), "--models", paths[0]]) == 0
+    assert "ensemble build" not in capsys.readouterr().err
