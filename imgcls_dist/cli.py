@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.infer.commands import register_infer_commands
 
     register_infer_commands(sub)  # infer, evaluate, predict
+    from imgcls_dist.serve.commands import register_serve_command
+
+    register_serve_command(sub)
     from imgcls_dist.tune.commands import register_tune_commands
 
     register_tune_commands(sub)

@@ -46,11 +46,16 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
             visit(child)
 
     visit(ast.parse(path.read_text()))
+    # My own ancestor packages have started initializing before I am loaded, so importing a sibling submodule
+    # does not run them again: that implicit edge is no dependency. (An explicit `from pkg import name` of
+    # something pkg/__init__ defines still counts: it is in `found` as pkg itself.)
+    mine = {".".join(me.split(".")[:i]) for i in range(1, len(me.split(".")))}
     out = set()
     for name in found:
         # importing a.b.c runs a/__init__ and a/b/__init__ too
         parts = name.split(".")
-        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        out.add(name)
+        out.update(p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p not in mine)
     return {m for m in out if m in modules and m != me}
 
 
@@ -95,5 +100,8 @@ def test_the_walker_sees_function_level_imports_and_reports_cycles():
     graph = import_graph()
     # cli imports its subcommands inside functions; those edges must be in the graph
     assert "imgcls_dist.train.job" in graph["imgcls_dist.cli"]
+    # a package __init__ importing its submodules is an edge; those submodules importing siblings is not one back
+    assert "imgcls_dist.serve.app" in graph["imgcls_dist.serve"]
+    assert "imgcls_dist.serve" not in graph["imgcls_dist.serve.app"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None

@@ -1,0 +1,148 @@
+"""The Ray Serve application: the batch job's `EnsemblePredictor`, decode and resize behind HTTP.
+
+One code path with `infer`/`predict`: the replica builds its predictor with `load_predictor` (ensemble.json
+weights, temperatures and views; `--tta` overrides) and turns request bytes into model inputs with
+`prepare_encoded`, the function the Ray Data decode stage calls, so a bad image is one row's error string
+here as there. Concurrent requests meet in `@serve.batch`: each image of each request is one batch item, so
+a batch's forward is shared, and an image that fails to decode only fails its own request (HTTP 400).
+
+Routes: POST /predict (raw image body or multipart `file` fields; ?topk=N), GET /info, GET /stats (this
+replica's request and batch-size counters). Serve's proxy answers /-/healthz and /-/routes.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures (Request, Query) at runtime.
+import asyncio
+import hashlib
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from imgcls_dist.infer.predict import load_predictor
+from imgcls_dist.infer.predictor import entropy_nats
+from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.serve.settings import ServeSettings
+from imgcls_dist.serve.uploads import RequestError, Upload, read_uploads
+
+DEPLOYMENT = "Classifier"
+api = FastAPI(title="imgcls-dist", description="image classification with an ensemble + TTA")
+
+
+def ensemble_id(members: list[dict[str, Any]], views: list[str], combine: str) -> str:
+    """A short stable id of what answers: member files, weights, temperatures, views, combine rule."""
+    key = [[m["path"], m["weight"], m["temperature"]] for m in members] + [views, combine]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def image_result(probs: np.ndarray, classes: list[str], topk: int) -> dict[str, Any]:
+    order = np.argsort(-probs, kind="stable")[: min(topk, len(classes))]
+    pred = int(order[0])
+    return {"pred": pred, "pred_name": classes[pred], "confidence": float(probs[pred]),
+            "entropy": float(entropy_nats(probs)),
+            "topk": [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in order]}
+
+
+@serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
+@serve.ingress(api)
+class Classifier:
+    def __init__(self, settings: dict[str, Any]):
+        self.settings = ServeSettings(**settings)
+        s = self.settings
+        self.predictor = load_predictor(s.models, tta=s.tta, weights=s.weights, combine=s.combine,
+                                        device=s.device, batch_size=s.max_batch_size)
+        self.id = ensemble_id(self.predictor.describe(), self.predictor.views, self.predictor.combine)
+        self.classify.set_max_batch_size(s.max_batch_size)
+        self.classify.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.batch_sizes: Counter[int] = Counter()
+        self.requests = Counter()
+
+    def _forward(self, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
+        arrays, errors = prepare_encoded(images, self.predictor.input_keys)
+        probs = self.predictor.predict_uint8(arrays)
+        return [(None, e) if e is not None else (p, None) for p, e in zip(probs, errors)]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from settings in __init__
+    async def classify(self, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
+        self.batch_sizes[len(images)] += 1
+        # Off the event loop: requests keep arriving (and forming the next batch) during the forward.
+        return await asyncio.to_thread(self._forward, images)
+
+    def _answer(self, uploads: list[Upload], outcomes, topk: int, multipart: bool) -> JSONResponse:
+        results = []
+        for up, (probs, error) in zip(uploads, outcomes):
+            r = {"error": error} if error is not None else image_result(probs, self.predictor.classes, topk)
+            results.append({"filename": up.name, **r} if multipart else r)
+        failed = [(i, up, err) for i, (up, (_, err)) in enumerate(zip(uploads, outcomes)) if err is not None]
+        for r in results:
+            r.setdefault("ensemble_id", self.id)
+        if not multipart:
+            return JSONResponse(results[0], status_code=400 if failed else 200)
+        body: dict[str, Any] = {"results": results, "ensemble_id": self.id}
+        if failed:
+            i, up, err = failed[0]
+            body["error"] = f"file {i + 1} ({up.name or 'unnamed'}): {err}"
+        return JSONResponse(body, status_code=400 if failed else 200)
+
+    @api.post("/predict")
+    async def predict(self, request: Request, topk: int | None = Query(None, ge=1)) -> JSONResponse:
+        s = self.settings
+        self.requests["requests"] += 1
+        try:
+            uploads = await read_uploads(request, s.max_body_bytes, s.max_files)
+        except RequestError as exc:
+            self.requests[f"http_{exc.status}"] += 1
+            return JSONResponse({"error": exc.message}, status_code=exc.status)
+        outcomes = await asyncio.gather(*(self.classify(u.data) for u in uploads))
+        self.requests["images"] += len(uploads)
+        response = self._answer(uploads, outcomes, topk or s.topk,
+                                request.headers.get("content-type", "").startswith("multipart/"))
+        self.requests[f"http_{response.status_code}"] += 1
+        return response
+
+    @api.get("/info")
+    async def info(self) -> dict[str, Any]:
+        p, s = self.predictor, self.settings
+        return {"ensemble_id": self.id, "members": p.describe(), "classes": p.classes, "views": p.views,
+                "combine": p.combine, "input_sizes": [{"image_size": k[0], "channels": k[1]} for k in p.input_keys],
+                "device": str(p.device), "max_batch_size": s.max_batch_size,
+                "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_body_bytes": s.max_body_bytes}
+
+    @api.get("/stats")
+    async def stats(self) -> dict[str, Any]:
+        """This replica's counters (a request lands on one replica; sum over replicas for the app)."""
+        sizes = self.batch_sizes
+        return {**self.requests, "batches": sum(sizes.values()), "max_batch_size_seen": max(sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
+
+
+def build_app(settings: ServeSettings, **deployment_options: Any) -> Application:
+    """The application for `serve.run`; `deployment_options` are Serve's (num_replicas, ray_actor_options, ...)."""
+    deployment = Classifier.options(**deployment_options) if deployment_options else Classifier
+    return deployment.bind(settings.model_dump())
+
+
+def replica_options(cpus: float = 1.0, gpus: float | None = None, replicas: int | None = None) -> dict[str, Any]:
+    """Serve deployment options: one GPU per replica when the cluster has GPUs (gpus None), else CPUs only."""
+    import ray
+
+    from imgcls_dist.ray_utils import cluster_gpus
+
+    if gpus is None:
+        gpus = 1.0 if ray.is_initialized() and cluster_gpus() >= 1 else 0.0
+    opts: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus}}
+    if replicas is not None:
+        opts["num_replicas"] = replicas
+    return opts
+
+
+def app(args: dict[str, Any]) -> Application:
+    """Application builder for `serve run imgcls_dist.serve:app models=...` and Serve config files
+    (`import_path: imgcls_dist.serve:app`, `args:`). `serve run` calls it before connecting to Ray, so GPUs
+    cannot be detected there: on a GPU cluster set `ray_actor_options.num_gpus` in the config file's
+    `deployments:` (configs/serve.yaml shows where), or run `imgcls-dist serve`, which detects them."""
+    return build_app(ServeSettings(**args), **replica_options())

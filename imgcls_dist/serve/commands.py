@@ -1,0 +1,43 @@
+"""CLI subcommand `serve`: parses arguments and calls `serve.local.serve_forever`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from imgcls_dist.errors import UserError
+    from imgcls_dist.serve.local import serve_forever
+    from imgcls_dist.serve.settings import ServeSettings
+
+    given = {"models": a.models, "tta": a.tta, "weights": a.weights, "combine": a.combine,
+             "max_batch_size": a.max_batch_size,
+             "batch_wait_timeout_s": None if a.batch_wait_ms is None else a.batch_wait_ms / 1000.0,
+             "max_body_bytes": None if a.max_body_mb is None else int(a.max_body_mb * 1024 * 1024)}
+    given = {k: v for k, v in given.items() if v is not None}  # unset: ServeSettings' defaults
+    try:
+        settings = ServeSettings(**given)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"serve: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    serve_forever(settings, host=a.host, port=a.port, replicas=a.replicas, cpus=a.cpus_per_replica,
+                  gpus=a.gpus_per_replica)
+    return 0
+
+
+def register_serve_command(sub) -> None:
+    from imgcls_dist.infer.commands import _add_model_args
+
+    p = sub.add_parser("serve", help="HTTP inference API with Ray Serve (same ensemble + TTA as infer)")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
+    p.add_argument("--max-batch-size", type=int, default=None, help="images per batched forward (default 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a batch waits to fill (default 5)")
+    p.add_argument("--max-body-mb", type=float, default=None, help="larger request bodies get HTTP 413 (default 16)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,40 @@
+"""The serving application's arguments: what `serve run imgcls_dist.serve:app k=v`, `configs/serve.yaml` (`args:`)
+and `imgcls-dist serve` give. Replicas, autoscaling and actor resources are Serve's own deployment options
+(`deployments:` in the config file, `--replicas` on the command line), not repeated here."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
+# accidental uploads of video or archives before they are read.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+# Measured with `imgcls-dist bench serve` (docs/benchmarks.md): a 5 ms window already fills batches under
+# load, and at concurrency 1 it adds at most 5 ms to a ~20-40 ms request.
+DEFAULT_BATCH_WAIT_S = 0.005
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    models: list[str] = Field(min_length=1, description="one ensemble.json, or model files / checkpoint dirs")
+    tta: str | None = Field(None, description="views as in infer --tta; None: the manifest's, else the default")
+    weights: list[float] | None = None
+    combine: str | None = None
+    max_batch_size: int = Field(16, ge=1, description="images per @serve.batch forward (before TTA views)")
+    batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_files: int = Field(64, ge=1, description="file fields per multipart request")
+    topk: int = Field(5, ge=1, description="default for ?topk=")
+    device: str | None = Field(None, description="None: cuda when the replica has a GPU, else cpu")
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        # `serve run imgcls_dist.serve:app models=a.pt` passes one string; a comma list names several.
+        return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights(cls, v):
+        return [float(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
