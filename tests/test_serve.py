@@ -188,7 +188,6 @@ def test_concurrent_clients_all_succeed_and_share_batches(server, digits_dir):
 def test_shutdown_leaves_no_serve_actors(server, digits_dir):  # last: it stops the module's server
     from ray import serve
 
-    assert post(f"{server}/predict", digit_pngs(digits_dir, 1)[0][0])[0] == 200
     assert serve_actors(), "no Serve actors while serving?"
     serve.shutdown()
     deadline = time.monotonic() + 30
