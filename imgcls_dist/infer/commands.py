@@ -12,7 +12,7 @@ def _weights(s: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers like 0.6,0.4") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", required=True, metavar="PATH",
                    help="one ensemble.json, or model files / checkpoint directories")
     p.add_argument("--tta", default=None,
@@ -50,7 +50,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def register_infer_commands(sub) -> None:
     p = sub.add_parser("infer", help="batch inference over Parquet shards with Ray Data (ensemble + TTA)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--input", required=True, help="Parquet file, directory or glob with id + image columns")
     p.add_argument("--output", required=True, help="predictions directory (replaced on rerun)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward, before TTA views")
@@ -61,7 +61,7 @@ def register_infer_commands(sub) -> None:
 
     p = sub.add_parser("predict", help="top-k classes for local image files (no Ray)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--topk", type=int, default=5)
     p.set_defaults(func=cmd_predict)
 

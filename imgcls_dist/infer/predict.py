@@ -43,10 +43,14 @@ def predict_with(predictor: EnsemblePredictor, images: Sequence[str | Path], top
         batch = {key: np.stack([r[key] for r in per_image]) for key in predictor.input_keys}
         probs = predictor.predict_uint8(batch)
         for path, p in zip(chunk, probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            top = [{"class": predictor.classes[i], "index": int(i), "prob": float(p[i])} for i in order]
-            results.append({"path": str(path), "top": top})
+            results.append({"path": str(path), "top": top_classes(p, predictor.classes, k)})
     return results
+
+
+def top_classes(probs: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, Any]]:
+    """The k most probable classes of one image, most probable first (ties: lower index first)."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in order]
 
 
 def predict_images(

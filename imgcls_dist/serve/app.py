@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
-from imgcls_dist.infer.predict import load_predictor
+from imgcls_dist.infer.predict import load_predictor, top_classes
 from imgcls_dist.infer.predictor import entropy_nats
 from imgcls_dist.infer.prepare import prepare_encoded
 from imgcls_dist.serve.settings import ServeSettings
-from imgcls_dist.serve.uploads import RequestError, Upload, read_uploads
+from imgcls_dist.serve.uploads import RequestError, Upload, is_multipart, read_uploads
 
 DEPLOYMENT = "Classifier"
 api = FastAPI(title="imgcls-dist", description="image classification with an ensemble + TTA")
@@ -40,11 +40,9 @@ def ensemble_id(members: list[dict[str, Any]], views: list[str], combine: str) -
 
 
 def image_result(probs: np.ndarray, classes: list[str], topk: int) -> dict[str, Any]:
-    order = np.argsort(-probs, kind="stable")[: min(topk, len(classes))]
-    pred = int(order[0])
-    return {"pred": pred, "pred_name": classes[pred], "confidence": float(probs[pred]),
-            "entropy": float(entropy_nats(probs)),
-            "topk": [{"class": classes[i], "index": int(i), "prob": float(probs[i])} for i in order]}
+    top = top_classes(probs, classes, min(topk, len(classes)))
+    return {"pred": top[0]["index"], "pred_name": top[0]["class"], "confidence": top[0]["prob"],
+            "entropy": float(entropy_nats(probs)), "topk": top}
 
 
 @serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
@@ -73,20 +71,18 @@ class Classifier:
         return await asyncio.to_thread(self._forward, images)
 
     def _answer(self, uploads: list[Upload], outcomes, topk: int, multipart: bool) -> JSONResponse:
-        results = []
-        for up, (probs, error) in zip(uploads, outcomes):
+        results, first_error = [], None
+        for i, (up, (probs, error)) in enumerate(zip(uploads, outcomes)):
             r = {"error": error} if error is not None else image_result(probs, self.predictor.classes, topk)
+            r["ensemble_id"] = self.id
             results.append({"filename": up.name, **r} if multipart else r)
-        failed = [(i, up, err) for i, (up, (_, err)) in enumerate(zip(uploads, outcomes)) if err is not None]
-        for r in results:
-            r.setdefault("ensemble_id", self.id)
+            if error is not None and first_error is None:
+                first_error = f"file {i + 1} ({up.name or 'unnamed'}): {error}"
+        status = 200 if first_error is None else 400
         if not multipart:
-            return JSONResponse(results[0], status_code=400 if failed else 200)
-        body: dict[str, Any] = {"results": results, "ensemble_id": self.id}
-        if failed:
-            i, up, err = failed[0]
-            body["error"] = f"file {i + 1} ({up.name or 'unnamed'}): {err}"
-        return JSONResponse(body, status_code=400 if failed else 200)
+            return JSONResponse(results[0], status_code=status)
+        body = {"results": results, "ensemble_id": self.id, **({"error": first_error} if first_error else {})}
+        return JSONResponse(body, status_code=status)
 
     @api.post("/predict")
     async def predict(self, request: Request, topk: int | None = Query(None, ge=1)) -> JSONResponse:
@@ -99,8 +95,7 @@ class Classifier:
             return JSONResponse({"error": exc.message}, status_code=exc.status)
         outcomes = await asyncio.gather(*(self.classify(u.data) for u in uploads))
         self.requests["images"] += len(uploads)
-        response = self._answer(uploads, outcomes, topk or s.topk,
-                                request.headers.get("content-type", "").startswith("multipart/"))
+        response = self._answer(uploads, outcomes, topk or s.topk, is_multipart(request))
         self.requests[f"http_{response.status_code}"] += 1
         return response
 

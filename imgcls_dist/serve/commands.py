@@ -28,16 +28,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def register_serve_command(sub) -> None:
-    from imgcls_dist.infer.commands import _add_model_args
+    from imgcls_dist.infer.commands import add_model_args
+    from imgcls_dist.serve.settings import ServeSettings
 
+    default = {k: f.default for k, f in ServeSettings.model_fields.items()}
     p = sub.add_parser("serve", help="HTTP inference API with Ray Serve (same ensemble + TTA as infer)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0)
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
-    p.add_argument("--max-batch-size", type=int, default=None, help="images per batched forward (default 16)")
-    p.add_argument("--batch-wait-ms", type=float, default=None, help="how long a batch waits to fill (default 5)")
-    p.add_argument("--max-body-mb", type=float, default=None, help="larger request bodies get HTTP 413 (default 16)")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help=f"images per batched forward (default {default['max_batch_size']})")
+    p.add_argument("--batch-wait-ms", type=float, default=None,
+                   help=f"how long a batch waits to fill (default {default['batch_wait_timeout_s'] * 1000:g})")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help=f"larger request bodies get HTTP 413 (default {default['max_body_bytes'] / 2**20:g})")
     p.set_defaults(func=cmd_serve)

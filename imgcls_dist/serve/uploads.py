@@ -65,10 +65,18 @@ async def _multipart(request: Request, body: bytes, max_files: int) -> list[Uplo
     return [Upload(f.filename, await f.read()) for f in files]
 
 
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def is_multipart(request: Request) -> bool:
+    return _content_type(request) == "multipart/form-data"
+
+
 async def read_uploads(request: Request, max_body_bytes: int, max_files: int) -> list[Upload]:
     """-> the images of one request, in order; RequestError(status, one-line reason) for what is not one."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype == "multipart/form-data":
+    ctype = _content_type(request)
+    if is_multipart(request):
         return await _multipart(request, await read_bounded(request, max_body_bytes), max_files)
     if ctype and not ctype.startswith(RAW_TYPES):
         raise RequestError(415, f"content type {ctype!r} is not an image; send image bytes (image/*) "
