@@ -18,6 +18,7 @@ import random
 import struct
 import zlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,9 @@ class ImageFixture:
 
 # Sizes are (width, height) as PIL uses them; arrays come out (height, width, C).
 W, H = 64, 48
+# Large enough that a reduced-size decode (decode_image's min_size) takes every DCT scale down to 1/8
+# for 224 px, the size of a 6 MP camera photo.
+LARGE_W, LARGE_H = 3000, 2000
 BACKGROUND = (255, 255, 255)
 
 
@@ -86,9 +90,22 @@ def _specs():
     yield "tiff", "img.tiff", _save(_noise_rgb(), "TIFF"), True, None, rgb, "plain TIFF"
     yield ("mpo_jpeg", "camera.jpg", _mpo(), True, None, rgb,
            "JPEG with multi-picture extension; PIL calls it MPO")
+    large = (LARGE_H, LARGE_W, 3)
+    yield ("large_jpeg", "large.jpg", _large_photo(progressive=False), True, None, large,
+           "3000x2000 photo-like JPEG (a digit '3' under a colour cast and noise), baseline")
+    yield ("large_progressive_jpeg", "large_progressive.jpg", _large_photo(progressive=True), True, None, large,
+           "the same photo as a progressive JPEG")
+    yield ("large_exif_rotated_jpeg", "large_rotated.jpg", _large_exif_rotated_jpeg(), True, None,
+           (LARGE_W, LARGE_H, 3), "stored 3000x2000, EXIF orientation 6; stored left half red / right blue")
+    yield ("large_cmyk_jpeg", "large_cmyk.jpg", _large_cmyk_jpeg(), True, None, large,
+           "3000x2000 CMYK JPEG: top half cyan, bottom half magenta")
 
     yield ("truncated_jpeg", "truncated.jpg", _cut(_save(_noise_rgb(128, 96), "JPEG", quality=95)),
            False, "truncated or corrupt", None, "first half of a valid JPEG")
+    yield ("truncated_large_jpeg", "truncated_large.jpg", _cut(_large_photo(progressive=False)),
+           False, "truncated or corrupt", None, "first half of the large baseline JPEG")
+    yield ("truncated_progressive_jpeg", "truncated_progressive.jpg", _cut(_large_photo(progressive=True)),
+           False, "truncated or corrupt", None, "first half of the large progressive JPEG")
     yield ("truncated_png", "truncated.png", _cut(_save(_noise_rgb(128, 96), "PNG")),
            False, "truncated or corrupt", None, "first half of a valid PNG")
     yield ("random_bytes", "random.bin", random.Random(1234).randbytes(4096),
@@ -98,10 +115,44 @@ def _specs():
            "tiny PNG declaring 100000x100000; PIL's own bomb error fires inside open()")
     yield ("oversize_png", "oversize.png", _png_header_only(10_000, 10_000), False, "too large", None,
            "tiny PNG declaring 10000x10000 (1e8 px): under PIL's hard limit, over ours")
+    yield ("oversize_jpeg", "oversize.jpg", _jpeg_declaring(10_000, 10_000), False, "too large", None,
+           "16x16 JPEG whose frame header declares 10000x10000: refused from the header, also at reduced size")
+    yield ("bomb_jpeg", "bomb.jpg", _jpeg_declaring(60_000, 60_000), False, "too large", None,
+           "16x16 JPEG whose frame header declares 60000x60000; PIL's own bomb error fires inside open()")
     yield ("ppm_not_allowed", "img.ppm", _save(_noise_rgb(), "PPM"), False, "not in whitelist", None,
            "valid PPM: PIL opens it, the whitelist refuses it")
     yield ("ico_not_allowed", "favicon.ico", _save(_noise_rgb(32, 32), "ICO"), False, "not in whitelist",
            None, "valid ICO")
+
+
+@lru_cache(maxsize=None)  # ~0.4 s each, and several tests write the fixture set more than once
+def _large_photo(progressive: bool) -> bytes:
+    from imgcls_dist.data.builtin import digits_images
+    from imgcls_dist.data.synthetic import photo_jpeg
+
+    images, _, _ = digits_images(32)
+    return photo_jpeg(images[3], LARGE_W, LARGE_H, seed=3, progressive=progressive)
+
+
+@lru_cache(maxsize=None)
+def _large_exif_rotated_jpeg() -> bytes:
+    return _exif_rotated_jpeg(LARGE_W, LARGE_H)
+
+
+@lru_cache(maxsize=None)
+def _large_cmyk_jpeg() -> bytes:
+    img = Image.new("CMYK", (LARGE_W, LARGE_H), (255, 0, 0, 0))  # cyan
+    img.paste((0, 255, 0, 0), (0, LARGE_H // 2, LARGE_W, LARGE_H))  # magenta
+    return _save(img, "JPEG", quality=95)
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    """A 16x16 baseline JPEG whose SOF0 frame header is patched to declare width x height (PIL reads the
+    size from there, so the pixel limit must fire before any scan data is decoded)."""
+    data = bytearray(_save(_noise_rgb(16, 16), "JPEG", quality=90))
+    sof = data.index(b"\xff\xc0")  # marker, length (2), precision (1), height (2), width (2)
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
 
 
 def _save(img: Image.Image, fmt: str, **params) -> bytes:
@@ -158,9 +209,9 @@ def _gray16_png() -> bytes:
     return _save(Image.fromarray(np.tile(row, (4, 1))), "PNG")  # uint16 -> mode I;16
 
 
-def _exif_rotated_jpeg() -> bytes:
-    img = Image.new("RGB", (W, H), (255, 0, 0))
-    img.paste((0, 0, 255), (W // 2, 0, W, H))
+def _exif_rotated_jpeg(w: int = W, h: int = H) -> bytes:
+    img = Image.new("RGB", (w, h), (255, 0, 0))
+    img.paste((0, 0, 255), (w // 2, 0, w, h))
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: display rotated 90 degrees clockwise
     return _save(img, "JPEG", quality=95, exif=exif.tobytes())

@@ -17,9 +17,10 @@ from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
 from imgcls_dist.ensemble.manifest import load_ensemble_manifest, resolve_ensemble
 from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import prepare_encoded, to_channels
+from imgcls_dist.infer.prepare import prepare_encoded, prepare_image, to_channels
 from imgcls_dist.infer.tta import VIEWS
 from imgcls_dist.models.preprocess import normalize
+from imgcls_dist.train.data import DecodeSamples
 
 
 def softmax(logits):
@@ -189,6 +190,21 @@ def test_decode_once_matches_training_decode_per_channel_count(tmp_path):
     assert not arrays[(16, 1)][-1].any()  # placeholder zeros for the bad row
     first = decode_image(good(write_image_fixtures(tmp_path))[0].path.read_bytes(), channels=1).array
     assert np.array_equal(arrays[(16, 1)][0], apply(build_eval_transform(16), first))
+
+
+def test_training_eval_decode_equals_inference_prepare_at_reduced_size(tmp_path):
+    # Issue 12: both decode a JPEG at the DCT scale of their own image_size. 3000x2000 takes 1/8 for 24 px and
+    # 1/4 for 300 px, so an ensemble of both sizes must decode once per size to match each member's training.
+    keys = [(24, 1), (24, 3), (300, 3)]
+    for fx in good(write_image_fixtures(tmp_path)):
+        data = fx.path.read_bytes()
+        prepared, err = prepare_image(data, keys)
+        assert err is None, (fx.name, err)
+        for size, channels in keys:
+            training = DecodeSamples(channels, build_eval_transform(size), size, seeded=False)
+            image, label, sid = training[(7, data, 3)]
+            assert (label, sid) == (3, 7)
+            assert np.array_equal(image, prepared[(size, channels)]), (fx.name, size, channels)
 
 
 def test_one_channel_member_beside_rgb_member(tmp_path):

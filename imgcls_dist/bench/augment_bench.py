@@ -6,26 +6,14 @@ equivalent pipeline of each library; the ratio is albumentations / torchvision.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
 
-from imgcls_dist.bench.common import machine, print_table
+from imgcls_dist.bench.common import items_per_second, machine, print_table
 from imgcls_dist.data.augment import PRESETS, apply, build_torchvision_train_transform, build_train_transform
 from imgcls_dist.data.builtin import digits_images, encode_png
 from imgcls_dist.data.decode import decode_image
-
-
-def _rate(fn, images: list[bytes], min_seconds: float) -> float:
-    n, t0 = 0, time.perf_counter()
-    while True:
-        for b in images:
-            fn(b)
-        n += len(images)
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds:
-            return n / dt
 
 
 def bench_augment(image_size: int = 64, strength: float = 0.5, samples: int = 256, min_seconds: float = 2.0,
@@ -44,7 +32,7 @@ def bench_augment(image_size: int = 64, strength: float = 0.5, samples: int = 25
         def run_tv(b: bytes) -> torch.Tensor:
             return tv(torch.from_numpy(decode_image(b).array).permute(2, 0, 1))
 
-        a, t = _rate(run_alb, images, min_seconds), _rate(run_tv, images, min_seconds)
+        a, t = items_per_second(run_alb, images, min_seconds), items_per_second(run_tv, images, min_seconds)
         rows.append({"preset": preset, "albumentations img/s": a, "torchvision img/s": t, "ratio alb/tv": a / t})
     print(f"bench augment: decode + augment, {image_size}px, strength {strength}, 1 thread — {machine()}")
     print_table(rows, ["preset", "albumentations img/s", "torchvision img/s", "ratio alb/tv"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from typing import Callable, Sequence
 
 
 def machine() -> str:
@@ -12,6 +14,18 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, "
             f"torch {torch.__version__}, python {platform.python_version()}")
+
+
+def items_per_second(fn: Callable[[bytes], object], items: Sequence[bytes], min_seconds: float) -> float:
+    """Calls of `fn` per second over whole passes of `items`, for at least `min_seconds`."""
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for b in items:
+            fn(b)
+        n += len(items)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return n / dt
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

@@ -9,6 +9,8 @@
 - memory flatness = peak RSS (driver + Ray worker processes, sampled in a thread) at the largest row
   count / at the smallest. Goal <= 1.2: streaming means memory does not grow with rows. PSS is reported
   beside it (see PeakMemory): the RSS sum also moves with how many worker processes are alive.
+- `bench_infer_photos`: steady-state (marginal) job img/s on 12 MP photo JPEGs / the same job on 32-px
+  thumbnails: what full-size photos cost the job, now that they are decoded at a reduced size (issue 12).
 - `bench_predict_latency`: single-image `predict` latency after the model is loaded (goal < 100 ms).
 """
 
@@ -239,6 +241,71 @@ def format_bench(r: dict[str, Any]) -> str:
     lines.append(f"peak RSS ratio (largest / smallest rows): {r['rss_ratio']:.3f}  (goal <= 1.2); "
                  f"PSS ratio {r['pss_ratio']:.3f}")
     return "\n".join(lines)
+
+
+def _photo_inputs(workdir: Path, rows: Sequence[int], distinct: int = 8, per_shard: int = 25) -> dict[int, list[Path]]:
+    """max(rows) rows of 12 MP photo JPEGs (`data.synthetic.photo_jpeg`, ~1.3 MB each): `distinct` different
+    photos repeated (a repeat costs the job what a new photo does; making one takes ~0.7 s), in shards of
+    `per_shard` rows; each count is a prefix of files."""
+    from imgcls_dist.data.builtin import digits_images
+    from imgcls_dist.data.shards import write_shards
+    from imgcls_dist.data.synthetic import photo_jpeg
+
+    src = workdir / f"photos-{max(rows)}-{per_shard}"
+    files = sorted(src.glob("*.parquet"))
+    if not files:
+        digits, labels, _ = digits_images(32)
+        photos = [photo_jpeg(digits[i], 4000, 3000, seed=i) for i in range(distinct)]
+        rows_iter = ((f"photo-{i:06d}", photos[i % distinct], int(labels[i % distinct])) for i in range(max(rows)))
+        files = write_shards(rows_iter, src, rows_per_shard=per_shard, prefix="photo")
+    return {n: files[: max(1, round(n / per_shard))] for n in rows}
+
+
+def _marginal_rate(model_path: Path, inputs: dict[int, list[Path]], out: Path, **job) -> tuple[float, dict]:
+    """(extra rows / extra wall time between the smallest and largest input, {rows: job img/s})."""
+    from imgcls_dist.infer.pipeline import run_batch_inference
+
+    runs = {n: run_batch_inference(model_path, files, out / f"out-{n}", verbose=False, **job)
+            for n, files in sorted(inputs.items())}
+    small, big = runs[min(runs)], runs[max(runs)]
+    return ((big["rows_in"] - small["rows_in"]) / (big["wall_s"] - small["wall_s"]),
+            {n: m["images_per_s"] for n, m in runs.items()})
+
+
+def bench_infer_photos(
+    *,
+    rows: Sequence[int] = (100, 300),
+    thumb_rows: Sequence[int] = (10_000, 50_000),
+    arch: str = "lenet5",
+    image_size: int = 32,
+    tta: str | Sequence[str] | None = BENCH_TTA,
+    batch_size: int = 64,
+    workdir: str | Path | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """The same job (model, views, batch size, actor plan) on 12 MP photos and on 32-px digit thumbnails; rates
+    are marginal (as in bench_infer) because the photo runs are short enough for start-up to dominate."""
+    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.ray_utils import ensure_ray
+
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="infer-photo-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_path, size = make_bench_model(work, arch, image_size)
+    thumbs, photos = _inputs(work, thumb_rows, size, seed=0), _photo_inputs(work, rows)
+    ensure_ray()
+    job = {"tta": tta, "batch_size": batch_size}
+    run_batch_inference(model_path, thumbs[min(thumb_rows)], work / "warmup", verbose=False, **job)  # see bench_infer
+    thumb_rate, thumb_runs = _marginal_rate(model_path, thumbs, work / "thumbs", **job)
+    photo_rate, photo_runs = _marginal_rate(model_path, photos, work / "photos", **job)
+    result = {"arch": arch, "image_size": size, "batch_size": batch_size, "photo_images_per_s": round(photo_rate, 1),
+              "thumb_images_per_s": round(thumb_rate, 1), "ratio": round(photo_rate / thumb_rate, 4),
+              "photo_runs": photo_runs, "thumb_runs": thumb_runs, "workdir": str(work)}
+    if verbose:
+        print(f"batch inference on 12 MP photos vs 32-px thumbnails, {arch}@{size}px, batch {batch_size}: "
+              f"marginal job img/s {result['photo_images_per_s']} (photos, {'/'.join(map(str, rows))} rows) vs "
+              f"{result['thumb_images_per_s']} (thumbnails, {'/'.join(map(str, thumb_rows))} rows): "
+              f"ratio {result['ratio']:.3f}")
+    return result
 
 
 def bench_predict_latency(

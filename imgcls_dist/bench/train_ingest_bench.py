@@ -72,14 +72,15 @@ class _StridedSampler(Sampler):
 
 
 class _InMemoryRows(Dataset):
-    def __init__(self, rows, transform):
-        self.rows, self.transform = rows, transform
+    def __init__(self, rows, transform, image_size: int):
+        self.rows, self.transform, self.image_size = rows, transform, image_size
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        res = decode_image(self.rows.images[i])
+        # The same (reduced-size) decode as DecodeSamples: the comparison is of loaders, not decoders.
+        res = decode_image(self.rows.images[i], min_size=self.image_size)
         reseed(self.transform, i)
         if res.array is None:
             return np.zeros((8, 8, 3), np.uint8), -1, i
@@ -127,9 +128,10 @@ def streaming_loader(files: list[str], transform, *, image_size: int, batch_size
     return loader
 
 
-def in_memory_loader(files: list[str], transform, *, batch_size: int, loader_workers: int, **_) -> DataLoader:
+def in_memory_loader(files: list[str], transform, *, image_size: int, batch_size: int, loader_workers: int,
+                     **_) -> DataLoader:
     rows = read_rows(files)
-    return DataLoader(_InMemoryRows(rows, transform), batch_sampler=_StridedSampler(len(rows), batch_size, 0),
+    return DataLoader(_InMemoryRows(rows, transform, image_size), batch_sampler=_StridedSampler(len(rows), batch_size, 0),
                       num_workers=loader_workers, collate_fn=collate_drop_bad)
 
 
@@ -139,7 +141,7 @@ def _decode_augment_batch(batch, image_size: int, transform):
 
     images, labels = [], []
     for data, label in zip(batch["image"], batch["label"]):
-        res = decode_image(data)
+        res = decode_image(data, min_size=image_size)  # as DecodeSamples decodes
         images.append(apply(transform, res.array) if res.array is not None else np.zeros((image_size, image_size, 3),
                                                                                          np.uint8))
         labels.append(label)

@@ -47,32 +47,56 @@ def decode_image(
     channels: int = 3,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
+    min_size: int | None = None,
 ) -> DecodeResult:
     """Decode encoded image bytes to an HxWxC uint8 array (C=3 RGB, C=1 grayscale).
 
     Never raises: any failure comes back as `DecodeResult(None, "<one-line reason>")`.
     Transparency is composited onto `background`; EXIF orientation is applied;
     animated images yield their first frame.
+
+    `min_size`: the side the caller resizes to next. A JPEG is then decoded by libjpeg at the
+    smallest DCT scale (1/2, 1/4 or 1/8; PIL's `Image.draft`) whose image is still at least
+    `min_size` in both dimensions, so the array may be smaller than the file's size but never
+    smaller than `min_size` (unless the file itself is). Why: a 12 MP (4000x3000, 1.3 MB) JPEG
+    costs ~130 ms per core decoded whole and resized to 224 px, ~16 ms decoded at 1/8 (500x375)
+    and resized the same way; what is left is mostly entropy decoding, which no scale shortens,
+    so the gain shrinks as files grow (2.5 MB: 5.4x) and progressive files gain ~3.8x
+    (docs/benchmarks.md, "Reduced-size JPEG decode"). Below twice `min_size` no scale applies
+    and nothing changes. simplejpeg's scaled decode (libjpeg-turbo too) measured 1.03x this one
+    at 12 MP, without EXIF orientation or a header pixel limit, so PIL stays. The format
+    whitelist and `max_pixels` are checked on the file's own header size first. Other formats
+    decode whole.
     """
     try:
-        return _decode(data, channels, max_pixels, background)
+        return _decode(data, channels, max_pixels, background, min_size)
     except Exception as exc:  # the contract is "never raises"; KeyboardInterrupt still does
         return DecodeResult(None, _one_line(f"decode failed: {type(exc).__name__}: {exc}"))
 
 
-def decode_file(path: PathLike) -> np.ndarray:
-    """Read (any filesystem) and decode one RGB image for `predict`; failures become a UserError naming it."""
+def read_image_file(path: PathLike) -> bytes:
+    """The bytes of one image file (any filesystem); a failure is a UserError naming it."""
     try:
-        data = location(path).read_bytes()
+        return location(path).read_bytes()
     except StorageError as exc:
         raise UserError(f"{path}: cannot read file: {str(exc).rsplit(': ', 1)[-1]}") from None
-    array, error = decode_image(data)
+
+
+def decode_file(path: PathLike) -> np.ndarray:
+    """Read (any filesystem) and decode one whole RGB image; failures become a UserError naming it."""
+    array, error = decode_image(read_image_file(path))
     if error is not None:
         raise UserError(f"{path}: {error}")
     return array
 
 
-def _decode(data, channels, max_pixels, background) -> DecodeResult:
+def is_jpeg(data: bytes | None) -> bool:
+    """Whether `min_size` can change what decode_image returns for these bytes: JPEG (and MPO) files,
+    recognised by their SOI marker as PIL's JpegImagePlugin recognises them."""
+    return isinstance(data, (bytes, bytearray, memoryview)) and bytes(data[:3]) == b"\xff\xd8\xff"
+
+
+def _decode(data, channels, max_pixels, background, min_size) -> DecodeResult:
     if data is None:
         return DecodeResult(None, "no image bytes (None)")
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -81,6 +105,8 @@ def _decode(data, channels, max_pixels, background) -> DecodeResult:
         return DecodeResult(None, "empty bytes")
     if channels not in (1, 3):
         return DecodeResult(None, f"channels must be 1 or 3, got {channels!r}")
+    if min_size is not None and (isinstance(min_size, bool) or not isinstance(min_size, int) or min_size < 1):
+        return DecodeResult(None, f"min_size must be a positive int or None, got {min_size!r}")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some library flipped PIL's global; decoding now would silently turn truncated
         # files into half-grey images. Refuse loudly rather than mutate the global back.
@@ -117,6 +143,8 @@ def _decode(data, channels, max_pixels, background) -> DecodeResult:
                     None,
                     f"too large: {width}x{height} = {width * height} pixels > limit {max_pixels}",
                 )
+            if min_size is not None and fmt == "JPEG":
+                _draft(img, min_size)
             try:
                 img.load()  # force the full decode so truncation fails here, not later
             except Exception as exc:
@@ -124,6 +152,15 @@ def _decode(data, channels, max_pixels, background) -> DecodeResult:
             _apply_exif_orientation(img)
             array = _to_array(img, channels, background)
     return DecodeResult(array, None)
+
+
+def _draft(img: Image.Image, min_size: int) -> None:
+    # A square request: EXIF rotation (applied after decoding) swaps width and height, and both
+    # must stay >= min_size either way. mode=None keeps libjpeg's colour output as a full decode
+    # gives it (draft("L") would convert inside libjpeg, unlike decode_image(channels=1)).
+    # Pillow picks the scale as the largest of 8, 4, 2, 1 not above min(W // s, H // s) for the
+    # requested (s, s): JpegImagePlugin.JpegImageFile.draft (Pillow 13.0).
+    img.draft(None, (min_size, min_size))
 
 
 def _apply_exif_orientation(img: Image.Image) -> None:

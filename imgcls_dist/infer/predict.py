@@ -7,11 +7,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imgcls_dist.data.decode import decode_file
 from imgcls_dist.errors import UserError
 from imgcls_dist.ensemble.manifest import print_spread_note, resolve_ensemble
 from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import resize_for
+from imgcls_dist.infer.prepare import prepare_file
 
 
 def load_predictor(
@@ -39,7 +38,7 @@ def predict_with(predictor: EnsemblePredictor, images: Sequence[str | Path], top
     results = []
     for start in range(0, len(images), predictor.batch_size):
         chunk = list(images[start : start + predictor.batch_size])
-        per_image = [resize_for(decode_file(p), predictor.input_keys) for p in chunk]
+        per_image = [prepare_file(p, predictor.input_keys) for p in chunk]
         batch = {key: np.stack([r[key] for r in per_image]) for key in predictor.input_keys}
         probs = predictor.predict_uint8(batch)
         for path, p in zip(chunk, probs):
