@@ -22,7 +22,7 @@ from test_infer_helpers import digit_rows, save_model, write_input
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
 from imgcls_dist.errors import JobFailed, UserError
-from imgcls_dist.infer import publish
+from imgcls_dist.infer import pipeline, publish
 from imgcls_dist.infer.pipeline import plan_actors, read_manifest, run_batch_inference
 from imgcls_dist.infer.predict import load_predictor
 from imgcls_dist.infer.prepare import prepare_encoded
@@ -210,15 +210,17 @@ def test_failed_runs_never_publish_partial_output_and_rerun_completes(
     assert read_out(clean_out).num_rows == 240
     assert list(clean_out.glob(".staging-*")), "the killed run's staging dir should be where it left it"
 
-    # 2. rows out != rows in (simulated lost file): JobFailed, nothing published, previous output intact
-    real = publish.staged_counts
-    monkeypatch.setattr(publish, "staged_counts", lambda staging: real(staging)[1:])
+    # 2. rows out != rows in (simulated lost part): JobFailed, nothing published, previous output intact
+    #    (--fresh: the killed run was another job, resnet18 on other rows, so it is not resumed)
+    real = pipeline.own_parts
+    monkeypatch.setattr(pipeline, "own_parts", lambda staging, run_id: real(staging, run_id)[1:])
     with pytest.raises(JobFailed, match="rows out .* != rows in 240"):
-        run_batch_inference(models, inputs.clean, clean_out, verbose=False)
+        run_batch_inference(models, inputs.clean, clean_out, fresh=True, verbose=False)
     assert read_manifest(clean_out)["run_id"] == before["run_id"] and read_out(clean_out).num_rows == 240
     monkeypatch.undo()
 
-    # 3. crash after the files moved in, before the manifest: nothing claims completeness
+    # 3. crash after the files moved in, before the manifest: nothing claims completeness (this run resumes
+    #    step 2's staged parts, all of them on storage, so it predicts nothing itself)
     def crash(*_a, **_k):
         raise RuntimeError("simulated crash after publishing files, before the manifest")
 

@@ -189,9 +189,10 @@ def test_object_store_publish_survives_kills_reruns_and_concurrent_runs(ray_sess
     with pytest.raises(UserError, match="did not finish"):
         read_manifest(out)
 
-    # 3. the rerun (same host, the killed run's process is gone: its lease is stale at once) publishes all rows
+    # 3. the rerun (same host, the killed run's process is gone: its lease is stale at once) publishes all rows;
+    #    it uses another model, so the killed run's parts are discarded (fresh), not resumed
     fast = save_model(tmp_path / "l5", "lenet5", 32, seed=1)
-    first = run_batch_inference(fast, f"{bucket}/rows", out, verbose=False)
+    first = run_batch_inference(fast, f"{bucket}/rows", out, fresh=True, verbose=False)
     assert first["rows_out"] == 1200
     # 4. a rerun replaces, never duplicates
     second = run_batch_inference(fast, f"{bucket}/rows", out, verbose=False)

@@ -28,7 +28,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     from imgcls_dist.infer.pipeline import run_batch_inference
 
     run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
-                        combine=a.combine, num_actors=a.actors)
+                        combine=a.combine, num_actors=a.actors, fresh=a.fresh)
     return 0
 
 
@@ -52,7 +52,12 @@ def register_infer_commands(sub) -> None:
     p = sub.add_parser("infer", help="batch inference over Parquet shards with Ray Data (ensemble + TTA)")
     add_model_args(p)
     p.add_argument("--input", required=True, help="Parquet file, directory or glob with id + image columns")
-    p.add_argument("--output", required=True, help="predictions directory (replaced on rerun)")
+    p.add_argument("--output", required=True,
+                   help="predictions directory (replaced on rerun; an interrupted run of the same inputs, models "
+                        "and TTA into it is resumed: only rows it had not written are predicted)")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard an interrupted run's staged predictions in --output and start from row 0 (needed "
+                        "to rerun with other inputs, models, views, weights or temperatures after a crash)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward, before TTA views")
     p.add_argument("--actors", type=int, default=None,
                    help="predictor actors (default: one per GPU; on CPUs, one per CPU left after keeping "

@@ -1,9 +1,10 @@
 """Batch inference with Ray Data: Parquet shards in, design.md predictions out, every row accounted for.
 
-Stages (`infer/stages.py`): read_parquet (only id/image/label) -> decode+resize in CPU tasks (a row that
-cannot be decoded gets zeros and an `error` string; nothing is raised per row) -> ensembled TTA on a fixed
-actor pool (GPU when the cluster has one) -> write_parquet into a staging directory. Nothing is
-materialized in the driver: memory depends on block and batch sizes, not on the number of input rows.
+Stages (`infer/stages.py`, `infer/parts.py`): read the input's row groups (only id/image/label, plus each
+row's position in the input) -> decode+resize in CPU tasks (a row that cannot be decoded gets zeros and an
+`error` string; nothing is raised per row) -> ensembled TTA on a fixed actor pool (GPU when the cluster has
+one) -> write self-describing parts into a staging directory. Nothing is materialized in the driver: memory
+depends on block and batch sizes, not on the number of input rows.
 Inputs, models and OUT may each be a local path, s3:// or gs:// (`imgcls_dist.storage`); Ray Data reads
 and writes through the same pyarrow filesystem.
 
@@ -13,10 +14,12 @@ read tasks). So a quarter of the CPUs (at least 1) is kept for 0.5-CPU tasks and
 rest: on 2 CPUs, 1 actor x 1 CPU beside two 0.5-CPU decode tasks; on 16, 12 actors and 4 CPUs of tasks.
 
 Output protocol: `infer/publish.py` (a lease instead of a lock, staging, the manifest as commit point).
+Resuming a killed run (the default when OUT holds an unfinished run of the same job): `infer/resume.py`.
 
-The job is four named steps: `validate_job` (inputs, models, OUT; before any Ray work), `plan_job`
-(actors from what the cluster has free), `execute` (the Ray Data pipeline into staging) and `publish_job`
-(count, publish, commit).
+The job is five named steps: `validate_job` (inputs, models, OUT; before any Ray work), `resume.take_over`
+(with the lease: adopt the unfinished run's parts, refuse another job's, or start a new staging),
+`plan_job` (actors from what the cluster has free), `execute` (the Ray Data pipeline, over the rows no
+adopted part holds, into staging) and `publish_job` (check, publish, commit).
 """
 
 from __future__ import annotations
@@ -34,14 +37,9 @@ import pyarrow.parquet as pq
 
 from imgcls_dist.data.schema import ID, IMAGE, LABEL, list_parquet, validate_files
 from imgcls_dist.errors import JobFailed, UserError, root_cause
-from imgcls_dist.infer import publish
+from imgcls_dist.infer import parts, publish, resume
 from imgcls_dist.infer.publish import STAGING_PREFIX, prediction_files, read_manifest  # noqa: F401 - re-exported
-from imgcls_dist.infer.ray_data_compat import read_parquet
-from imgcls_dist.infer.stages import PredictActor, decode_batch
 from imgcls_dist.storage import Location, PathLike, location
-
-# Output files of at least this many rows (Ray writes one file per block otherwise: one per batch).
-ROWS_PER_FILE = 20_000
 
 
 # ---------------------------------------------------------------- actor-pool sizing
@@ -121,6 +119,7 @@ class InferJob:
     """Everything validated before any Ray work: inputs, ensemble, output directory."""
 
     files: list[Location]
+    layout: list[parts.FileLayout]  # per input file: identity and row groups
     rows_in: int
     with_label: bool
     model_paths: list[str]
@@ -168,8 +167,8 @@ def validate_job(models, input, output, *, tta, batch_size, weights, combine) ->
     out = location(output)
     _check_output(out, files)
     print_spread_note(spec, probe.describe())
-    return InferJob(files, rows_in, with_label, spec.paths, spec.weights, probe.combine, probe.views,
-                    probe.input_keys, probe.describe(), probe.classes, probe.weights, probe.temperatures,
+    return InferJob(files, parts.input_layout(files), rows_in, with_label, spec.paths, spec.weights, probe.combine,
+                    probe.views, probe.input_keys, probe.describe(), probe.classes, probe.weights, probe.temperatures,
                     batch_size, out)
 
 
@@ -183,9 +182,12 @@ def plan_job(num_actors: int | None) -> tuple[ActorPlan, float]:
     return plan_actors(cpus_before, cluster_gpus(), num_actors), cpus_before
 
 
-def _read(job: InferJob, num_cpus: float):
+def _read(job: InferJob, todo: dict[int, list[tuple[int, int]]], num_cpus: float):
+    import ray
+
     cols = [ID, IMAGE] + ([LABEL] if job.with_label else [])
-    return read_parquet([f.path for f in job.files], filesystem=job.files[0].fs, columns=cols, num_cpus=num_cpus)
+    source = parts.ShardRows(job.layout, parts.plan_units(job.layout, todo, parts.rows_per_part(job.rows_in)), cols)
+    return ray.data.read_datasource(source, num_cpus=num_cpus)
 
 
 def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
@@ -198,18 +200,19 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def execute(job: InferJob, plan: ActorPlan, staging: Location, cpus_before: float) -> None:
-    """The Ray Data pipeline, written into `staging`; Ray's failures become one JobFailed line."""
+def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float) -> None:
+    """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
+    Ray's failures become one JobFailed line."""
     import ray
 
     with _quiet_ray_data():
         try:
-            ds = _read(job, plan.task_cpus)
-            ds = ds.map_batches(decode_batch, fn_kwargs={"keys": job.keys, "with_label": job.with_label},
+            ds = _read(job, takeover.todo, plan.task_cpus)
+            ds = ds.map_batches(parts.decode_positioned, fn_kwargs={"keys": job.keys, "with_label": job.with_label},
                                 batch_format="pyarrow", batch_size=job.batch_size, num_cpus=plan.task_cpus,
                                 udf_modifying_row_count=False)
             ds = ds.map_batches(
-                PredictActor,
+                parts.PositionedPredictActor,
                 fn_constructor_kwargs=dict(model_paths=job.model_paths, views=job.views, weights=job.weights,
                                            combine=job.combine, temperatures=job.temperatures,
                                            batch_size=job.batch_size,
@@ -218,8 +221,8 @@ def execute(job: InferJob, plan: ActorPlan, staging: Location, cpus_before: floa
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                 batch_size=job.batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
             )
-            ds.write_parquet(staging.path, filesystem=staging.fs, min_rows_per_file=ROWS_PER_FILE,
-                             ray_remote_args={"num_cpus": plan.task_cpus})
+            ds.write_datasink(parts.PartsDatasink(takeover.staging, run_id, parts.rows_per_part(job.rows_in)),
+                              ray_remote_args={"num_cpus": plan.task_cpus})
         except (UserError, JobFailed):
             raise
         except Exception as e:  # Ray wraps actor/task failures; the staging dir stays hidden
@@ -228,17 +231,25 @@ def execute(job: InferJob, plan: ActorPlan, staging: Location, cpus_before: floa
             _wait_for_release(cpus_before)
 
 
-def publish_job(job: InferJob, plan: ActorPlan, staging: Location, lease: publish.Lease, run_id: str,
+def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
+    """The parts this run wrote (its id in their names); parts a dead run landed late are not among them."""
+    return parts.read_parts([f for f in parts.staged_parts(staging) if parts.writer_of(f) == run_id])
+
+
+def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease: publish.Lease, run_id: str,
                 t0: float) -> dict[str, Any]:
-    """Count the staged rows, publish them and commit the manifest (infer/publish.py, steps 3-5)."""
-    staged = publish.staged_counts(staging)
-    rows_out = sum(r for _, r, _ in staged)
-    if rows_out != job.rows_in:
-        raise JobFailed(f"rows out {rows_out} != rows in {job.rows_in}; nothing published "
-                        f"(staged output kept in {staging})")
+    """Check that adopted + own parts hold every input row once, publish them in input order and commit the
+    manifest (infer/publish.py, steps 3-5)."""
+    own = own_parts(takeover.staging, run_id)
+    chosen = sorted(takeover.adopted + own, key=lambda p: p.ranges[0])
+    resume.check_exact(chosen, job.layout, takeover.staging)
+    rows_out = sum(p.rows for p in chosen)
     lease.check()
-    published = publish.publish(job.out, staged, run_id)
-    staging.delete()
+    published = publish.publish(job.out, [(p.loc, p.rows, p.error_rows) for p in chosen], run_id)
+    for entry, p in zip(published, chosen):
+        entry["written_by"] = p.writer
+    takeover.staging.delete()
+    rows_predicted = sum(p.rows for p in own)
     wall = time.perf_counter() - t0
     manifest = {
         "run_id": run_id,
@@ -247,6 +258,9 @@ def publish_job(job: InferJob, plan: ActorPlan, staging: Location, lease: publis
         "input_files": [f.uri for f in job.files],
         "rows_in": job.rows_in,
         "rows_out": rows_out,
+        "rows_predicted": rows_predicted,  # by this run; the rest it adopted from the run it resumed
+        "rows_adopted": takeover.rows_adopted,
+        "resumed_from": takeover.resumed_from,
         "error_rows": sum(f["error_rows"] for f in published),
         "label_passthrough": job.with_label,
         "classes": job.classes,
@@ -258,7 +272,7 @@ def publish_job(job: InferJob, plan: ActorPlan, staging: Location, lease: publis
         "batch_size": job.batch_size,
         "actors": asdict(plan),
         "wall_s": round(wall, 3),
-        "images_per_s": round(job.rows_in / wall, 2) if wall > 0 else None,
+        "images_per_s": round(rows_predicted / wall, 2) if wall > 0 else None,  # this run's own rate
         "files": published,
     }
     publish.commit(job.out, manifest)
@@ -275,27 +289,34 @@ def run_batch_inference(
     weights: Sequence[float] | None = None,
     combine: str | None = None,
     num_actors: int | None = None,
+    fresh: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT per design.md; returns the manifest.
 
     `models`: one ensemble.json, or model files/dirs. `weights`/`combine` override the manifest's;
-    combine None -> the manifest's, else "weighted" with weights, else "mean".
+    combine None -> the manifest's, else "weighted" with weights, else "mean". An unfinished run of the same
+    job in OUT is resumed, one of another job refused; `fresh` discards it instead (infer/resume.py).
     """
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     job = validate_job(models, input, output, tta=tta, batch_size=batch_size, weights=weights, combine=combine)
-    plan, cpus_before = plan_job(num_actors)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    model_list = ", ".join(f"{m['arch']}@{m['image_size']}" for m in job.members)
-    say(f"infer {run_id}: {job.rows_in} rows in {len(job.files)} files, {len(job.members)} model(s) "
-        f"[{model_list}], views {','.join(job.views)}, combine {job.combine}, "
-        f"{plan.num_actors} actor(s) x {plan.cpus_per_actor:g} CPU"
-        + (f" x {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + f" -> {job.out}", flush=True)
+    fp = resume.fingerprint(job, run_id)
     with publish.exclusive(job.out, run_id) as lease:
-        staging = job.out / f"{STAGING_PREFIX}{run_id}"
-        execute(job, plan, staging, cpus_before)
-        manifest = publish_job(job, plan, staging, lease, run_id, t0)
+        takeover = resume.take_over(job.out, fp, job.layout, run_id, fresh)
+        plan, cpus_before = plan_job(num_actors)
+        model_list = ", ".join(f"{m['arch']}@{m['image_size']}" for m in job.members)
+        say(f"infer {run_id}: {job.rows_in} rows in {len(job.files)} files, {len(job.members)} model(s) "
+            f"[{model_list}], views {','.join(job.views)}, combine {job.combine}, "
+            f"{plan.num_actors} actor(s) x {plan.cpus_per_actor:g} CPU"
+            + (f" x {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + f" -> {job.out}", flush=True)
+        if takeover.resumed_from:
+            say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
+                f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
+        if takeover.rows_todo:
+            execute(job, plan, takeover, run_id, cpus_before)
+        manifest = publish_job(job, plan, takeover, lease, run_id, t0)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "
         f"{manifest['images_per_s']} img/s -> {job.out}", flush=True)
     return manifest

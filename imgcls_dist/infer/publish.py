@@ -11,8 +11,10 @@ Designed for object stores, which have no rename and no lock, and used unchanged
    names a process on this host that no longer exists (a killed run, rerun on the same machine).
 2. **Staging.** Ray Data writes into `OUT/.staging-<run_id>/`: dot-prefixed, so pyarrow/Ray Data dataset
    discovery and `list_parquet` skip it; the previous complete output stays valid meanwhile. Staging left by
-   runs that no longer hold a lease is deleted.
-3. **Count.** Rows from the staged files' Parquet footers; rows out != rows in publishes nothing.
+   runs that no longer hold a lease is either resumed (same inputs and models) or refused; `infer/resume.py`
+   decides, with the lease held.
+3. **Count.** Rows from the staged files' Parquet footers (`footer_counts`); rows out != rows in, or any input
+   row not held exactly once, publishes nothing (`infer/resume.py::check_exact`).
 4. **Publish.** Delete `OUT/_manifest.json` (from here OUT claims nothing), delete the old top-level
    `*.parquet`, move the staged files to `OUT/part-<run_id>-NNNNN.parquet` (a rename on local disk, a
    server-side copy + delete on object stores), delete the staging dir.
@@ -21,10 +23,11 @@ Designed for object stores, which have no rename and no lock, and used unchanged
 
 Readers go through the manifest (`prediction_files`): no manifest means incomplete, and a listed file that
 is missing or has another size means OUT was changed after the commit; both are refused. A crash at any step
-leaves either the previous manifest (steps 1-3) or none (4); the next run cleans up and republishes, so a
-rerun replaces rows and never duplicates them. Residual risk, documented in docs/cluster.md: a run frozen for
-longer than the TTL (a stalled VM) loses its lease to a newer run; it checks its lease again before step 4
-and fails instead of publishing, but a freeze between that check and step 5 is not detected.
+leaves either the previous manifest (steps 1-3) or none (4); the next run adopts the parts still staged
+(infer/resume.py), predicts the rest and republishes, so a rerun replaces rows and never duplicates them.
+Residual risk, documented in docs/cluster.md: a run frozen for longer than the TTL (a stalled VM) loses its
+lease to a newer run; it checks its lease again before step 4 and fails instead of publishing, but a freeze
+between that check and step 5 is not detected.
 """
 
 from __future__ import annotations
@@ -131,35 +134,27 @@ class Lease:
         self.release()
 
 
-def remove_stale_staging(out: Location, run_id: str) -> None:
-    """Staging dirs of other runs: with our lease held, none of them belongs to a live run."""
-    for d in out.iterdir():
-        if d.name.startswith(STAGING_PREFIX) and d.name != f"{STAGING_PREFIX}{run_id}":
-            d.delete()
+def staging_dirs(out: Location) -> list[Location]:
+    """Staging dirs in OUT: with our lease held, none of them belongs to a live run."""
+    return [d for d in out.iterdir() if d.name.startswith(STAGING_PREFIX)]
 
 
 # ---------------------------------------------------------------- count, publish, commit
 
 
-def staged_counts(staging: Location) -> list[tuple[Location, int, int]]:
-    """(file, rows, error rows) from Parquet footers: null counts of `error` come from column
-    statistics, so counting never reads the data pages."""
-    out = []
-    for f in staging.files(".parquet", recursive=False):
-        pf = pq.ParquetFile(f.path, filesystem=f.fs)
-        md = pf.metadata
-        col = md.schema.names.index(ERROR)
-        nulls = 0
-        for rg in range(md.num_row_groups):
-            stats = md.row_group(rg).column(col).statistics
-            if stats is None or not stats.has_null_count:
-                nulls = None
-                break
-            nulls += stats.null_count
-        if nulls is None:
+def footer_counts(pf: pq.ParquetFile) -> tuple[int, int]:
+    """(rows, error rows) of a predictions file: null counts of `error` come from column statistics, so
+    counting never reads the data pages."""
+    md = pf.metadata
+    col = md.schema.names.index(ERROR)
+    nulls = 0
+    for rg in range(md.num_row_groups):
+        stats = md.row_group(rg).column(col).statistics
+        if stats is None or not stats.has_null_count:
             nulls = pf.read(columns=[ERROR]).column(ERROR).null_count
-        out.append((f, md.num_rows, md.num_rows - nulls))
-    return out
+            break
+        nulls += stats.null_count
+    return md.num_rows, md.num_rows - nulls
 
 
 def publish(out: Location, staged: list[tuple[Location, int, int]], run_id: str) -> list[dict[str, Any]]:
@@ -212,7 +207,6 @@ def prediction_files(out: PathLike) -> list[Location]:
 
 @contextmanager
 def exclusive(out: Location, run_id: str) -> Iterator[Lease]:
-    """Hold OUT for this run: the lease, and stale staging of dead runs removed."""
+    """Hold OUT for this run (the lease); what to do with dead runs' staging is `infer/resume.py`'s call."""
     with Lease(out, run_id) as lease:
-        remove_stale_staging(out, run_id)
         yield lease

@@ -1,0 +1,259 @@
+"""Resuming an interrupted batch-inference run: adopt what it durably wrote, predict only the rest.
+
+A run's staging directory (`OUT/.staging-<first run id>/`) holds `_resume.json`, the job's fingerprint
+(written before any prediction), and the parts written so far (`infer/parts.py`: each part's footer lists
+the input rows it holds as ranges of (input file, row)). A later run into the same OUT, once it holds the
+lease (so the writer of that staging is dead, `infer/publish.py` step 1):
+
+* same fingerprint -> it adopts the parts (greedily, in name order, skipping any that overlap one already
+  adopted: a dead run's write task can land a part late, after a resumer listed the directory), reads only
+  the row groups that hold rows no adopted part covers, filters those rows in the read task, writes its own
+  parts into the same staging, and publishes adopted + own parts once they hold every input row exactly once
+  (`check_exact`). Rows re-predicted = rows in, minus rows in adopted parts: nothing durable is redone.
+* another fingerprint with parts -> refused with one line naming what differs (input files, models, TTA
+  views, weights, temperatures, combine, classes, label passthrough) and how to start over (`--fresh`, or
+  delete the staging directory): results of two configurations are never mixed.
+* no parts (killed before the first part) or no fingerprint (not ours) -> deleted, nothing was lost.
+
+Resuming is the default, not a flag: under `ray job submit` / a KubeRay RayJob a failed job is retried with
+the same entrypoint, and resuming it gives the same predictions as a clean run (same fingerprint), only
+sooner; discarding hours of predictions must be asked for (`--fresh`).
+
+The fingerprint: each input file's URI, size, mtime and row count (a file rewritten in place changes its
+mtime on every store); each member's sha256 of its model file (the file's content, so a copy at another path
+is the same model and a retrained file at the same path is not; costs one extra read of each model file per
+run); the views, normalized weights, temperatures, combine rule, classes and label passthrough (the output
+schema). Batch size and actor count are not in it: they do not change predictions.
+
+Why not Ray Data's own checkpointing (`DataContext.checkpoint_config = CheckpointConfig(id_column=...)`,
+read in ray/data/checkpoint/ and _internal/planner/checkpoint/ of Ray 2.60): its mechanics are sound for a
+plain write (a pending checkpoint of each write task's ids before the data file, committed after it;
+pending ones and their data files are deleted on restart), but for this job:
+
+1. It deadlocks on small machines: on restart it inserts a `CheckpointFilter` actor pool whose actors ask
+   1 CPU each (no num_cpus is passed, Ray Data's default applies) plus 1 GiB; beside our predictor pool on
+   2 CPUs nothing is left for read tasks. Measured with Ray 2.60 on the 2-CPU CI box: a resumed
+   read -> 1-CPU actor pool -> write job hung for 90 s at "3/2 CPU" until killed.
+2. It reads everything again: the filter drops done rows after the read, so a run resumed at 95% of 10^12
+   bytes of images reads 0.95 * 10^12 bytes to throw them away; work units here skip done row groups unread.
+3. It holds every done id in one place: all checkpointed ids are repartitioned into one block, sorted in one
+   task and copied into every filter actor as a numpy object array (~80 bytes per string id: ~0.8 GB per
+   actor at 10^7 rows); design.md says nothing a job needs is held whole in one process. Ranges of positions
+   here are a few per part, whatever the row count.
+4. It keys on the id column, so ids must be unique for rows out == rows in; positions need no such promise.
+5. It knows nothing of what changed between runs (models, views), so the fingerprint would be ours anyway,
+   and its data files still land in one directory that our publish step must count and move.
+It is also beta (CheckpointConfig) on DeveloperAPI internals. What is used from Ray Data here is public or
+developer API: a Datasource (read tasks), map_batches and a Datasink (write tasks).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.infer import parts as P
+from imgcls_dist.infer.publish import STAGING_PREFIX, staging_dirs
+from imgcls_dist.storage import Location, location
+
+if TYPE_CHECKING:
+    from imgcls_dist.infer.pipeline import InferJob
+
+FINGERPRINT = "_resume.json"
+FORMAT = 1  # bump when parts written by an older version can no longer be adopted
+_HASH_CHUNK = 8 << 20
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def _sha256(uri: str) -> str:
+    loc = location(uri)
+    h = hashlib.sha256()
+    try:
+        with loc.fs.open_input_stream(loc.path) as f:
+            while chunk := f.read(_HASH_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise loc.error(e) from None
+    return h.hexdigest()
+
+
+def fingerprint(job: InferJob, run_id: str) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "run_id": run_id,  # the run that started this staging (informational)
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "inputs": [{"uri": f.uri, "bytes": f.bytes, "mtime_ns": f.mtime_ns, "rows": f.rows} for f in job.layout],
+        "models": [{"path": m["path"], "sha256": _sha256(m["path"])} for m in job.members],
+        "tta_views": job.views,
+        "weights": job.norm_weights,
+        "temperatures": job.temperatures,
+        "combine": job.combine,
+        "classes": job.classes,
+        "label_passthrough": job.with_label,
+    }
+
+
+def _inputs_diff(old: list[dict], new: list[dict]) -> str | None:
+    o, n = {f["uri"]: f for f in old}, {f["uri"]: f for f in new}
+    bits = []
+    added, removed = [u for u in n if u not in o], [u for u in o if u not in n]
+    if added:
+        bits.append(f"{len(added)} added, e.g. {added[0]}")
+    if removed:
+        bits.append(f"{len(removed)} gone, e.g. {removed[0]}")
+    for u in (u for u in n if u in o and o[u] != n[u]):
+        key = next(k for k in ("rows", "bytes", "mtime_ns") if o[u].get(k) != n[u].get(k))
+        bits.append(f"{u} changed ({key} {o[u].get(key)} -> {n[u].get(key)})")
+        break
+    return f"input files ({'; '.join(bits)})" if bits else None
+
+
+def _models_diff(old: list[dict], new: list[dict]) -> str | None:
+    if len(old) != len(new):
+        return f"models ({len(old)} members -> {len(new)})"
+    for i, (a, b) in enumerate(zip(old, new), 1):
+        if a["sha256"] != b["sha256"]:
+            return f"models (member {i}: {a['path']} sha256 {a['sha256'][:12]} -> {b['path']} {b['sha256'][:12]})"
+    return None
+
+
+def _fmt(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+_PLAIN = {"tta_views": "TTA views", "weights": "weights", "temperatures": "temperatures", "combine": "combine",
+          "classes": "classes", "label_passthrough": "label passthrough", "format": "staging format"}
+
+
+def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """What makes two fingerprints different jobs, in a few words; None when they are the same job."""
+    diffs = [_inputs_diff(old.get("inputs", []), new["inputs"]), _models_diff(old.get("models", []), new["models"])]
+    diffs += [f"{label} ({_fmt(old.get(k))} -> {_fmt(new[k])})" for k, label in _PLAIN.items() if old.get(k) != new[k]]
+    diffs = [d for d in diffs if d]
+    return ", ".join(diffs) if diffs else None
+
+
+def read_fingerprint(staging: Location) -> dict[str, Any] | None:
+    f = staging / FINGERPRINT
+    try:
+        doc = json.loads(f.read_text()) if f.is_file() else None
+    except (UserError, json.JSONDecodeError):
+        return None  # vanished or torn: not a staging we can trust
+    return doc if isinstance(doc, dict) and "inputs" in doc and "models" in doc else None
+
+
+# ---------------------------------------------------------------- coverage
+
+
+class Coverage:
+    """Which input rows a set of parts holds: per input file, sorted disjoint (start, end) intervals."""
+
+    def __init__(self, layout: list[P.FileLayout]):
+        self.rows = [fl.rows for fl in layout]
+        self.ivs: list[list[tuple[int, int]]] = [[] for _ in layout]
+
+    def _free(self, f: int, s: int, e: int) -> bool:
+        if not (0 <= f < len(self.rows) and 0 <= s < e <= self.rows[f]):
+            return False
+        ivs = self.ivs[f]
+        k = bisect.bisect_right(ivs, (s, e))
+        return (k == 0 or ivs[k - 1][1] <= s) and (k == len(ivs) or ivs[k][0] >= e)
+
+    def add(self, part: P.Part) -> bool:
+        """Take `part` if every row it holds is in the input and held by no part taken before."""
+        ranges = sorted(part.ranges)
+        own_overlap = any(a[0] == b[0] and a[2] > b[1] for a, b in zip(ranges, ranges[1:]))
+        if own_overlap or not all(self._free(*r) for r in ranges):
+            return False
+        for f, s, e in ranges:
+            bisect.insort(self.ivs[f], (s, e))
+        return True
+
+    def gaps(self) -> dict[int, list[tuple[int, int]]]:
+        out = {}
+        for f, (n, ivs) in enumerate(zip(self.rows, self.ivs)):
+            missing, at = [], 0
+            for s, e in ivs:
+                if s > at:
+                    missing.append((at, s))
+                at = e
+            if at < n:
+                missing.append((at, n))
+            if missing:
+                out[f] = missing
+        return out
+
+
+def check_exact(parts: list[P.Part], layout: list[P.FileLayout], staging: Location) -> None:
+    """Before publishing: every input row in exactly one part, or JobFailed and nothing published."""
+    cov = Coverage(layout)
+    clash = next((p for p in parts if not cov.add(p)), None)
+    rows_out, rows_in = sum(p.rows for p in parts), sum(fl.rows for fl in layout)
+    kept = f"nothing published (staged output kept in {staging}; a rerun predicts what is missing)"
+    if clash is not None:
+        raise JobFailed(f"rows out {rows_out} != rows in {rows_in}: {clash.loc.name} holds rows another part "
+                        f"holds; {kept}")
+    gaps = cov.gaps()
+    if gaps:
+        f, [(s, e), *_] = next(iter(gaps.items()))
+        raise JobFailed(f"rows out {rows_out} != rows in {rows_in} (rows {s}-{e - 1} of {layout[f].uri} never "
+                        f"written); {kept}")
+
+
+# ---------------------------------------------------------------- take over OUT's staging
+
+
+@dataclass
+class Takeover:
+    staging: Location
+    adopted: list[P.Part]
+    resumed_from: str | None  # run id that started the adopted staging
+    todo: dict[int, list[tuple[int, int]]]  # input file index -> row ranges still to predict
+
+    @property
+    def rows_adopted(self) -> int:
+        return sum(p.rows for p in self.adopted)
+
+    @property
+    def rows_todo(self) -> int:
+        return sum(e - s for ranges in self.todo.values() for s, e in ranges)
+
+
+def _refusal(out: Location, staging: Location, found: list[Location], diff: str) -> UserError:
+    rows = sum(p.rows for p in P.read_parts(found))
+    return UserError(f"{out}: holds an unfinished infer run ({rows} rows in {len(found)} parts, {staging.name}) "
+                     f"of another job: {diff}; rerun with --fresh to discard it and start over (or delete "
+                     f"{staging})")
+
+
+def take_over(out: Location, fp: dict[str, Any], layout: list[P.FileLayout], run_id: str, fresh: bool) -> Takeover:
+    """With the lease held: resume the unfinished run of this job, refuse another job's, or start afresh."""
+    candidates = []  # (staging, its part files) of this job
+    for d in staging_dirs(out):
+        found = P.staged_parts(d)
+        old = read_fingerprint(d)
+        if fresh or not found or old is None:
+            d.delete()
+            continue
+        diff = difference(old, fp)
+        if diff:
+            raise _refusal(out, d, found, diff)
+        candidates.append((d, found))
+    candidates.sort(key=lambda c: len(c[1]), reverse=True)
+    for d, _ in candidates[1:]:  # only one lease holder writes at a time, so this is rare: keep the largest
+        d.delete()
+    if not candidates:
+        staging = out / f"{STAGING_PREFIX}{run_id}"
+        (staging / FINGERPRINT).write_text(json.dumps(fp, indent=1))
+        return Takeover(staging, [], None, {i: [(0, fl.rows)] for i, fl in enumerate(layout) if fl.rows})
+    staging, found = candidates[0]
+    cov = Coverage(layout)
+    adopted = [p for p in sorted(P.read_parts(found), key=lambda p: p.loc.name) if cov.add(p)]
+    return Takeover(staging, adopted, staging.name[len(STAGING_PREFIX):], cov.gaps())
