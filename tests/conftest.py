@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from imgcls_dist.ports import free_port
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests import image_fixtures as a plain module
 
 # Tests run on the 2-CPU CI machine: cap every torch/BLAS pool so parallel pieces don't oversubscribe.
@@ -25,12 +27,6 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 # Train's controller polls its workers every 2 s by default; each tiny test run waits up to one poll to see
 # its start, each checkpoint and its end. Polling faster changes no result, only the waiting.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
 from imgcls_dist.data.ingest import ingest
+from imgcls_dist.ports import free_port
 from imgcls_dist.storage import location
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from imgcls_dist.ports import free_port
 from image_fixtures import damaged, write_image_fixtures
 from test_ensemble_build import train_digits_model
 
@@ -122,6 +122,7 @@ def test_info_and_health(server, model):
     assert status == 200
     assert info["classes"] == [str(i) for i in range(10)] and info["views"] == ["identity", "shift_left"]
     assert info["members"][0]["path"] == str(model) and info["input_sizes"] == [{"image_size": 16, "channels": 3}]
+    assert info["torch_threads"] == 1  # the server fixture's replica reserves 1 CPU
     assert get(f"{server}/-/healthz")[0] == 200
 
 
@@ -182,6 +183,17 @@ def test_concurrent_clients_all_succeed_and_share_batches(server, digits_dir):
     batches = stats["batches"] - before["batches"]
     assert images == 320 and batches < images, stats  # mean batch size > 1
     assert stats["max_batch_size_seen"] > 1 and stats["max_batch_size_seen"] <= 8
+
+
+def test_bench_load_generator_counts_every_request_and_its_failures(server, digits_dir):
+    from imgcls_dist.bench.serve_bench import load
+
+    body = digit_pngs(digits_dir, 1)[0][0]
+    ok = load(server, body, concurrency=4, requests=12, time_limit_s=60)
+    assert (ok["requests"], ok["failed"]) == (12, 0)
+    assert 0 < ok["p50_ms"] <= ok["p90_ms"] <= ok["p99_ms"] and ok["req_per_s"] > 0
+    bad = load(server, b"not an image", concurrency=2, requests=5, time_limit_s=60)
+    assert (bad["requests"], bad["failed"], bad["failures"], bad["p50_ms"]) == (5, 5, ["HTTP 400"], None)
 
 
 def test_shutdown_leaves_no_serve_actors(server, digits_dir):  # last: it stops the module's server
