@@ -4,6 +4,7 @@ rates they divide, and the JSON it writes holds the same table (no timing assert
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -12,7 +13,8 @@ from imgcls_dist.bench.gpu_bench import run
 
 def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
     out = tmp_path / "gpu.json"
-    r = run(device="cpu", batch=2, size=32, warmup=0, iters=1, out=out, archs=("resnet18",))
+    r = run(device="cpu", batch=2, size=32, warmup=0, iters=1, out=out, archs=("resnet18",), photo_size=(320, 240),
+            photos=4)
     rows = {x["measure"]: x["value"] for x in r["rows"]}
     assert rows["train resnet18 ratio bf16/fp32"] == pytest.approx(
         rows["train resnet18 bf16+channels_last img/s"] / rows["train resnet18 fp32 img/s"])
@@ -20,5 +22,9 @@ def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
         assert rows[f"infer resnet50 {k} img/s"] > 0
         assert rows[f"infer resnet50 {k} / forward only"] == pytest.approx(
             rows[f"infer resnet50 {k} img/s"] / rows["infer resnet50 forward only img/s"])
+    assert rows["decode 0.077MP JPEG ratio device/CPU"] == pytest.approx(
+        rows["decode 0.077MP JPEG -> 32px, device path img/s"]
+        / rows[f"decode 0.077MP JPEG -> 32px, CPU path on {os.cpu_count()} threads img/s"])
+    assert rows["decode device path / infer resnet50 forward only"] > 0
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert "bench gpu on cpu" in capsys.readouterr().out

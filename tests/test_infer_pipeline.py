@@ -297,3 +297,22 @@ def test_actor_plan_on_the_ci_machine():
     assert (p.num_actors, p.cpus_per_actor, p.task_cpus, p.torch_threads) == (1, 1.0, 0.5, 1)
     with pytest.raises(UserError):
         plan_actors(2, 0, 0)
+
+
+def test_decode_on_the_actors_device_gives_the_cpu_decodes_rows_and_errors(ray_session, models, inputs, mixed_run,
+                                                                           tmp_path):
+    """`--decode device` on CPU actors (torchvision's CPU decoder standing in for nvJPEG): the same rows, the
+    same error strings, the CPU path's exact predictions for non-JPEG rows and close ones for JPEG rows."""
+    out = tmp_path / "device"
+    m = run_batch_inference(models, inputs.mixed, out, batch_size=32, decode="device", verbose=False)
+    assert m["decode"] == "device" and mixed_run[1]["decode"] == "cpu"  # auto on a CPU-only cluster: cpu
+    dev, cpu = by_id(read_out(out)), by_id(read_out(mixed_run[0]))
+    assert dev.keys() == cpu.keys() and m["rows_out"] == len(inputs.mixed_rows)
+    assert {i: r["error"] for i, r in dev.items()} == {i: r["error"] for i, r in cpu.items()}
+    jpegs = {i for i, data, _ in inputs.mixed_rows if data[:3] == b"\xff\xd8\xff"}
+    for i, r in dev.items():
+        if r["error"] is None and i not in jpegs:
+            assert r["probs"] == cpu[i]["probs"], i
+        elif r["error"] is None:
+            assert np.abs(np.subtract(r["probs"], cpu[i]["probs"])).max() < 0.05, i
+    assert any(i in jpegs and dev[i]["error"] is None for i in dev)

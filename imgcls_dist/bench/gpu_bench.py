@@ -4,7 +4,8 @@ Runs on a machine with only torch + torchvision: (1) training-step images/s for 
 efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32, and with torch.compile on CUDA
 (what `train.compile` turns on); (2) the batch predictor's
 path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
-forward — vs the pure forward on a ready float batch. Prints one table and writes it as JSON.
+forward — vs the pure forward on a ready float batch; (3) 12 MP photo JPEGs to 224-px inputs, the CPU path on every
+core vs `infer --decode device` (nvJPEG). Prints one table and writes it as JSON.
 Context: NVIDIA publishes ~2,500 img/s per A100 for AMP ResNet-50 training; a ResNet-50 forward is
 ~4.1 GMACs (~8 GFLOP) at 224px.
 """
@@ -102,9 +103,36 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
     return out
 
 
+def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], photos: int, iters: int) -> dict:
+    """JPEG bytes -> `size`-px model inputs, img/s: the CPU path on every core (threads: PIL and cv2 release
+    the GIL) vs `infer --decode device` (nvJPEG on CUDA), over `photos` generated photo JPEGs."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from imgcls_dist.data.builtin import digits_images
+    from imgcls_dist.data.synthetic import photo_jpeg
+    from imgcls_dist.infer.device_decode import prepare_on_device
+    from imgcls_dist.infer.prepare import prepare_encoded
+
+    digits = digits_images(32)[0]
+    data = [photo_jpeg(digits[i % len(digits)], *photo_size, seed=i) for i in range(photos)]
+    keys = [(size, 3)]
+    threads = os.cpu_count() or 1
+    with ThreadPoolExecutor(threads) as pool:
+        def cpu() -> None:
+            list(pool.map(lambda b: prepare_encoded([b], keys), data))
+
+        cpu_rate = photos / _timed(cpu, torch.device("cpu"), 1, iters)
+    dev_rate = photos / _timed(lambda: prepare_on_device(data, keys, device), device, 1, iters)
+    mp = f"{photo_size[0] * photo_size[1] / 1e6:.2g}"
+    return {f"decode {mp}MP JPEG -> {size}px, CPU path on {threads} threads img/s": cpu_rate,
+            f"decode {mp}MP JPEG -> {size}px, device path img/s": dev_rate,
+            f"decode {mp}MP JPEG ratio device/CPU": dev_rate / cpu_rate}
+
+
 def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: int = 5, iters: int = 20,
         out: str | Path = "gpu_bench.json", archs: tuple[str, ...] = ("resnet50", "efficientnet_b0"),
-        compile: bool | None = None) -> dict:
+        compile: bool | None = None, photo_size: tuple[int, int] = (4000, 3000), photos: int = 32) -> dict:
     """`compile` None: compiled training steps are measured on CUDA only (inductor's CPU compile of a
     resnet50 takes minutes and is not what train.compile is for)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,6 +157,11 @@ def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: in
     for k in ("predictor 1 view(s)", "predictor 4 view(s)", "predictor 1 view(s), NHWC numpy input"):
         # images/s counts input images; 4 views do 4x the forward work, so ideal is 1.0 and 0.25.
         rows.append({"measure": f"infer resnet50 {k} / forward only", "value": pr[k] / pr["forward only"]})
+    dr = decode_rates(dev, size, photo_size, photos, max(1, iters // 4))
+    rows += [{"measure": k, "value": v} for k, v in dr.items()]
+    dev_key = next(k for k in dr if "device path" in k)
+    # >= 1: the device decodes photos faster than the model consumes them, so decode is off the critical path.
+    rows.append({"measure": "decode device path / infer resnet50 forward only", "value": dr[dev_key] / pr["forward only"]})
     result = {"device": name, "batch": batch, "size": size, "torch": torch.__version__, "rows": rows}
     print(f"bench gpu on {name}, batch {batch}, {size}px, torch {torch.__version__}")
     width = max(len(r["measure"]) for r in rows)

@@ -28,7 +28,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     from imgcls_dist.infer.pipeline import run_batch_inference
 
     run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
-                        combine=a.combine, num_actors=a.actors, fresh=a.fresh)
+                        combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode)
     return 0
 
 
@@ -59,6 +59,10 @@ def register_infer_commands(sub) -> None:
                    help="discard an interrupted run's staged predictions in --output and start from row 0 (needed "
                         "to rerun with other inputs, models, views, weights or temperatures after a crash)")
     p.add_argument("--batch-size", type=int, default=128, help="images per forward, before TTA views")
+    p.add_argument("--decode", default="auto",  # checked by pipeline.resolve_decode (one list of modes)
+                   help="where images are decoded: cpu (Ray tasks, JPEGs at a reduced DCT scale), device (in the "
+                        "predictor actors, JPEGs by nvJPEG on their GPU, other rows on their CPUs); auto: device "
+                        "when the actors have GPUs, else cpu")
     p.add_argument("--actors", type=int, default=None,
                    help="predictor actors (default: one per GPU; on CPUs, one per CPU left after keeping "
                         "a quarter of them, at least 1, for read/decode tasks)")

@@ -33,7 +33,7 @@ from ray.data.datasource import Datasink, ReadTask
 
 from imgcls_dist.data.schema import _FOOTER_THREADS, ID
 from imgcls_dist.infer import publish
-from imgcls_dist.infer.stages import PredictActor, decode_batch
+from imgcls_dist.infer.stages import DevicePredictActor, PredictActor, decode_batch
 from imgcls_dist.storage import Location, location
 
 POS_FILE, POS_ROW = "_pos_file", "_pos_row"
@@ -287,6 +287,11 @@ def decode_positioned(batch: pa.Table, keys, with_label: bool) -> pa.Table:
 
 
 class PositionedPredictActor(PredictActor):
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _with_positions(batch, super().__call__(batch))
+
+
+class PositionedDevicePredictActor(DevicePredictActor):
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _with_positions(batch, super().__call__(batch))
 

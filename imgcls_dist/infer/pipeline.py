@@ -88,6 +88,19 @@ def plan_actors(available_cpus: float, gpus: float, requested: int | None = None
     return ActorPlan(n, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
 
 
+DECODE_MODES = ("auto", "cpu", "device")
+
+
+def resolve_decode(mode: str, gpus_per_actor: float) -> str:
+    """`infer --decode`: "auto" decodes on the predictor actors' device when they have GPUs (nvJPEG outruns
+    CPU decode tasks there, infer/device_decode.py), else in CPU tasks."""
+    if mode not in DECODE_MODES:
+        raise UserError(f"--decode: must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
+    if mode == "auto":
+        return "device" if gpus_per_actor > 0 else "cpu"
+    return mode
+
+
 # ---------------------------------------------------------------- console
 
 
@@ -200,19 +213,22 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
         time.sleep(0.1)
 
 
-def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float) -> None:
+def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float,
+            decode: str) -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
-    Ray's failures become one JobFailed line."""
+    Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
+    the actors get the encoded rows and decode them themselves (infer/device_decode.py)."""
     import ray
 
     with _quiet_ray_data():
         try:
             ds = _read(job, takeover.todo, plan.task_cpus)
-            ds = ds.map_batches(parts.decode_positioned, fn_kwargs={"keys": job.keys, "with_label": job.with_label},
-                                batch_format="pyarrow", batch_size=job.batch_size, num_cpus=plan.task_cpus,
-                                udf_modifying_row_count=False)
+            if decode == "cpu":
+                ds = ds.map_batches(parts.decode_positioned, fn_kwargs={"keys": job.keys, "with_label": job.with_label},
+                                    batch_format="pyarrow", batch_size=job.batch_size, num_cpus=plan.task_cpus,
+                                    udf_modifying_row_count=False)
             ds = ds.map_batches(
-                parts.PositionedPredictActor,
+                parts.PositionedPredictActor if decode == "cpu" else parts.PositionedDevicePredictActor,
                 fn_constructor_kwargs=dict(model_paths=job.model_paths, views=job.views, weights=job.weights,
                                            combine=job.combine, temperatures=job.temperatures,
                                            batch_size=job.batch_size,
@@ -237,7 +253,7 @@ def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
 
 
 def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease: publish.Lease, run_id: str,
-                t0: float) -> dict[str, Any]:
+                t0: float, decode: str) -> dict[str, Any]:
     """Check that adopted + own parts hold every input row once, publish them in input order and commit the
     manifest (infer/publish.py, steps 3-5)."""
     own = own_parts(takeover.staging, run_id)
@@ -270,6 +286,7 @@ def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease
         "weights": job.norm_weights,
         "temperatures": job.temperatures,
         "batch_size": job.batch_size,
+        "decode": decode,
         "actors": asdict(plan),
         "wall_s": round(wall, 3),
         "images_per_s": round(rows_predicted / wall, 2) if wall > 0 else None,  # this run's own rate
@@ -290,6 +307,7 @@ def run_batch_inference(
     combine: str | None = None,
     num_actors: int | None = None,
     fresh: bool = False,
+    decode: str = "auto",
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT per design.md; returns the manifest.
@@ -297,26 +315,28 @@ def run_batch_inference(
     `models`: one ensemble.json, or model files/dirs. `weights`/`combine` override the manifest's;
     combine None -> the manifest's, else "weighted" with weights, else "mean". An unfinished run of the same
     job in OUT is resumed, one of another job refused; `fresh` discards it instead (infer/resume.py).
+    `decode`: "auto" (on the actors' GPUs when they have them, else in CPU tasks), "cpu" or "device".
     """
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     job = validate_job(models, input, output, tta=tta, batch_size=batch_size, weights=weights, combine=combine)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    fp = resume.fingerprint(job, run_id)
     with publish.exclusive(job.out, run_id) as lease:
-        takeover = resume.take_over(job.out, fp, job.layout, run_id, fresh)
         plan, cpus_before = plan_job(num_actors)
+        decode = resolve_decode(decode, plan.gpus_per_actor)
+        takeover = resume.take_over(job.out, resume.fingerprint(job, run_id, decode), job.layout, run_id, fresh)
         model_list = ", ".join(f"{m['arch']}@{m['image_size']}" for m in job.members)
         say(f"infer {run_id}: {job.rows_in} rows in {len(job.files)} files, {len(job.members)} model(s) "
             f"[{model_list}], views {','.join(job.views)}, combine {job.combine}, "
             f"{plan.num_actors} actor(s) x {plan.cpus_per_actor:g} CPU"
-            + (f" x {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + f" -> {job.out}", flush=True)
+            + (f" x {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + f", decode on {decode}"
+            + f" -> {job.out}", flush=True)
         if takeover.resumed_from:
             say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
                 f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
         if takeover.rows_todo:
-            execute(job, plan, takeover, run_id, cpus_before)
-        manifest = publish_job(job, plan, takeover, lease, run_id, t0)
+            execute(job, plan, takeover, run_id, cpus_before, decode)
+        manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "
         f"{manifest['images_per_s']} img/s -> {job.out}", flush=True)
     return manifest

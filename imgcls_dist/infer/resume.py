@@ -11,7 +11,7 @@ lease (so the writer of that staging is dead, `infer/publish.py` step 1):
   parts into the same staging, and publishes adopted + own parts once they hold every input row exactly once
   (`check_exact`). Rows re-predicted = rows in, minus rows in adopted parts: nothing durable is redone.
 * another fingerprint with parts -> refused with one line naming what differs (input files, models, TTA
-  views, weights, temperatures, combine, classes, label passthrough) and how to start over (`--fresh`, or
+  views, weights, temperatures, combine, classes, label passthrough, decode) and how to start over (`--fresh`, or
   delete the staging directory): results of two configurations are never mixed.
 * no parts (killed before the first part) or no fingerprint (not ours) -> deleted, nothing was lost.
 
@@ -23,7 +23,7 @@ The fingerprint: each input file's URI, size, mtime and row count (a file rewrit
 mtime on every store); each member's sha256 of its model file (the file's content, so a copy at another path
 is the same model and a retrained file at the same path is not; costs one extra read of each model file per
 run); the views, normalized weights, temperatures, combine rule, classes and label passthrough (the output
-schema). Batch size and actor count are not in it: they do not change predictions.
+schema) and where JPEGs are decoded. Batch size and actor count are not in it: they do not change predictions.
 
 Why not Ray Data's own checkpointing (`DataContext.checkpoint_config = CheckpointConfig(id_column=...)`,
 read in ray/data/checkpoint/ and _internal/planner/checkpoint/ of Ray 2.60): its mechanics are sound for a
@@ -84,7 +84,7 @@ def _sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(job: InferJob, run_id: str) -> dict[str, Any]:
+def fingerprint(job: InferJob, run_id: str, decode: str) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "run_id": run_id,  # the run that started this staging (informational)
@@ -97,6 +97,7 @@ def fingerprint(job: InferJob, run_id: str) -> dict[str, Any]:
         "combine": job.combine,
         "classes": job.classes,
         "label_passthrough": job.with_label,
+        "decode": decode,  # CPU (reduced-size) and device decodes give slightly different pixels
     }
 
 
@@ -129,7 +130,8 @@ def _fmt(v: Any) -> str:
 
 
 _PLAIN = {"tta_views": "TTA views", "weights": "weights", "temperatures": "temperatures", "combine": "combine",
-          "classes": "classes", "label_passthrough": "label passthrough", "format": "staging format"}
+          "classes": "classes", "label_passthrough": "label passthrough", "decode": "decode",
+          "format": "staging format"}
 
 
 def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

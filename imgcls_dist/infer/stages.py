@@ -94,6 +94,29 @@ class PredictActor:
         return predictions_table(batch, probs, ok, self.predictor.classes, self.schema)
 
 
+class DevicePredictActor(PredictActor):
+    """PredictActor for `--decode device`: its rows arrive undecoded and it decodes them itself, JPEGs on its
+    device (infer/device_decode.py), the rest on its CPUs; a row neither can decode gets its error string."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch  # here, not at the top: the decode tasks import this module and never need torch
+
+        from imgcls_dist.infer.device_decode import prepare_on_device
+
+        p = self.predictor
+        images, errors = prepare_on_device(batch.column(IMAGE).to_pylist(), p.input_keys, p.device)
+        ok = np.array([e is None for e in errors], dtype=bool)
+        idx = np.flatnonzero(ok)
+        probs = np.zeros((batch.num_rows, len(p.classes)), np.float32)
+        if len(idx):
+            rows = torch.as_tensor(idx, device=p.device)
+            probs[idx] = p.predict_uint8({k: v[rows] for k, v in images.items()})
+        cols = {ID: batch.column(ID), ERROR: pa.array(errors, pa.string())}
+        if self.with_label:
+            cols[LABEL] = batch.column(LABEL).cast(pa.int64())
+        return predictions_table(pa.table(cols), probs, ok, p.classes, self.schema)
+
+
 def predictions_table(batch: pa.Table, probs: np.ndarray, ok: np.ndarray, classes: list[str],
                       schema: pa.Schema) -> pa.Table:
     """Rows of `batch` + ensembled probabilities -> the output schema (nulls where not ok)."""

@@ -1,0 +1,123 @@
+"""JPEG rows decoded and resized on the predictor's device; every other row, and any row the device path
+fails on, through the CPU path of `infer/prepare.py` (so such a row gets the CPU path's error string).
+
+On a GPU the device is CUDA and the decoder nvJPEG, batched (`torchvision.io.decode_jpeg(list, device=...)`).
+Why: on a GPU node the predictor outruns the CPU decode of full-size photos by far (a resnet50 forward is
+under 1 ms per image on one H200; a 12 MP JPEG costs ~15 ms per core even decoded at a reduced DCT scale,
+docs/benchmarks.md), so the CPU decode tasks, not the GPU, would set the job's rate. With device "cpu"
+the same code runs with torchvision's CPU decoder: that is how it is tested on machines without CUDA.
+
+A row goes to the device only when its header (PIL's lazy open: no pixel is decoded) says the checks of
+`data/decode.py::decode_image` pass and the device can decode it: a JPEG, colour mode L or RGB (CMYK and
+YCCK JPEGs take the CPU path, which converts them as PIL does), at most `max_pixels`. EXIF orientation is
+applied by the decoder. The resize matches the eval transform's op (`data/augment.py::_resize`): an area
+average when shrinking (cv2's INTER_AREA, `_area_weights`), bilinear with half-pixel centres when
+enlarging (cv2's INTER_LINEAR); 1-channel members get ITU-R 601 luma, as PIL's "L" conversion. The full
+image is decoded (nvJPEG has no DCT scaling), so inputs differ from the CPU path's reduced decode by about
+what the reduced decode differs from a full one (tests/test_device_decode.py measures both).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imgcls_dist.data.decode import DEFAULT_MAX_PIXELS, is_jpeg
+from imgcls_dist.infer.prepare import InputKey, prepare_encoded
+
+_LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" weights (ITU-R 601-2)
+
+
+def device_decodable(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
+    """Whether a row may take the device path: a JPEG whose header passes decode_image's checks, in a colour
+    mode the device decoder handles. Anything else (including every broken file) takes the CPU path."""
+    if not is_jpeg(data):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+                return img.format == "JPEG" and img.mode in ("L", "RGB") and 0 < w * h <= max_pixels
+    except Exception:
+        return False
+
+
+def _decode_all(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+    """[3,H,W] uint8 per row on `device`; None where the decoder refused the row. One batched call first;
+    if it fails, row by row, so one bad row costs only itself."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not datas:
+        return []
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+    except Exception:
+        out: list[torch.Tensor | None] = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+            except Exception:
+                out.append(None)
+        return out
+
+
+def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """[n_out, n_in] box-filter weights: output pixel i averages source pixels over [i, i+1) * n_in / n_out,
+    partial pixels by their overlap. This is cv2's INTER_AREA for shrinking by any factor; torch's "area"
+    mode (adaptive average pooling) equals it only for integer factors (measured 6.6 grey levels apart on a
+    small JPEG shrunk to 32 px), so it is written out here as two small matrix products."""
+    edges = torch.arange(n_out + 1, dtype=torch.float64, device=device) * (n_in / n_out)
+    src = torch.arange(n_in + 1, dtype=torch.float64, device=device)
+    lo = torch.maximum(edges[:-1, None], src[None, :-1])
+    hi = torch.minimum(edges[1:, None], src[None, 1:])
+    return ((hi - lo).clamp_(min=0) * (n_out / n_in)).float()
+
+
+def resize_like_eval(rgb: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """[3,H,W] uint8 -> [channels,size,size] uint8, as the eval transform resizes (module docstring)."""
+    x = rgb.float()
+    h, w = rgb.shape[1:]
+    if h >= size and w >= size:  # shrinking (or same size): the area average, exactly
+        if (h, w) != (size, size):
+            x = _area_weights(h, size, x.device) @ x @ _area_weights(w, size, x.device).T
+    else:
+        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+    if channels == 1:
+        x = sum(c * x[i : i + 1] for i, c in enumerate(_LUMA))
+    return x.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def prepare_on_device(images: Sequence[bytes | None], keys: Sequence[InputKey], device: torch.device | str,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[dict[InputKey, torch.Tensor], list[str | None]]:
+    """Encoded images -> ({key: [N,C,size,size] uint8 on `device`}, per-row error or None). Never raises for a
+    row: what the device cannot decode goes through `prepare_encoded` (CPU), whose error string it keeps."""
+    device = torch.device(device)
+    n = len(images)
+    out = {k: torch.zeros((n, k[1], k[0], k[0]), dtype=torch.uint8, device=device) for k in keys}
+    errors: list[str | None] = [None] * n
+    rows = [i for i, data in enumerate(images) if device_decodable(data, max_pixels)]
+    decoded = _decode_all([bytes(images[i]) for i in rows], device)
+    done = set()
+    for i, rgb in zip(rows, decoded):
+        if rgb is None:
+            continue
+        for size, channels in keys:
+            out[(size, channels)][i] = resize_like_eval(rgb, size, channels)
+        done.add(i)
+    cpu_rows = [i for i in range(n) if i not in done]
+    if cpu_rows:
+        arrays, cpu_errors = prepare_encoded([images[i] for i in cpu_rows], keys, max_pixels)
+        idx = torch.as_tensor(cpu_rows, device=device)
+        for k, arr in arrays.items():  # zeros where the CPU path failed too, as prepare_encoded leaves them
+            out[k][idx] = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).to(device)
+        for i, err in zip(cpu_rows, cpu_errors):
+            errors[i] = err
+    return out, errors
