@@ -163,3 +163,13 @@ def tiny_digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_digits")
     ingest("builtin:digits", out, image_size=16, fractions=(0.2, 0.1, 0.7), rows_per_shard=100, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def digit_photo_classifier():
+    """(predict, photos, labels): the bench's LeNet-5 trained on digit photos (~5 s) and 1,000 held-out digit
+    photo JPEGs, shared by the reduced-decode and device-decode agreement tests."""
+    from imgcls_dist.bench.decode_bench import digit_photos, fit_digits_lenet
+
+    photos, labels = digit_photos(1000)
+    return fit_digits_lenet(), photos, labels

@@ -72,8 +72,8 @@ def _node_args(address: str, temp_dir: str) -> list[str]:
     return [f"--address={address}", "--num-cpus=1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
 
 
-def _big_input(bucket: str, tmp_path: Path, copies: int = 3) -> tuple[str, set[str]]:
-    """The ingested test split `copies` times under new ids, as shards on S3: long enough a job (~10 parts)
+def _big_input(bucket: str, tmp_path: Path, copies: int = 2) -> tuple[str, set[str]]:
+    """The ingested test split `copies` times under new ids, as shards on S3: long enough a job (~8 parts)
     for a node to die in the middle of it."""
     from test_infer_helpers import write_input
 
