@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 
 def machine() -> str:
@@ -16,7 +16,7 @@ def machine() -> str:
             f"torch {torch.__version__}, python {platform.python_version()}")
 
 
-def items_per_second(fn: Callable[[bytes], object], items: Sequence[bytes], min_seconds: float) -> float:
+def items_per_second(fn: Callable[[Any], object], items: Sequence[Any], min_seconds: float) -> float:
     """Calls of `fn` per second over whole passes of `items`, for at least `min_seconds`."""
     n, t0 = 0, time.perf_counter()
     while True:

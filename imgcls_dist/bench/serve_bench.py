@@ -24,10 +24,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 import torch
 
-from imgcls_dist.bench.common import machine, print_table
+from imgcls_dist.bench.common import items_per_second, machine, print_table
 from imgcls_dist.bench.infer_bench import make_bench_model
 from imgcls_dist.ports import free_port
 
@@ -38,13 +39,14 @@ def _percentile(sorted_ms: list[float], q: float) -> float:
 
 def load(url: str, body: bytes, *, concurrency: int, requests: int, time_limit_s: float) -> dict[str, Any]:
     """`requests` POSTs of `body` to `url` from `concurrency` threads, or fewer if `time_limit_s` passes."""
-    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    u = urlsplit(url)
+    host, port = u.hostname, u.port
     lock, latencies, failures = threading.Lock(), [], []
     sent = [0]
     deadline = time.perf_counter() + time_limit_s
 
     def client() -> None:
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn = http.client.HTTPConnection(host, port, timeout=60)
         while True:
             with lock:
                 if sent[0] >= requests or time.perf_counter() > deadline:
@@ -60,7 +62,7 @@ def load(url: str, body: bytes, *, concurrency: int, requests: int, time_limit_s
             except (OSError, http.client.HTTPException) as e:
                 ok, what = False, type(e).__name__
                 conn.close()
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                conn = http.client.HTTPConnection(host, port, timeout=60)
             ms = (time.perf_counter() - t0) * 1e3
             with lock:
                 (latencies if ok else failures).append(ms if ok else what)
@@ -105,11 +107,7 @@ def in_process_latency(model_path: Path, image: Path, *, threads: int, repeats: 
         for b in (1, batch):
             x = {k: np.zeros((b, k[0], k[0], k[1]), np.uint8) for k in predictor.input_keys}
             predictor.predict_uint8(x)
-            t0, n = time.perf_counter(), 0
-            while time.perf_counter() - t0 < 3:
-                predictor.predict_uint8(x)
-                n += b
-            rates[b] = n / (time.perf_counter() - t0)
+            rates[b] = b * items_per_second(predictor.predict_uint8, [x], 3.0)  # forwards/s x images each
     finally:
         torch.set_num_threads(before)
     return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),

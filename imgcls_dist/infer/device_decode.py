@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ def device_decodable(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -
         return False
 
 
-def _decode_all(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
+def _decode_all(datas: list[bytes | bytearray | memoryview], device: torch.device) -> list[torch.Tensor | None]:
     """[3,H,W] uint8 per row on `device`; None where the decoder refused the row. One batched call first;
     if it fails, row by row, so one bad row costs only itself."""
     from torchvision.io import ImageReadMode, decode_jpeg
@@ -69,6 +70,7 @@ def _decode_all(datas: list[bytes], device: torch.device) -> list[torch.Tensor |
         return out
 
 
+@lru_cache(maxsize=256)  # a batch of same-size photos reuses one pair of matrices per member size
 def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """[n_out, n_in] box-filter weights: output pixel i averages source pixels over [i, i+1) * n_in / n_out,
     partial pixels by their overlap. This is cv2's INTER_AREA for shrinking by any factor; torch's "area"
@@ -104,7 +106,7 @@ def prepare_on_device(images: Sequence[bytes | None], keys: Sequence[InputKey], 
     out = {k: torch.zeros((n, k[1], k[0], k[0]), dtype=torch.uint8, device=device) for k in keys}
     errors: list[str | None] = [None] * n
     rows = [i for i, data in enumerate(images) if device_decodable(data, max_pixels)]
-    decoded = _decode_all([bytes(images[i]) for i in rows], device)
+    decoded = _decode_all([images[i] for i in rows], device)
     done = set()
     for i, rgb in zip(rows, decoded):
         if rgb is None:

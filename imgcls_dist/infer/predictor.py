@@ -49,11 +49,6 @@ class Member:
         return (int(self.meta["image_size"]), int(self.meta["in_channels"]))
 
 
-def entropy_nats(probs: np.ndarray) -> np.ndarray:
-    """Predictive entropy (nats) of each row of class probabilities; the `entropy` column and field."""
-    return -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1).astype(np.float32)
-
-
 def normalize_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if weights is None:
         return [1.0 / n] * n

@@ -60,12 +60,18 @@ def decode_batch(batch: pa.Table, keys: list[InputKey], with_label: bool) -> pa.
     from imgcls_dist.infer.prepare import prepare_encoded  # here: the predictor actors never need albumentations
 
     arrays, errors = prepare_encoded(batch.column(IMAGE).to_pylist(), keys)
-    cols: dict[str, Any] = {ID: batch.column(ID), ERROR: pa.array(errors, pa.string())}
-    if with_label:
-        cols[LABEL] = batch.column(LABEL).cast(pa.int64())
+    cols = _row_columns(batch, errors, with_label)
     for key, arr in arrays.items():
         cols[_px_column(key)] = _to_fixed_binary(arr)
     return pa.table(cols)
+
+
+def _row_columns(batch: pa.Table, errors: list[str | None], with_label: bool) -> dict[str, Any]:
+    """id, error[, label as int64]: what travels beside the pixels (or the predictions) of decoded rows."""
+    cols: dict[str, Any] = {ID: batch.column(ID), ERROR: pa.array(errors, pa.string())}
+    if with_label:
+        cols[LABEL] = batch.column(LABEL).cast(pa.int64())
+    return cols
 
 
 class PredictActor:
@@ -83,15 +89,18 @@ class PredictActor:
         self.schema = output_schema(with_label)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        n = batch.num_rows
         ok = batch.column(ERROR).is_null().to_numpy(zero_copy_only=False)
+        keys = self.predictor.input_keys
+        return self._predict(batch, ok, lambda idx: {k: _from_fixed_binary(batch.column(_px_column(k)), k)[idx]
+                                                     for k in keys})
+
+    def _predict(self, rows: pa.Table, ok: np.ndarray, images_of) -> pa.Table:
+        """Predictions for the `ok` rows (`images_of(their indices)` gives their inputs), nulls for the rest."""
         idx = np.flatnonzero(ok)
-        num_classes = len(self.predictor.classes)
-        probs = np.zeros((n, num_classes), np.float32)
+        probs = np.zeros((rows.num_rows, len(self.predictor.classes)), np.float32)
         if len(idx):
-            images = {k: _from_fixed_binary(batch.column(_px_column(k)), k)[idx] for k in self.predictor.input_keys}
-            probs[idx] = self.predictor.predict_uint8(images)
-        return predictions_table(batch, probs, ok, self.predictor.classes, self.schema)
+            probs[idx] = self.predictor.predict_uint8(images_of(idx))
+        return predictions_table(rows, probs, ok, self.predictor.classes, self.schema)
 
 
 class DevicePredictActor(PredictActor):
@@ -103,18 +112,17 @@ class DevicePredictActor(PredictActor):
 
         from imgcls_dist.infer.device_decode import prepare_on_device
 
-        p = self.predictor
-        images, errors = prepare_on_device(batch.column(IMAGE).to_pylist(), p.input_keys, p.device)
+        device = self.predictor.device
+        images, errors = prepare_on_device(batch.column(IMAGE).to_pylist(), self.predictor.input_keys, device)
         ok = np.array([e is None for e in errors], dtype=bool)
-        idx = np.flatnonzero(ok)
-        probs = np.zeros((batch.num_rows, len(p.classes)), np.float32)
-        if len(idx):
-            rows = torch.as_tensor(idx, device=p.device)
-            probs[idx] = p.predict_uint8({k: v[rows] for k, v in images.items()})
-        cols = {ID: batch.column(ID), ERROR: pa.array(errors, pa.string())}
-        if self.with_label:
-            cols[LABEL] = batch.column(LABEL).cast(pa.int64())
-        return predictions_table(pa.table(cols), probs, ok, p.classes, self.schema)
+        rows = pa.table(_row_columns(batch, errors, self.with_label))
+        return self._predict(rows, ok, lambda idx: {k: v[torch.as_tensor(idx, device=device)]
+                                                    for k, v in images.items()})
+
+
+def entropy_nats(probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy (nats) of each row of class probabilities: the `entropy` column, and serve's field."""
+    return -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1).astype(np.float32)
 
 
 def predictions_table(batch: pa.Table, probs: np.ndarray, ok: np.ndarray, classes: list[str],
@@ -123,8 +131,7 @@ def predictions_table(batch: pa.Table, probs: np.ndarray, ok: np.ndarray, classe
     null = pa.array(~ok)
     pred = probs.argmax(axis=1).astype(np.int32)
     conf = probs.max(axis=1).astype(np.float32)
-    p = np.clip(probs, 1e-12, 1.0)
-    entropy = -(probs * np.log(p)).sum(axis=1).astype(np.float32)  # nats
+    entropy = entropy_nats(probs)
     num_classes = probs.shape[1]
     lengths = np.where(ok, num_classes, 0)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))

@@ -25,8 +25,8 @@ from ray import serve
 from ray.serve import Application
 
 from imgcls_dist.infer.predict import load_predictor, top_classes
-from imgcls_dist.infer.predictor import entropy_nats
 from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.infer.stages import entropy_nats
 from imgcls_dist.serve.settings import ServeSettings
 from imgcls_dist.serve.uploads import RequestError, Upload, is_multipart, read_uploads
 
