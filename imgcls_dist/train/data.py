@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 from imgcls_dist.data.augment import apply, build_eval_transform, derive_seed, reseed
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.models.preprocess import stack_hwc
-from imgcls_dist.train.stream import EpochBatches, RowGroup, Sample
+from imgcls_dist.train.row_group import RowGroup
+from imgcls_dist.train.stream import EpochBatches, Sample
 
 
 class DecodeSamples(Dataset):

@@ -84,7 +84,7 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from imgcls_dist.train.loop import train_loop_per_worker
+    from imgcls_dist.train.worker_entry import train_loop_per_worker
 
     if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
         # Single node (local mode): no other node can be preempted, and the watcher is one more Python

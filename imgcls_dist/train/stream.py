@@ -45,17 +45,10 @@ import pyarrow.parquet as pq
 from imgcls_dist.data.augment import derive_seed
 from imgcls_dist.data.schema import IMAGE, LABEL
 from imgcls_dist.storage import location
+from imgcls_dist.train.row_group import RowGroup
 
 PREFETCH_GROUPS = 2  # row groups read ahead of the one being consumed
 FOOTER_THREADS = 16
-
-
-@dataclass(frozen=True)
-class RowGroup:
-    file: str  # URI
-    index: int  # row group index within the file
-    rows: int
-    first_id: int  # global sample id of its first row (row groups numbered in file order)
 
 
 @dataclass(frozen=True)
