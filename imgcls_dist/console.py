@@ -10,6 +10,12 @@ emitting loggers, so they hold however Ray sets up its handlers; a renamed logge
   does not have any available CPUs" check, which samples a resource view that lags the shutdown of the
   previous job's actors; our pool sizing guarantees CPUs for the tasks (`infer.pipeline.plan_actors`).
 
+Tracebacks kept off the console, the warning line kept (`quiet_ray_workers`, in every process of the job):
+
+* Train's "Failed to send/cancel resource request" to its AutoscalingCoordinator actor: the call times out
+  after 5 s when the 2-CPU machine is busy (the actor is a fresh process), Ray's own message says it is
+  safe to ignore when transient, and it logs a 20-line Ray-internal traceback with it (seen in CI).
+
 Causes are removed where we can: Train's PlacementGroupCleaner warned once a second when the State API
 was missing, so the local Ray starts with it (`ray_utils.ensure_ray`).
 """
@@ -36,9 +42,37 @@ class NoiseFilter(logging.Filter):
         return not record.getMessage().startswith(self.prefixes)
 
 
-def quiet_ray_console() -> None:
-    """Install the filters (idempotent)."""
-    for name, prefixes in NOISE.items():
+# logger -> message prefixes whose traceback says nothing to the user; the one-line warning still shows.
+NO_TRACEBACK: dict[str, tuple[str, ...]] = {
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client": (
+        "Failed to send resource request", "Failed to cancel resource request"),
+}
+
+
+class DropTraceback(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(self.prefixes):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _install(filters: dict[str, tuple[str, ...]], kind: type[logging.Filter]) -> None:
+    for name, prefixes in filters.items():
         log = logging.getLogger(name)
-        if not any(isinstance(f, NoiseFilter) for f in log.filters):
-            log.addFilter(NoiseFilter(prefixes))
+        if not any(isinstance(f, kind) for f in log.filters):
+            log.addFilter(kind(prefixes))
+
+
+def quiet_ray_workers() -> None:
+    """Ray's `worker_process_setup_hook` for the job's processes (Train's controller logs there)."""
+    _install(NO_TRACEBACK, DropTraceback)
+
+
+def quiet_ray_console() -> None:
+    """Install the driver's filters (idempotent)."""
+    _install(NOISE, NoiseFilter)
+    quiet_ray_workers()

@@ -41,7 +41,8 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     # machine, and refuse num_cpus there).
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1, include_dashboard=True,
              dashboard_host="127.0.0.1", dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **api}}, **common)
+             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **api},
+                          "worker_process_setup_hook": "imgcls_dist.console.quiet_ray_workers"}, **common)
 
 
 def _free_port() -> int:
