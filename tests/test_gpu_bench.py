@@ -18,7 +18,8 @@ def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
     rows = {x["measure"]: x["value"] for x in r["rows"]}
     assert rows["train resnet18 ratio bf16/fp32"] == pytest.approx(
         rows["train resnet18 bf16+channels_last img/s"] / rows["train resnet18 fp32 img/s"])
-    for k in ("predictor 1 view(s)", "predictor 4 view(s)", "predictor 1 view(s), NHWC numpy input"):
+    for k in ("predictor 1 view(s)", "predictor 4 view(s)", "predictor 1 view(s), NHWC numpy input",
+              "predictor 1 view(s), NHWC numpy input, 4 micro-batches per call"):
         assert rows[f"infer resnet50 {k} img/s"] > 0
         assert rows[f"infer resnet50 {k} / forward only"] == pytest.approx(
             rows[f"infer resnet50 {k} img/s"] / rows["infer resnet50 forward only img/s"])
@@ -26,5 +27,6 @@ def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
         rows["decode 0.077MP JPEG -> 32px, device path img/s"]
         / rows[f"decode 0.077MP JPEG -> 32px, CPU path on {os.cpu_count()} threads img/s"])
     assert rows["decode device path / infer resnet50 forward only"] > 0
+    assert "infer resnet50 predictor 1 view(s) torch.compile img/s" not in rows  # compile: CUDA only by default
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert "bench gpu on cpu" in capsys.readouterr().out

@@ -215,3 +215,31 @@ def test_one_channel_member_beside_rgb_member(tmp_path):
     probs = pred.predict_uint8({(16, 1): digit_batch(16, 4, 1), (16, 3): digit_batch(16, 4)})
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert DIGITS == pred.classes
+
+
+def test_compiled_members_use_one_graph_for_every_call_size_and_match_eager(tmp_path, monkeypatch):
+    """`compile`: members go through torch.compile with static shapes, and a call's short last micro-batch is
+    padded, so calls of 11 and 6 rows (tails of 3 and 2) reuse one graph. Dynamo's tracing and guards are the
+    real ones; inductor's code generation is swapped for the eager backend here (it takes ~40 s on this CPU
+    for LeNet, and is torch's own, tested part)."""
+    import functools
+
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    path = save_model(tmp_path / "m", "lenet5", 16, seed=3)
+    views = ["identity", "shift_up"]
+    eager = EnsemblePredictor([path], views=views, batch_size=4)
+    compiled = EnsemblePredictor([path], views=views, batch_size=4, compile=True)
+    assert isinstance(compiled.members[0].model, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.members[0].model, torch._dynamo.eval_frame.OptimizedModule)
+    x = np.random.default_rng(0).integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    for n in (11, 6):
+        np.testing.assert_allclose(compiled.predict_uint8({(16, 3): x[:n]}), eager.predict_uint8({(16, 3): x[:n]}),
+                                   atol=1e-6)
+    logits = compiled.view_logits({(16, 3): x[:3]})
+    assert logits.shape == (1, 2, 3, 10)
+    np.testing.assert_allclose(logits, eager.view_logits({(16, 3): x[:3]}), atol=1e-5)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1

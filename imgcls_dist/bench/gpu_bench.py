@@ -4,7 +4,8 @@ Runs on a machine with only torch + torchvision: (1) training-step images/s for 
 efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32, and with torch.compile on CUDA
 (what `train.compile` turns on); (2) the batch predictor's
 path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
-forward — vs the pure forward on a ready float batch; (3) 12 MP photo JPEGs to 224-px inputs, the CPU path on every
+forward, also with 4 micro-batches per call (copies overlapping compute) and torch.compile (`infer --compile`)
+on CUDA — vs the pure forward on a ready float batch; (3) 12 MP photo JPEGs to 224-px inputs, the CPU path on every
 core vs `infer --decode device` (nvJPEG). Prints one table and writes it as JSON.
 Context: NVIDIA publishes ~2,500 img/s per A100 for AMP ResNet-50 training; a ResNet-50 forward is
 ~4.1 GMACs (~8 GFLOP) at 224px.
@@ -17,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -64,9 +66,12 @@ def train_step_rate(arch: str, device: torch.device, batch: int, size: int, amp:
     return batch / _timed(step, device, warmup, iters)
 
 
-def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, iters: int) -> dict[str, float]:
+def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, iters: int,
+                    compile: bool = False) -> dict[str, float]:
     """The real `EnsemblePredictor` (one resnet50 model file, written here with random weights) vs the
-    pure forward on a ready, normalized device batch at the same dtype/layout."""
+    pure forward on a ready, normalized device batch at the same dtype/layout. A call of 4 micro-batches is
+    what GPU actors get in the batch job (`infer.pipeline.MICRO_BATCHES_PER_GPU_CALL`): its H2D copies overlap
+    the forwards before it (`infer.device_feed`)."""
     import tempfile
 
     from imgcls_dist.infer.predictor import EnsemblePredictor
@@ -80,6 +85,8 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
         one = EnsemblePredictor([path], views=["identity"], device=device, batch_size=batch)
         four = EnsemblePredictor([path], views=["identity", "shift_left", "shift_right", "zoom_in"],
                                  device=device, batch_size=batch)
+        compiled = EnsemblePredictor([path], views=["identity"], device=device, batch_size=batch,
+                                     compile=True) if compile else None
     net = one.members[0].model
     amp = one.amp_dtype is not None
     host = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
@@ -100,6 +107,12 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
     out["predictor 4 view(s)"] = batch / _timed(lambda: four.predict_uint8({key: host}), device, warmup, iters)
     out["predictor 1 view(s), NHWC numpy input"] = batch / _timed(
         lambda: one.predict_uint8({key: host_nhwc}), device, warmup, iters)
+    calls = np.concatenate([host_nhwc] * 4)
+    out["predictor 1 view(s), NHWC numpy input, 4 micro-batches per call"] = 4 * batch / _timed(
+        lambda: one.predict_uint8({key: calls}), device, warmup, iters)
+    if compiled is not None:  # the warm-up calls pay for the compile
+        out["predictor 1 view(s) torch.compile"] = batch / _timed(
+            lambda: compiled.predict_uint8({key: host}), device, max(warmup, 2), iters)
     return out
 
 
@@ -151,10 +164,10 @@ def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: in
                                        compile=True)
             rows.append({"measure": f"train {arch} bf16+channels_last+torch.compile img/s", "value": compiled})
             rows.append({"measure": f"train {arch} ratio compiled/eager", "value": compiled / bf16})
-    pr = predictor_rates(dev, batch, size, warmup, iters)
+    pr = predictor_rates(dev, batch, size, warmup, iters, compile)
     for k, v in pr.items():
         rows.append({"measure": f"infer resnet50 {k} img/s", "value": v})
-    for k in ("predictor 1 view(s)", "predictor 4 view(s)", "predictor 1 view(s), NHWC numpy input"):
+    for k in (k for k in pr if k.startswith("predictor")):
         # images/s counts input images; 4 views do 4x the forward work, so ideal is 1.0 and 0.25.
         rows.append({"measure": f"infer resnet50 {k} / forward only", "value": pr[k] / pr["forward only"]})
     dr = decode_rates(dev, size, photo_size, photos, max(1, iters // 4))

@@ -28,7 +28,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
     from imgcls_dist.infer.pipeline import run_batch_inference
 
     run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
-                        combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode)
+                        combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode, compile=a.compile)
     return 0
 
 
@@ -63,6 +63,9 @@ def register_infer_commands(sub) -> None:
                    help="where images are decoded: cpu (Ray tasks, JPEGs at a reduced DCT scale), device (in the "
                         "predictor actors, JPEGs by nvJPEG on their GPU, other rows on their CPUs); auto: device "
                         "when the actors have GPUs, else cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model in the predictor actors (inductor, one graph per model: the last "
+                        "batch of a call is padded); costs a compile per actor at start, pays off on long GPU jobs")
     p.add_argument("--actors", type=int, default=None,
                    help="predictor actors (default: one per GPU; on CPUs, one per CPU left after keeping "
                         "a quarter of them, at least 1, for read/decode tasks)")

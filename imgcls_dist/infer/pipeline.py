@@ -54,6 +54,11 @@ class ActorPlan:
     torch_threads: int
 
 
+# A GPU actor's call holds this many predictor micro-batches: within a call the H2D copy of each overlaps the
+# forward of the one before (infer/device_feed.py); a call of one micro-batch has nothing to overlap with.
+MICRO_BATCHES_PER_GPU_CALL = 4
+
+
 def plan_actors(available_cpus: float, gpus: float, requested: int | None = None) -> ActorPlan:
     """Size the predictor pool so read/decode/write tasks always have CPUs left beside it.
 
@@ -214,10 +219,11 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
 
 
 def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float,
-            decode: str) -> None:
+            decode: str, compile: bool = False) -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
     Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
-    the actors get the encoded rows and decode them themselves (infer/device_decode.py)."""
+    the actors get the encoded rows and decode them themselves (infer/device_decode.py). compile: the actors
+    torch.compile their members (EnsemblePredictor)."""
     import ray
 
     with _quiet_ray_data():
@@ -232,10 +238,12 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
                 fn_constructor_kwargs=dict(model_paths=job.model_paths, views=job.views, weights=job.weights,
                                            combine=job.combine, temperatures=job.temperatures,
                                            batch_size=job.batch_size,
-                                           torch_threads=plan.torch_threads, with_label=job.with_label),
+                                           torch_threads=plan.torch_threads, with_label=job.with_label,
+                                           compile=compile),
                 compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
-                batch_size=job.batch_size, batch_format="pyarrow", udf_modifying_row_count=False,
+                batch_size=job.batch_size * (MICRO_BATCHES_PER_GPU_CALL if plan.gpus_per_actor else 1),
+                batch_format="pyarrow", udf_modifying_row_count=False,
             )
             ds.write_datasink(parts.PartsDatasink(takeover.staging, run_id, parts.rows_per_part(job.rows_in)),
                               ray_remote_args={"num_cpus": plan.task_cpus})
@@ -308,6 +316,7 @@ def run_batch_inference(
     num_actors: int | None = None,
     fresh: bool = False,
     decode: str = "auto",
+    compile: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT per design.md; returns the manifest.
@@ -316,6 +325,7 @@ def run_batch_inference(
     combine None -> the manifest's, else "weighted" with weights, else "mean". An unfinished run of the same
     job in OUT is resumed, one of another job refused; `fresh` discards it instead (infer/resume.py).
     `decode`: "auto" (on the actors' GPUs when they have them, else in CPU tasks), "cpu" or "device".
+    `compile`: torch.compile each member in the actors (worth it for long jobs on GPUs: see bench gpu).
     """
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
@@ -335,7 +345,7 @@ def run_batch_inference(
             say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
                 f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
         if takeover.rows_todo:
-            execute(job, plan, takeover, run_id, cpus_before, decode)
+            execute(job, plan, takeover, run_id, cpus_before, decode, compile)
         manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "
         f"{manifest['images_per_s']} img/s -> {job.out}", flush=True)

@@ -28,6 +28,7 @@ import torch
 
 from imgcls_dist.ensemble.manifest import EnsembleSpec, resolve_combine
 from imgcls_dist.errors import UserError
+from imgcls_dist.infer.device_feed import DeviceFeed
 from imgcls_dist.infer.tta import apply_views, default_views, resolve_views
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import build_model_from_file
@@ -71,6 +72,9 @@ class EnsemblePredictor:
     """Loads each model once; `predict_uint8` maps uint8 batches to ensembled class probabilities.
 
     `batch_size` is images per forward before TTA: each forward holds batch_size * len(views) rows.
+    `compile`: each member goes through `torch.compile` (inductor) with static shapes; a call's last, shorter
+    micro-batch is padded to batch_size so that one graph per member serves every call (each new shape would
+    otherwise compile again).
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class EnsemblePredictor:
         device: str | torch.device | None = None,
         batch_size: int = 128,
         temperatures: Sequence[float] | None = None,
+        compile: bool = False,
     ):
         if not model_paths:
             raise UserError("no models given")
@@ -98,6 +103,8 @@ class EnsemblePredictor:
         # bf16 keeps fp32's range (no overflow in logits); fp16 only on GPUs without bf16 (pre-Ampere).
         self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
         self.channels_last = cuda
+        self.compiled = bool(compile)
+        self.feed = DeviceFeed(self.device, self.batch_size)
         self.members: list[Member] = []
         for path, w, t in zip(model_paths, self.weights, self.temperatures):
             model, meta = build_model_from_file(path)
@@ -108,7 +115,8 @@ class EnsemblePredictor:
                     f"{meta['path']} has {_short(meta['classes'])}"
                 )
             model = model.to(self.device, memory_format=torch.channels_last) if cuda else model.to(self.device)
-            self.members.append(Member(meta["path"], model.eval(), meta, w, t))
+            model = torch.compile(model.eval(), dynamic=False) if self.compiled else model.eval()
+            self.members.append(Member(meta["path"], model, meta, w, t))
         self.classes: list[str] = list(self.members[0].meta["classes"])
         self.hflip_ok = all(bool(m.meta.get("hflip", True)) for m in self.members)
         self.views = resolve_views(views, self.hflip_ok, default_views([m.meta for m in self.members]))
@@ -142,27 +150,29 @@ class EnsemblePredictor:
         """
         batches = self._batches(images)
         n = len(batches[self.input_keys[0]])
-        out = np.empty((n, len(self.classes)), np.float32)
-        per_member = [np.empty_like(out) for _ in self.members] if return_members else []
-        for start in range(0, n, self.batch_size):
-            sl = slice(start, min(n, start + self.batch_size))
-            probs = [self._member_probs(m, batches[m.key][sl]) for m in self.members]
-            out[sl] = self._combine(probs).numpy()
+        # Results stay on the device until the call ends: one device-to-host copy, no sync per micro-batch.
+        out = torch.empty((n, len(self.classes)), dtype=torch.float32, device=self.device)
+        per_member = [torch.empty_like(out) for _ in self.members] if return_members else []
+        for sl, xs in self.feed(batches, n):
+            probs = [self._member_probs(m, xs[m.key]) for m in self.members]
+            out[sl] = self._combine(probs)
             for dst, p in zip(per_member, probs):
-                dst[sl] = p.numpy()
-        return (out, per_member) if return_members else out
+                dst[sl] = p
+        if return_members:
+            return out.cpu().numpy(), [p.cpu().numpy() for p in per_member]
+        return out.cpu().numpy()
 
     def view_logits(self, images: dict[InputKey, torch.Tensor | np.ndarray]) -> np.ndarray:
         """Raw logits of every member and view, [M, V, N, num_classes] float32 (no temperature): what
         `ensemble build` fits temperatures, weights and views on."""
         batches = self._batches(images)
         n = len(batches[self.input_keys[0]])
-        out = np.empty((len(self.members), len(self.views), n, len(self.classes)), np.float32)
-        for start in range(0, n, self.batch_size):
-            sl = slice(start, min(n, start + self.batch_size))
+        out = torch.empty((len(self.members), len(self.views), n, len(self.classes)), dtype=torch.float32,
+                          device=self.device)
+        for sl, xs in self.feed(batches, n):
             for i, m in enumerate(self.members):
-                out[i, :, sl] = self._logits(m, batches[m.key][sl]).cpu().numpy()
-        return out
+                out[i, :, sl] = self._logits(m, xs[m.key])
+        return out.cpu().numpy()
 
     def _batches(self, images: dict[InputKey, torch.Tensor | np.ndarray]) -> dict[InputKey, torch.Tensor]:
         batches = {((k, 3) if isinstance(k, int) else tuple(k)): _as_nchw(v) for k, v in images.items()}
@@ -172,27 +182,28 @@ class EnsemblePredictor:
         return batches
 
     def _logits(self, m: Member, x: torch.Tensor) -> torch.Tensor:
-        """[N,C,H,W] uint8 -> [V, N, num_classes] float32 logits on the device."""
+        """[N,C,H,W] uint8 on the device -> [V, N, num_classes] float32 logits on the device."""
         n = x.shape[0]
-        x = x.to(self.device, non_blocking=True)
+        if self.compiled and n < self.batch_size:
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with torch.inference_mode(), amp:
             xv = normalize(apply_views(x, self.views), m.meta["mean"], m.meta["std"], channels_last=self.channels_last)
-            return m.model(xv).float().view(len(self.views), n, -1)
+            return m.model(xv).float().view(len(self.views), x.shape[0], -1)[:, :n]
 
     def _member_probs(self, m: Member, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return (self._logits(m, x) / m.temperature).softmax(dim=-1).mean(dim=0).cpu()
+            return (self._logits(m, x) / m.temperature).softmax(dim=-1).mean(dim=0)
 
     def _combine(self, probs: list[torch.Tensor]) -> torch.Tensor:
-        w = torch.tensor(self.weights, dtype=torch.float32).view(-1, 1, 1)
+        w = torch.tensor(self.weights, dtype=torch.float32, device=probs[0].device).view(-1, 1, 1)
         stacked = torch.stack(probs)  # [M, N, C]
         soft = (stacked * w).sum(dim=0)
         if self.combine != "vote":
             return soft
         votes = torch.zeros_like(soft)
         for p, wi in zip(probs, self.weights):
-            votes[torch.arange(p.shape[0]), p.argmax(dim=-1)] += wi
+            votes[torch.arange(p.shape[0], device=p.device), p.argmax(dim=-1)] += wi
         return (votes + VOTE_TIE_EPS * soft) / (1.0 + VOTE_TIE_EPS)
 
 

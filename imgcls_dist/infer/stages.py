@@ -77,14 +77,15 @@ def _row_columns(batch: pa.Table, errors: list[str | None], with_label: bool) ->
 class PredictActor:
     """Ray Data actor UDF: loads the ensemble once per actor, predicts the rows that decoded."""
 
-    def __init__(self, model_paths, views, weights, combine, temperatures, batch_size, torch_threads, with_label):
+    def __init__(self, model_paths, views, weights, combine, temperatures, batch_size, torch_threads, with_label,
+                 compile=False):
         import torch
 
         from imgcls_dist.infer.predictor import EnsemblePredictor
 
         torch.set_num_threads(torch_threads)
         self.predictor = EnsemblePredictor(model_paths, views=views, weights=weights, combine=combine,
-                                           temperatures=temperatures, batch_size=batch_size)
+                                           temperatures=temperatures, batch_size=batch_size, compile=compile)
         self.with_label = with_label
         self.schema = output_schema(with_label)
 
