@@ -90,6 +90,32 @@ def server(ray_session, model):
     serve.shutdown()
 
 
+def test_a_replica_decoding_on_its_device_answers_as_the_cpu_decode_and_keeps_error_strings(model, tmp_path):
+    """A replica's batch with `decode: device` (auto on a GPU replica), torchvision's CPU decoder in nvJPEG's
+    place. Damaged files keep the CPU path's errors and PNGs (CPU path in both) get the same probabilities;
+    digit photos (JPEG, decoded whole instead of at a reduced scale) get the same class."""
+    from imgcls_dist.data.builtin import digits_images
+    from imgcls_dist.data.synthetic import photo_jpeg
+    from imgcls_dist.serve.app import classify_encoded
+
+    predictor = load_predictor([str(model)], tta="identity", device="cpu")
+    fixtures = write_image_fixtures(tmp_path)
+    images = [f.path.read_bytes() for f in fixtures]
+    cpu, dev = (classify_encoded(predictor, mode, images) for mode in ("cpu", "device"))
+    for f, (p_cpu, e_cpu), (p_dev, e_dev) in zip(fixtures, cpu, dev):
+        assert e_dev == e_cpu, f.name
+        if e_cpu is None and f.path.suffix == ".png":
+            assert abs(p_dev - p_cpu).max() < 1e-6, f.name
+    assert sum(e is not None for _, e in dev) == len(damaged(fixtures)) >= 8
+    digits, labels, _ = digits_images(32)
+    photos = [photo_jpeg(digits[i], 640, 480, seed=i) for i in range(12)]
+    cpu, dev = (classify_encoded(predictor, mode, photos) for mode in ("cpu", "device"))
+    assert [p.argmax() for p, _ in dev] == [p.argmax() for p, _ in cpu]
+    assert sum(p.argmax() == y for (p, _), y in zip(dev, labels)) >= 10  # the photos are the model's digits
+    with pytest.raises(ValueError, match="decode"):
+        ServeSettings(models=[str(model)], decode="gpu")
+
+
 def test_a_digit_comes_back_with_its_class_and_the_in_process_answer(server, model, digits_dir):
     predictor = load_predictor([model], tta="identity,shift_left")
     images = digit_pngs(digits_dir, 20)

@@ -2,8 +2,8 @@
 
 One code path with `infer`/`predict`: the replica builds its predictor with `load_predictor` (ensemble.json
 weights, temperatures and views; `--tta` overrides) and turns request bytes into model inputs with
-`prepare_encoded`, the function the Ray Data decode stage calls, so a bad image is one row's error string
-here as there. Concurrent requests meet in `@serve.batch`: each image of each request is one batch item, so
+`prepare_encoded`, the function the Ray Data decode stage calls (on a GPU replica JPEGs are decoded there,
+as `infer --decode device` does), so a bad image is one row's error string here as there. Concurrent requests meet in `@serve.batch`: each image of each request is one batch item, so
 a batch's forward is shared, and an image that fails to decode only fails its own request (HTTP 400).
 
 Routes: POST /predict (raw image body or multipart `file` fields; ?topk=N), GET /info, GET /stats (this
@@ -24,6 +24,8 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
+from imgcls_dist.infer.device_decode import prepare_on_device
+from imgcls_dist.infer.pipeline import resolve_decode
 from imgcls_dist.infer.predict import load_predictor, top_classes
 from imgcls_dist.infer.prepare import prepare_encoded
 from imgcls_dist.infer.stages import entropy_nats
@@ -46,6 +48,18 @@ def image_result(probs: np.ndarray, classes: list[str], topk: int) -> dict[str, 
             "entropy": float(entropy_nats(probs)), "topk": top}
 
 
+def classify_encoded(predictor, decode: str, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
+    """Each request image -> (probabilities, None) or (None, its decode error): a replica's batch. `decode`
+    "device" decodes JPEGs on the predictor's device (infer/device_decode.py), "cpu" with PIL."""
+    keys = predictor.input_keys
+    if decode == "device":
+        inputs, errors = prepare_on_device(images, keys, predictor.device)
+    else:
+        inputs, errors = prepare_encoded(images, keys)
+    probs = predictor.predict_uint8(inputs)
+    return [(None, e) if e is not None else (p, None) for p, e in zip(probs, errors)]
+
+
 @serve.deployment(name=DEPLOYMENT, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 @serve.ingress(api)
 class Classifier:
@@ -62,15 +76,12 @@ class Classifier:
         self.predictor = load_predictor(s.models, tta=s.tta, weights=s.weights, combine=s.combine,
                                         device=s.device, batch_size=s.max_batch_size)
         self.id = ensemble_id(self.predictor.describe(), self.predictor.views, self.predictor.combine)
+        # The batch job's rule: JPEGs decoded by nvJPEG on a GPU replica, by PIL on CPU ones.
+        self.decode = resolve_decode(s.decode, 1.0 if self.predictor.device.type == "cuda" else 0.0)
         self.classify.set_max_batch_size(s.max_batch_size)
         self.classify.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
         self.batch_sizes: Counter[int] = Counter()
         self.requests = Counter()
-
-    def _forward(self, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
-        arrays, errors = prepare_encoded(images, self.predictor.input_keys)
-        probs = self.predictor.predict_uint8(arrays)
-        return [(None, e) if e is not None else (p, None) for p, e in zip(probs, errors)]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from settings in __init__
     async def classify(self, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
@@ -79,7 +90,7 @@ class Classifier:
         # the replica's own loop meanwhile, and requests that arrive during a forward join the next batch.
         # Measured with `bench serve` (resnet18@224, 1 CPU): asyncio.to_thread gave 28.9 req/s at
         # concurrency 16, this 37.8; the forward thread contended for the GIL with the loop's request handling.
-        return self._forward(images)
+        return classify_encoded(self.predictor, self.decode, images)
 
     def _answer(self, uploads: list[Upload], outcomes, topk: int, multipart: bool) -> JSONResponse:
         results, first_error = [], None

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from imgcls_dist.infer.pipeline import DECODE_MODES
+
 # A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
 # accidental uploads of video or archives before they are read.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -26,12 +28,20 @@ class ServeSettings(BaseModel):
     max_files: int = Field(64, ge=1, description="file fields per multipart request")
     topk: int = Field(5, ge=1, description="default for ?topk=")
     device: str | None = Field(None, description="None: cuda when the replica has a GPU, else cpu")
+    decode: str = Field("auto", description="as infer --decode: auto (on the device when it is a GPU), cpu, device")
 
     @field_validator("models", mode="before")
     @classmethod
     def _one_or_many(cls, v):
         # `serve run imgcls_dist.serve:app models=a.pt` passes one string; a comma list names several.
         return [p for p in v.split(",") if p] if isinstance(v, str) else v
+
+    @field_validator("decode")
+    @classmethod
+    def _decode(cls, v):
+        if v not in DECODE_MODES:
+            raise ValueError(f"must be one of {', '.join(DECODE_MODES)}")
+        return v
 
     @field_validator("weights", mode="before")
     @classmethod
