@@ -66,10 +66,12 @@ def digit_pngs(digits_dir: Path, n: int) -> list[tuple[bytes, int]]:
 
 
 def serve_actors() -> list[str]:
-    from ray.util.state import list_actors
+    """Serve's live actors (controller, proxies, replicas: named, in namespace "serve") on the connected cluster.
+    From the GCS of this connection, not the State API, which looks for "the" local Ray instance and fails
+    when the machine runs another one."""
+    import ray
 
-    alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
-    return [a.class_name for a in alive if "Serve" in a.class_name or "Proxy" in a.class_name]
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == "serve"]
 
 
 @pytest.fixture(scope="module")
