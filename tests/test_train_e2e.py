@@ -39,6 +39,28 @@ def tiny_cfg(data_dir, tmp_path, name="t", arch="lenet5", extra=()):
         *extra])
 
 
+def fit_in_process(cfg, monkeypatch, keep: Path) -> tuple[list[dict], dict]:
+    """The real train_loop_per_worker in Ray Train V2's local mode (num_workers=0: in this process, ~1 s of
+    set-up instead of ~20 s of Train controller and worker start-up on the 2-CPU box), for tests of what the
+    loop does; Train's worker machinery has the tests above. -> (history, model file of the last checkpoint).
+    Local mode keeps only the last reported Checkpoint object, whose directory the loop deletes after the report,
+    so each reported checkpoint is copied into `keep` on its way to Train's real `report`."""
+    import ray.train
+
+    from imgcls_dist.train.state import load_history
+
+    real = ray.train.report
+
+    def report(metrics, checkpoint=None, **kw):
+        if checkpoint is not None:
+            shutil.copytree(checkpoint.path, keep, dirs_exist_ok=True)
+        return real(metrics, checkpoint=checkpoint, **kw)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    build_trainer(cfg, resolve_dataset(cfg), num_workers=0, use_gpu=False).fit()
+    return load_history(keep), load_model_file(keep / "model.pt")
+
+
 def n_train(data_dir) -> int:
     return json.loads((Path(data_dir) / "dataset.json").read_text())["counts"]["train"]
 
@@ -251,10 +273,11 @@ def _class_subset(src: Path, dst: Path, keep: list[int]) -> Path:
     return dst
 
 
-def test_transfer_from_a_0_4_model_file_to_5_9(ray_session, tiny_digits_dir, tmp_path):
-    """A 5-class (digits 0-4) model file fine-tuned on digits 5-9, both transfer modes. The file is made here
-    (save_model_file, the format every run exports) rather than trained: a Train run costs ~20 s of start-up
-    on the 2-CPU CI box, and its weights need only differ from a fresh init (another seed than the run's)."""
+def test_transfer_from_a_0_4_model_file_to_5_9(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
+                                               fresh_accelerate_state):
+    """A 5-class (digits 0-4) model file fine-tuned on digits 5-9, both transfer modes, in the loop run in
+    process. The file is made here (save_model_file, the format every run exports) rather than trained: its
+    weights need only differ from a fresh init (another seed than the run's)."""
     from imgcls_dist.models.registry import get_model
 
     b = _class_subset(tiny_digits_dir, tmp_path / "d59", [5, 6, 7, 8, 9])
@@ -265,37 +288,40 @@ def test_transfer_from_a_0_4_model_file_to_5_9(ray_session, tiny_digits_dir, tmp
     total = sum(p.numel() for p in get_model("lenet5", 5).parameters())
     head_params = 84 * 5 + 5
 
-    fe = run_training(tiny_cfg(b, tmp_path, name="fe", extra=[f"model.weights={pre['model']}",
-                                                               "model.transfer=feature_extraction"]), report_test=False)
-    fe_sd = load_model_file(fe["model"])["state_dict"]
-    assert fe["history"][0]["trainable_params"] == head_params
+    fe_hist, fe_model = fit_in_process(tiny_cfg(b, tmp_path, name="fe", extra=[
+        f"model.weights={pre['model']}", "model.transfer=feature_extraction"]), monkeypatch, tmp_path / "fe")
+    fe_sd = fe_model["state_dict"]
+    assert fe_hist[0]["trainable_params"] == head_params and len(fe_hist) == 2
     assert all(torch.equal(fe_sd[k], pre_sd[k]) for k in backbone)  # loaded and frozen
     assert not torch.equal(fe_sd["fc3.weight"], pre_sd["fc3.weight"])  # head replaced (other classes)
 
-    full = run_training(tiny_cfg(b, tmp_path, name="full", extra=[f"model.weights={pre['model']}", "model.transfer=full",
-                                                                   "train.lr=1e-7", "train.epochs=1"]), report_test=False)
-    full_sd = load_model_file(full["model"])["state_dict"]
-    assert full["history"][0]["trainable_params"] == total
+    full_hist, full_model = fit_in_process(tiny_cfg(b, tmp_path, name="full", extra=[
+        f"model.weights={pre['model']}", "model.transfer=full", "train.lr=1e-7", "train.epochs=1"]), monkeypatch,
+        tmp_path / "full")
+    full_sd = full_model["state_dict"]
+    assert full_hist[0]["trainable_params"] == total
     # A tiny LR moves nothing visibly: equality to the pretrained backbone proves it was loaded, not re-drawn.
     assert all(torch.allclose(full_sd[k], pre_sd[k], atol=1e-4) for k in backbone)
     assert not torch.allclose(full_sd["fc3.weight"], pre_sd["fc3.weight"], atol=1e-2)
 
 
-def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny_digits_dir, tmp_path):
-    """The optimizer/step options together: Adam, 2-step gradient accumulation, clipping, label
-    smoothing, MixUp+CutMix, layer-wise LR decay and a frozen-early backbone on resnet18."""
+def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
+                                                               fresh_accelerate_state):
+    """The optimizer/step options together, in the loop run in process: Adam, 2-step gradient accumulation,
+    clipping, label smoothing, MixUp+CutMix, layer-wise LR decay and a frozen-early backbone on resnet18."""
     cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="opts", arch="resnet18", extra=[
         "train.optimizer=adam", "train.lr=0.002", "train.grad_accum_steps=2", "train.grad_clip=1.0",
         "train.label_smoothing=0.1", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.8",
         "model.layer_decay=0.5", "model.transfer=freeze_early", "train.epochs=2"])
-    res = run_training(cfg, report_test=False)
+    history, _ = fit_in_process(cfg, monkeypatch, tmp_path / "opts")
     from imgcls_dist.models.registry import get_model
     from imgcls_dist.models.transfer import apply_transfer, count_trainable
 
     m = get_model("resnet18", 10)
     apply_transfer(m, "resnet18", "freeze_early")
-    for h in res["history"]:
+    assert len(history) == 2
+    for h in history:
         assert math.isfinite(h["train_loss"]) and h["nonfinite_steps"] == 0
         assert h["train_samples"] == n_train(tiny_digits_dir)
         assert h["trainable_params"] == count_trainable(m) < sum(p.numel() for p in m.parameters())
-    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]

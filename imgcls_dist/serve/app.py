@@ -2,9 +2,10 @@
 
 One code path with `infer`/`predict`: the replica builds its predictor with `load_predictor` (ensemble.json
 weights, temperatures and views; `--tta` overrides) and turns request bytes into model inputs with
-`prepare_encoded`, the function the Ray Data decode stage calls (on a GPU replica JPEGs are decoded there,
-as `infer --decode device` does), so a bad image is one row's error string here as there. Concurrent requests meet in `@serve.batch`: each image of each request is one batch item, so
-a batch's forward is shared, and an image that fails to decode only fails its own request (HTTP 400).
+`prepare_encoded`, the function the Ray Data decode stage calls (a GPU replica decodes JPEGs on its device,
+as `infer --decode device` does), so a bad image is one row's error string here as there. Concurrent
+requests meet in `@serve.batch`: each image of each request is one batch item, so a batch's forward is
+shared, and an image that fails to decode only fails its own request (HTTP 400).
 
 Routes: POST /predict (raw image body or multipart `file` fields; ?topk=N), GET /info, GET /stats (this
 replica's request and batch-size counters). Serve's proxy answers /-/healthz and /-/routes.
