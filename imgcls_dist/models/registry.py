@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from imgcls_dist.errors import UserError
@@ -98,12 +97,13 @@ def _family_of(name: str) -> str:
 
 @functools.cache
 def _torchvision_names() -> tuple[str, ...]:
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    tv = weights_mod.torchvision_models()
+    return tuple(tv.list_models(module=tv))
 
 
 @functools.cache
 def _generic_spec(name: str) -> ModelSpec:
-    default = torchvision.models.get_model_weights(name).DEFAULT
+    default = weights_mod.torchvision_models().get_model_weights(name).DEFAULT
     kw = getattr(default.transforms, "keywords", {})
     size = int(kw.get("crop_size", 224))
     fixed = name.startswith(_FIXED_SIZE)
@@ -227,7 +227,7 @@ def _build(spec: ModelSpec, num_classes: int | None, weights=None) -> nn.Module:
         kwargs["num_classes"] = num_classes
         if spec.name.startswith("vit_"):  # vit_h_14's DEFAULT weights are 518px; keep scratch == spec
             kwargs["image_size"] = spec.default_size
-    model = torchvision.models.get_model(spec.name, weights=weights, **kwargs)
+    model = weights_mod.torchvision_models().get_model(spec.name, weights=weights, **kwargs)
     _strip_aux(model, spec.family)
     return model
 
@@ -296,7 +296,7 @@ def weights_cached(name: str) -> bool | None:
     spec = get_spec(name)
     if spec.default_weights is None:
         return None
-    w = torchvision.models.get_model_weights(spec.name)[spec.default_weights]
+    w = weights_mod.torchvision_models().get_model_weights(spec.name)[spec.default_weights]
     return weights_mod.cache_file(w).is_file()
 
 

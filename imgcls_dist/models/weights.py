@@ -14,7 +14,6 @@ from typing import Callable, Union
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from imgcls_dist.errors import UserError
@@ -104,6 +103,15 @@ def gray_stem_kernel(rgb: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------- torchvision
 
 
+def torchvision_models():
+    """`torchvision.models`, imported on first use: importing torchvision costs ~2.5 s per process on the
+    2-CPU box (`torchvision.ops` imports `torch._dynamo`), which a process that only builds LeNet-5 (a
+    predictor actor, `predict`) or no model at all would pay for nothing."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def cache_file(weights) -> Path:
     """Where torch.hub keeps (and first looks for) this weights file: <TORCH_HOME>/hub/checkpoints/<name>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
@@ -111,7 +119,7 @@ def cache_file(weights) -> Path:
 
 def resolve_torchvision_weights(arch: str, name: str):
     """'DEFAULT' | 'IMAGENET1K_V1' | 'ResNet18_Weights.IMAGENET1K_V1' -> the enum member for `arch`."""
-    enum = torchvision.models.get_model_weights(arch)
+    enum = torchvision_models().get_model_weights(arch)
     members = list(enum.__members__)  # includes the DEFAULT alias
     member = name.split(".", 1)[1] if "." in name else name
     if "." in name and name.split(".", 1)[0] != enum.__name__:
