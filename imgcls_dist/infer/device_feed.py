@@ -39,15 +39,16 @@ class DeviceFeed:
             return
         pending = None
         for i, sl in enumerate(slices):
-            issued = (sl, self._upload(tensors, sl, i % SLOTS))
+            issued = (sl, *self._upload(tensors, sl, i % SLOTS))
             if pending is not None:
                 yield self._ready(*pending)
             pending = issued
         if pending is not None:
             yield self._ready(*pending)
 
-    def _upload(self, tensors: dict[Hashable, torch.Tensor], sl: slice, slot: int) -> dict[Hashable, torch.Tensor]:
-        out = {}
+    def _upload(self, tensors: dict[Hashable, torch.Tensor], sl: slice, slot: int
+                ) -> tuple[dict[Hashable, torch.Tensor], list[torch.cuda.Event]]:
+        out, events = {}, []
         rows = sl.stop - sl.start
         for key, v in tensors.items():
             if v.device.type == "cuda":
@@ -63,7 +64,8 @@ class DeviceFeed:
                 event = torch.cuda.Event()
                 event.record(self._stream)
             self._copied[(key, slot)] = event
-        return out
+            events.append(event)
+        return out, events
 
     def _buffer(self, key: Hashable, slot: int, like: torch.Tensor) -> torch.Tensor:
         shape = (self.batch_size, *like.shape[1:])
@@ -72,9 +74,11 @@ class DeviceFeed:
             buf = self._pinned[(key, slot)] = torch.empty(shape, dtype=like.dtype, pin_memory=True)
         return buf
 
-    def _ready(self, sl: slice, batch: dict[Hashable, torch.Tensor]) -> tuple[slice, dict[Hashable, torch.Tensor]]:
+    def _ready(self, sl: slice, batch: dict[Hashable, torch.Tensor], events: list[torch.cuda.Event]
+               ) -> tuple[slice, dict[Hashable, torch.Tensor]]:
         compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(self._stream)
+        for event in events:  # this micro-batch's copies only, not the next one's, already queued behind them
+            compute.wait_event(event)
         for x in batch.values():
             x.record_stream(compute)  # allocated on the copy stream, used on the compute stream
         return sl, batch
