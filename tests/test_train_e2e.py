@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from local_train import fit_in_process
 from ray_procs import ray_worker_processes
 from test_infer_helpers import save_model, save_nan_model
 
@@ -39,54 +41,8 @@ def tiny_cfg(data_dir, tmp_path, name="t", arch="lenet5", extra=()):
         *extra])
 
 
-def fit_in_process(cfg, monkeypatch, keep: Path) -> tuple[list[dict], dict]:
-    """The real train_loop_per_worker in Ray Train V2's local mode (num_workers=0: in this process, ~1 s of
-    set-up instead of ~20 s of Train controller and worker start-up on the 2-CPU box), for tests of what the
-    loop does; Train's worker machinery has the tests above. -> (history, model file of the last checkpoint).
-    Local mode keeps only the last reported Checkpoint object, whose directory the loop deletes after the report,
-    so each reported checkpoint is copied into `keep` on its way to Train's real `report`."""
-    import ray.train
-
-    from imgcls_dist.train.state import load_history
-
-    real = ray.train.report
-
-    def report(metrics, checkpoint=None, **kw):
-        if checkpoint is not None:
-            shutil.copytree(checkpoint.path, keep, dirs_exist_ok=True)
-        return real(metrics, checkpoint=checkpoint, **kw)
-
-    monkeypatch.setattr(ray.train, "report", report)
-    build_trainer(cfg, resolve_dataset(cfg), num_workers=0, use_gpu=False).fit()
-    return load_history(keep), load_model_file(keep / "model.pt")
-
-
 def n_train(data_dir) -> int:
     return json.loads((Path(data_dir) / "dataset.json").read_text())["counts"]["train"]
-
-
-def test_single_worker_run_writes_every_artifact_and_resizes_progressively(ray_session, tiny_digits_dir, tmp_path):
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, extra=["train.epochs=4", "train.warmup_epochs=1", "data.image_size=24",
-                                                     "train.progressive_resizing=[[1, 16], [3, 20]]"])
-    res = run_training(cfg)
-    run = Path(res["run_dir"])
-    for f in ("config.yaml", "metrics.csv", "training_history.png", "model.pt", "classification_report.txt",
-              "confusion_matrix.png", "summary.json"):
-        assert (run / f).is_file(), f
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    assert len((run / "metrics.csv").read_text().strip().splitlines()) == 1 + 4
-    hist = res["history"]
-    assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
-    assert all(h["train_samples"] == h["unique_samples"] == n_train(tiny_digits_dir) for h in hist)
-    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
-    # warmup (factor 0.1) then cosine over the remaining 3 epochs, stepped per epoch
-    assert [h["lr"] for h in hist] == pytest.approx([0.0003, 0.003, 0.00225, 0.00075], rel=1e-6)
-    assert [h["image_size"] for h in hist] == [24, 16, 16, 20]  # the phases, at their planned epochs
-    m = load_model_file(run / "model.pt")  # weights_only load of plain types
-    assert m["arch"] == "lenet5" and m["classes"] == [str(i) for i in range(10)]
-    assert m["image_size"] == 24  # validation/export size, whatever the training phase
-    assert m["config"]["train"]["epochs"] == 4 and m["hflip"] is False
-    assert 0.0 <= res["test_acc"] <= 1.0 and "accuracy" in (run / "classification_report.txt").read_text()
 
 
 def _tiny_cli_train(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
@@ -107,17 +63,19 @@ def no_test_split(tmp_path_factory) -> Path:
     return data
 
 
-def test_a_plain_train_command_has_a_clean_console_and_notes_a_missing_test_split(no_test_split, tmp_path):
+def test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_progressively(no_test_split, tmp_path):
     """`imgcls-dist train` as a user runs it (its own local Ray, nothing shared with the suite): our lines,
-    no Train placement-group-cleaner warnings, no token-auth notice, no traceback. The dataset has no test
-    rows: one note, no report, every other artifact."""
+    no Train placement-group-cleaner warnings, no token-auth notice, no traceback; every artifact, the LR
+    schedule and the progressive-resizing phases. The dataset has no test rows: one note, no report (the
+    report itself: the all-S3 workflow's train step, test_s3_e2e.py)."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cmd = [sys.executable, "-m", "imgcls_dist.cli", *_tiny_cli_train(no_test_split, tmp_path, "console",
-                                                                      "train.epochs=1")]
+    cmd = [sys.executable, "-m", "imgcls_dist.cli", *_tiny_cli_train(
+        no_test_split, tmp_path, "console", "train.epochs=4", "train.warmup_epochs=1", "data.image_size=24",
+        "data.max_train_samples=320", "train.progressive_resizing=[[1, 16], [3, 20]]")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
-    assert "epoch 1/1" in console and "run directory:" in console
+    assert "epoch 4/4" in console and "run directory:" in console
     assert "has no test rows: no test report" in proc.stdout
     for noise in ("placement_group_cleaner", "Failed to query Ray Train Controller", "Token authentication is enabled",
                   "Reporting training result", "Traceback"):
@@ -125,7 +83,20 @@ def test_a_plain_train_command_has_a_clean_console_and_notes_a_missing_test_spli
     run = tmp_path / "console"
     for f in ("config.yaml", "metrics.csv", "training_history.png", "model.pt", "summary.json"):
         assert (run / f).is_file(), f
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert not (run / "classification_report.txt").exists()
+    hist = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(h["epoch"]) for h in hist] == [0, 1, 2, 3]
+    assert all(int(h["train_samples"]) == int(h["unique_samples"]) == 320 for h in hist)
+    assert float(hist[-1]["train_loss"]) < float(hist[0]["train_loss"])
+    # warmup (factor 0.1) then cosine over the remaining 3 epochs, stepped per epoch
+    assert [float(h["lr"]) for h in hist] == pytest.approx([0.0003, 0.003, 0.00225, 0.00075], rel=1e-6)
+    assert [int(h["image_size"]) for h in hist] == [24, 16, 16, 20]  # the phases, at their planned epochs
+    m = load_model_file(run / "model.pt")  # weights_only load of plain types
+    assert m["arch"] == "lenet5" and m["classes"] == [str(i) for i in range(10)]
+    assert m["image_size"] == 24  # validation/export size, whatever the training phase
+    assert m["config"]["train"]["epochs"] == 4 and m["hflip"] is False
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
 
 
 def _latest_registered_step(run_dir: Path) -> int | None:

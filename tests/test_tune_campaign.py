@@ -106,16 +106,19 @@ def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, 
     assert wait_all_cpus_free(ray_session) == 2
 
 
-def test_best_yaml_retrains_to_the_trial_result(campaign, ray_session):
-    from imgcls_dist.train.job import run_training
+def test_best_yaml_retrains_to_the_trial_result(campaign, monkeypatch, tmp_path, fresh_accelerate_state):
+    """best.yaml through the real training loop, in Train's local mode (this process: the trial ran the same
+    loop in a Train worker; the worker start-up is covered elsewhere)."""
+    from local_train import fit_in_process
 
     cfg, summary, camp = campaign
     best_row = read_results_csv(camp / "results.csv")[0]
-    res = run_training(load_config(camp / "best.yaml"), report_test=False)
+    best = load_config(camp / "best.yaml", [f"run.storage_path={tmp_path}"])
+    history, _ = fit_in_process(best, monkeypatch, tmp_path / "ckpt")
     epoch = int(best_row["best_epoch"])
     # One worker, same seed, loader_workers=0: the retrain repeats the trial exactly.
-    assert res["history"][epoch]["val_acc"] == pytest.approx(float(best_row["best_val_acc"]), abs=1e-9)
-    assert Path(res["run_dir"]).name == "camp_best"
+    assert history[epoch]["val_acc"] == pytest.approx(float(best_row["best_val_acc"]), abs=1e-9)
+    assert len(history) == best.train.epochs
 
 
 def test_rerun_without_resume_is_refused(campaign):
