@@ -175,7 +175,7 @@ def test_losing_a_whole_node_resumes_on_a_replacement(s3, tmp_path):
         # The batch job on the same cluster (head + the replacement): the non-head node dies mid-job.
         _infer_survives_losing_a_node(head, bucket, run / "model.pt", nodes, tmp_path)
     finally:
-        for proc in reversed(nodes):
+        for proc in reversed(nodes):  # as the test's node losses: SIGKILL of the node's process group
             if proc.poll() is None:
-                _kill_group(proc, signal.SIGTERM)
+                _kill_group(proc)
         head.stop()
