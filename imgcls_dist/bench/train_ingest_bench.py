@@ -31,7 +31,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from imgcls_dist.bench.common import machine, print_table
-from imgcls_dist.data.augment import apply, build_train_transform, derive_seed, reseed
+from imgcls_dist.data.augment import apply, build_train_transform, reseed
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.data.shards import read_rows, write_shards
 from imgcls_dist.train.data import collate_drop_bad, make_train_loader

@@ -12,7 +12,7 @@ Randomness / reseeding: albumentations 2.x Compose draws from its own numpy/pyth
 not torch's, and is *not* worker-aware. DataLoader workers are forked copies of the same
 transform, so without reseeding every worker (and, with non-persistent workers, every epoch)
 replays the same augmentation stream. The training loop must therefore call
-``reseed(transform, derive_seed(base_seed, epoch, rank, worker_id))`` in each dataloader
+``reseed(transform, derive_seed(base_seed, epoch, rank, worker_id))`` (data/seeds.py) in each dataloader
 worker at the start of each epoch (``worker_init_fn`` runs once per epoch when
 ``persistent_workers=False``; with persistent workers, once per worker is enough because the
 stream then continues across epochs).
@@ -124,12 +124,6 @@ def build_train_transform(
     return transform
 
 
-def derive_seed(*parts: int) -> int:
-    """Independent 32-bit seed per tuple, e.g. (base, epoch, rank, worker); naive sums would collide
-    (epoch 1 / rank 0 == epoch 0 / rank 1)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
 def reseed(transform: A.BaseCompose, seed: int) -> None:
     """Reseed a built albumentations pipeline; identical seeds replay identical outputs.
 
@@ -154,15 +148,6 @@ def apply(transform: A.BaseCompose, image: np.ndarray) -> np.ndarray:
         out = out[:, :, None]
     # torch.from_numpy rejects negative strides, and contiguous arrays collate faster
     return np.ascontiguousarray(out)
-
-
-def hflip_allowed(dataset_meta: dict) -> bool:
-    """Whether a dataset tolerates horizontal flips (``"hflip"`` in dataset.json; default True)."""
-    value = dataset_meta.get("hflip", True)
-    if not isinstance(value, bool):
-        # a string "false" would otherwise be truthy and silently flip digits
-        raise UserError(f"dataset.json hflip: must be true or false, got {value!r}")
-    return value
 
 
 class BatchMix:

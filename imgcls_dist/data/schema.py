@@ -133,6 +133,15 @@ def validate_files(
         return sum(fut.result() for fut in futures)
 
 
+def hflip_allowed(dataset_meta: dict) -> bool:
+    """Whether a dataset tolerates horizontal flips (``"hflip"`` in dataset.json; default True)."""
+    value = dataset_meta.get("hflip", True)
+    if not isinstance(value, bool):
+        # a string "false" would otherwise be truthy and silently flip digits
+        raise UserError(f"dataset.json hflip: must be true or false, got {value!r}")
+    return value
+
+
 def read_dataset_meta(dataset_dir: PathLike) -> dict[str, Any]:
     d = location(dataset_dir)
     p = d / DATASET_FILE

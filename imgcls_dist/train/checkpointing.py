@@ -18,11 +18,9 @@ import torch
 
 from imgcls_dist.train.distributed import all_gather_list
 from imgcls_dist.train.setup import NonFiniteLossError, WorkerRun
-from imgcls_dist.train.state import EpochStats, save_training_checkpoint
+from imgcls_dist.train.state import MID_EPOCH, MID_EPOCH_VAL_ACC, EpochStats, save_training_checkpoint
 
 TB_METRICS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
-MID_EPOCH_VAL_ACC = -1.0
-MID_EPOCH = "mid_epoch"  # the report key that marks a mid-epoch checkpoint (tune/report.py skips those)
 
 
 def save_checkpoint(run: WorkerRun, directory: Path, *, epoch: int, step: int = 0, val: dict | None = None,

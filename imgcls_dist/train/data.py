@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imgcls_dist.data.augment import apply, build_eval_transform, derive_seed, reseed
+from imgcls_dist.data.augment import apply, build_eval_transform, reseed
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.models.preprocess import stack_hwc
 from imgcls_dist.train.row_group import RowGroup

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
-from imgcls_dist.data.augment import hflip_allowed
-from imgcls_dist.data.schema import validate_dataset, validate_files
+from imgcls_dist.data.schema import hflip_allowed, validate_dataset, validate_files
 from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.evaluate.plots import plot_training_history
 from imgcls_dist.models.checkpoint import MODEL_FILE

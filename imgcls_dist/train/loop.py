@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from imgcls_dist.data.augment import build_train_transform, derive_seed
+from imgcls_dist.data.augment import build_train_transform
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.transfer import freeze_bn_stats
 from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from imgcls_dist.config import ExperimentConfig
-from imgcls_dist.data.augment import build_batch_mix, derive_seed
+from imgcls_dist.data.augment import build_batch_mix
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
 from imgcls_dist.models.weights import CheckpointWeights, initial_weights

@@ -24,6 +24,8 @@ from imgcls_dist.models.checkpoint import load_model_file, save_model_file
 
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
+MID_EPOCH = "mid_epoch"  # the report key that marks a mid-epoch checkpoint (tune/report.py skips those)
+MID_EPOCH_VAL_ACC = -1.0  # such a report's val_acc: below any real one, so Train never ranks it best
 
 
 @dataclass

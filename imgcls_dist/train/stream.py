@@ -42,8 +42,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from imgcls_dist.data.augment import derive_seed
 from imgcls_dist.data.schema import IMAGE, LABEL
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.storage import location
 from imgcls_dist.train.row_group import RowGroup
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from imgcls_dist.train.checkpointing import MID_EPOCH
+from imgcls_dist.train.state import MID_EPOCH
 
 TIME_ATTR = "epochs_done"
 
