@@ -5,6 +5,10 @@ left out (they never run)."""
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "imgcls_dist"
@@ -105,3 +109,30 @@ def test_the_walker_sees_function_level_imports_and_reports_cycles():
     assert "imgcls_dist.serve" not in graph["imgcls_dist.serve.app"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+PROBE = """
+import json, sys, urllib.request
+
+calls = []
+
+
+def offline(self, url, *a, **k):
+    calls.append(str(getattr(url, "full_url", url)))
+    raise OSError("no network in this probe")
+
+
+urllib.request.OpenerDirector.open = offline
+import imgcls_dist.data.augment  # what every Train worker, decode task and predictor actor loads
+print(json.dumps({"albumentations": "albumentations" in sys.modules, "calls": calls}))
+"""
+
+
+def test_loading_the_augmentation_stack_makes_no_network_request():
+    """albumentations' own update check asks pypi.org at every import unless told not to: every worker process
+    would phone out (and wait on a cluster without internet)."""
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=env, timeout=120,
+                         check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"albumentations": True, "calls": []}, got
