@@ -47,9 +47,8 @@ def n_train(data_dir) -> int:
 
 def _tiny_cli_train(data: Path, storage: Path, name: str, *extra: str) -> list[str]:
     cmd = ["train", "--config", str(ROOT / "configs/lenet5_digits.yaml")]
-    for s in [f"data.path={data}", "data.image_size=16", "data.loader_workers=0", "train.epochs=1",
-              "train.warmup_epochs=0", "data.max_train_samples=64", "scaling.num_workers=1",
-              f"run.storage_path={storage}", f"run.name={name}", *extra]:
+    for s in [f"data.path={data}", "data.loader_workers=0", "scaling.num_workers=1", f"run.storage_path={storage}",
+              f"run.name={name}", *extra]:
         cmd += ["--set", s]
     return cmd
 
