@@ -173,3 +173,28 @@ def digit_photo_classifier():
 
     photos, labels = digit_photos(1000)
     return fit_digits_lenet(), photos, labels
+
+
+# Modules whose tests start no Ray process (no shared instance, no CLI job, no cluster): under
+# `make test`'s `-n 2 --dist loadgroup` they run in the second pytest process, beside the rest. Every other
+# module - including any new one - stays in the "ray" group, all in one process, so the suite keeps a single
+# 2-CPU Ray and the 2-CPU sizing tests see exactly that. A list, not a guess from fixtures: a test can start
+# Ray through a subprocess or a helper that no fixture name reveals.
+NO_RAY_MODULES = frozenset({
+    "test_augment", "test_decode", "test_decode_reduced", "test_device_decode", "test_errors", "test_gpu_bench",
+    "test_infer_device_feed", "test_infer_helpers", "test_infer_predictor", "test_infer_tta", "test_models",
+    "test_schedulers", "test_train_compile", "test_train_data", "test_train_memory", "test_train_progress",
+    "test_train_stream",
+})
+# These two share the session's digit_photo_classifier (~20 s to build): one process builds it once.
+PHOTO_MODULES = frozenset({"test_decode_reduced", "test_device_decode"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in PHOTO_MODULES:
+            item.add_marker(pytest.mark.xdist_group("photos"))
+        elif module not in NO_RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
