@@ -182,7 +182,7 @@ def digit_photo_classifier():
 # Ray through a subprocess or a helper that no fixture name reveals.
 NO_RAY_MODULES = frozenset({
     "test_augment", "test_decode", "test_decode_reduced", "test_device_decode", "test_errors", "test_gpu_bench",
-    "test_infer_device_feed", "test_infer_helpers", "test_infer_predictor", "test_infer_tta", "test_models",
+    "test_infer_device_feed", "test_infer_predictor", "test_infer_tta", "test_models",
     "test_schedulers", "test_train_compile", "test_train_data", "test_train_memory", "test_train_progress",
     "test_train_stream",
 })
@@ -198,3 +198,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("photos"))
         elif module not in NO_RAY_MODULES:
             item.add_marker(pytest.mark.xdist_group("ray"))
+
+
+def pytest_xdist_node_collection_finished(node, ids):
+    """In the xdist controller, with each worker's collected node ids: under `--dist loadgroup` xdist appends
+    the group to every grouped test's id. Ids of Ray modules without it (pytest 9.2 with xdist 3.8) would spread
+    the Ray tests over both processes, each with its own Ray: stop instead of running that way."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    ungrouped = [i for i in ids if "@" not in i and Path(i.split("::")[0]).stem not in NO_RAY_MODULES]
+    if ungrouped:
+        raise pytest.UsageError(f"pytest-xdist ignored the xdist_group mark of {ungrouped[0]} (tests/conftest.py); "
+                                "see the pytest pin in pyproject.toml")
