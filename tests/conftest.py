@@ -186,18 +186,37 @@ NO_RAY_MODULES = frozenset({
     "test_schedulers", "test_train_compile", "test_train_data", "test_train_memory", "test_train_progress",
     "test_train_stream",
 })
+# Tests that start Ray processes of their own (a CLI job with its own local Ray, a 2-node cluster) and never
+# use the shared one: they run in the second process ("own_ray"), beside the shared Ray's tests. Their Rays
+# are separate instances with their own ports and GCS, so the shared Ray still has its 2 CPUs to itself.
+# Measured: the "ray" group held 1,062 of the suite's 1,189 test-seconds, so one process set its length.
+OWN_RAY_TESTS = frozenset({
+    "test_node_failure.py::test_losing_a_whole_node_resumes_on_a_replacement",
+    "test_tune_campaign.py::test_killed_campaign_resumes_without_rerunning_finished_trials",
+    "test_train_e2e.py::test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_progressively",
+})
 # These two share the session's digit_photo_classifier (~20 s to build): one process builds it once.
 PHOTO_MODULES = frozenset({"test_decode_reduced", "test_device_decode"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
+    seen = set()
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in PHOTO_MODULES:
+        seen.add(f"{Path(str(item.path)).name}::{item.originalname}")
+        own = f"{Path(str(item.path)).name}::{item.originalname}" in OWN_RAY_TESTS
+        if own and "ray_session" in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid} is in OWN_RAY_TESTS but uses the shared ray_session")
+        if own:
+            item.add_marker(pytest.mark.xdist_group("own_ray"))
+        elif module in PHOTO_MODULES:
             item.add_marker(pytest.mark.xdist_group("photos"))
         elif module not in NO_RAY_MODULES:
             item.add_marker(pytest.mark.xdist_group("ray"))
+    collected = {i.path.name for i in items}
+    if stale := sorted(t for t in OWN_RAY_TESTS - seen if t.split("::")[0] in collected):
+        raise pytest.UsageError(f"OWN_RAY_TESTS names a test that is not there: {stale[0]} (tests/conftest.py)")
 
 
 def pytest_xdist_node_collection_finished(node, ids):

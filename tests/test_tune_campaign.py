@@ -159,7 +159,9 @@ def _latest_history(run: Path) -> list[dict]:
     return best
 
 
-def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, tiny_digits_dir, tmp_path):
+def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_dir, tmp_path):
+    """Driver and resume are `imgcls-dist tune` processes with their own local Ray, as a user runs them (and
+    so the test runs beside the shared Ray's tests: tests/conftest.py OWN_RAY_TESTS)."""
     storage, long_epochs = tmp_path / "runs", 12
     # Two FIFO trials, run side by side: a short one, and a long one that is mid-run when the driver is killed.
     space = json.dumps({"train.epochs": {"type": "choice", "values": [2, long_epochs]}})
@@ -208,7 +210,9 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, 
     cfg = load_config(TINY, sets)
     with pytest.raises(UserError, match="already exists"):
         run_campaign(cfg, early_stopping=False)
-    summary = run_campaign(cfg, resume=True, early_stopping=False)
+    env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]  # no need to be slow now
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
 
     rows = read_results_csv(camp / "results.csv")
     assert len(rows) == 2 and all(r["status"] == "TERMINATED" for r in rows)
@@ -226,4 +230,4 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(ray_session, 
     same = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc")
     assert [{k: h[k] for k in same} for h in final[: len(long_hist)]] == [{k: h[k] for k in same} for h in long_hist]
     assert int(by["trial_00001"]["epochs_run"]) == long_epochs
-    assert summary["num_trials"] == 2 and (camp / "ensemble.json").is_file()
+    assert (camp / "ensemble.json").is_file()
