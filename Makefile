@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PYC) $(BIN)/imgcls-dist demo --workdir runs/demo
 
-# Two pytest processes: the tests that start Ray processes stay in one (tests/conftest.py), on the suite's
-# one shared 2-CPU Ray, while the rest run beside them on the core those tests leave idle.
+# Two pytest processes: the tests on the suite's one shared 2-CPU Ray stay in one (tests/conftest.py), while
+# the Ray-free tests and those that start Rays of their own run beside them.
 test: $(STAMP)
 	$(PYC) $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
 

@@ -204,8 +204,9 @@ def pytest_collection_modifyitems(config, items):
     seen = set()
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        seen.add(f"{Path(str(item.path)).name}::{item.originalname}")
-        own = f"{Path(str(item.path)).name}::{item.originalname}" in OWN_RAY_TESTS
+        key = f"{item.path.name}::{item.originalname}"
+        seen.add(key)
+        own = key in OWN_RAY_TESTS
         if own and "ray_session" in item.fixturenames:
             raise pytest.UsageError(f"{item.nodeid} is in OWN_RAY_TESTS but uses the shared ray_session")
         if own:

@@ -190,6 +190,20 @@ class Done(subprocess.CompletedProcess):
         self.pid = pid
 
 
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Signal the process group a test started with start_new_session=True (its leader may have exited
+    already; what it started, e.g. a local Ray, is still in the group), then reap the leader."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+
+
 def run_cmd(cmd: list[str], *, cwd: Path, env: dict, timeout: float) -> Done:
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cluster import Job, RayHead, job_server_missing, run_cmd
+from ray_cluster import Job, RayHead, job_server_missing, kill_group, run_cmd
 
 from imgcls_dist.data.ingest import ingest
 from imgcls_dist.errors import JobFailed
@@ -40,18 +38,6 @@ def _start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     every worker process on it, as losing the machine would."""
     return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
 
 
 def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -101,7 +87,7 @@ def _infer_survives_losing_a_node(head, bucket, model, nodes, tmp_path) -> None:
     _wait(lambda: sum(len(staged_parts(d)) for d in staging_dirs(out)) >= 2, 240, "two staged parts", job.proc,
           job.log)
     assert job.running() and not (out / "_manifest.json").exists(), "the job ended before the node loss"
-    _kill_group(nodes[-1])
+    kill_group(nodes[-1])
     nodes.append(_start(_node_args(head), head.env, tmp_path / "node3.log"))
     ok, text, status = job.wait(300)
     if not ok:  # failed clearly: one error line and our exit code, then one rerun resumes what was written
@@ -159,7 +145,7 @@ def test_losing_a_whole_node_resumes_on_a_replacement(s3, tmp_path):
         job = Job(head, args, "train", tmp_path)
         _wait(lambda: any(f.name == "train_state.pt" for f in run.files()), 240, "a first checkpoint", job.proc,
               job.log)
-        _kill_group(nodes[0])  # the non-head node: its raylet and its Train worker
+        kill_group(nodes[0])  # the non-head node: its raylet and its Train worker
         nodes.append(_start(_node_args(head), head.env, tmp_path / "node2.log"))
         out = job.succeeded(300)
         assert re.search(r"^epoch 3/3 .*val_acc", out, re.M), out[-3000:]
@@ -177,5 +163,5 @@ def test_losing_a_whole_node_resumes_on_a_replacement(s3, tmp_path):
     finally:
         for proc in reversed(nodes):  # as the test's node losses: SIGKILL of the node's process group
             if proc.poll() is None:
-                _kill_group(proc)
+                kill_group(proc)
         head.stop()

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import kill_group
 
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import UserError
@@ -175,17 +175,8 @@ def _start_tune(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
 def _died_starting_ray(proc: subprocess.Popen, log: Path) -> bool:
     if proc.poll() is None or RAY_START_TIMEOUT not in log.read_text(errors="replace"):
         return False
-    if _group_alive(proc.pid):  # what the failed start left: its GCS, raylet
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_group(proc)  # what the failed start left: its GCS, raylet
     return True
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_dir, tmp_path):
@@ -226,9 +217,7 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_d
         else:
             pytest.fail("no trial finished while the long one ran: " + log.read_text()[-3000:])
     finally:
-        if _group_alive(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        proc.wait()
+        kill_group(proc)  # the driver and the local Ray it started
     time.sleep(2)
     before = _trial_states(camp)
     finished = sorted(t for t, s in before.items() if s == "TERMINATED")
@@ -246,7 +235,10 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_d
     resume_log = tmp_path / "resume.log"
     for attempt in range(2):
         resumed = _start_tune([*cmd, "--resume"], env, resume_log)
-        resumed.wait(300)
+        try:
+            resumed.wait(300)
+        finally:
+            kill_group(resumed)  # nothing of it outlives the test, even on a timeout
         if attempt or not _died_starting_ray(resumed, resume_log):
             break
     assert resumed.returncode == 0, resume_log.read_text()[-3000:]
