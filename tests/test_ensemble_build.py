@@ -51,14 +51,41 @@ def test_temperature_lowers_nll_and_ece_of_an_over_confident_model_and_is_one_wh
     assert choose_temperature(over, y)[0] == t_over  # softening is always fitted
 
 
-def test_no_sharpening_is_fitted_on_a_validation_split_without_enough_errors():
+def _sharp_process(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of a ~99%-accurate calibrated model (labels drawn from their softmax), as on digits."""
+    z = rng.normal(0, 1.0, (n, 10))
+    z[np.arange(n), rng.integers(0, 10, n)] += 8.0
+    p = softmax(z).astype(np.float64)
+    return z, (p.cumsum(axis=1) > rng.random((n, 1))).argmax(axis=1)
+
+
+def test_sharpening_on_a_validation_split_without_errors_is_expectation_consistent():
+    """An under-confident model (its logits / 3, as label smoothing leaves them) that gets every one of 300
+    validation rows right: the NLL fit runs to T_MIN, the chosen T makes the mean confidence (n+1)/(n+2),
+    and on 5,000 held-out rows of the same process it is close to the true T = 1/3 (errors included)."""
+    rng = np.random.default_rng(0)
+    z_val, _ = _sharp_process(rng, 300)
+    z_test, y_test = _sharp_process(rng, 5000)
+    z_val, z_test = z_val / 3, z_test / 3
+    y_val = z_val.argmax(axis=1)  # every validation row right: NLL falls without bound as T -> 0
+    t_nll = fit_temperature(z_val, y_val)
+    assert t_nll < 0.1
+    t, why = choose_temperature(z_val, y_val)
+    assert t_nll < t < 1.0 and "0 validation errors" in why and "expectation consistency" in why
+    assert softmax(z_val, t).max(axis=1).mean() == pytest.approx(301 / 302, abs=1e-4)
+    held_out = {name: log_loss(softmax(z_test, x), y_test) for name, x in
+                (("T=1", 1.0), ("chosen", t), ("NLL fit", t_nll), ("true", 1 / 3))}
+    assert held_out["chosen"] < held_out["T=1"] / 3
+    assert held_out["chosen"] < held_out["NLL fit"] / 2
+    assert held_out["chosen"] < held_out["true"] * 1.2
+
+
+def test_the_nll_fit_stands_with_enough_errors_or_when_it_softens():
     logits, _ = calibrated_logits(300, 10, seed=11)
-    y = logits.argmax(axis=1)  # every row right: NLL falls without bound as T -> 0
-    assert fit_temperature(logits, y) < 0.2
-    t, why = choose_temperature(logits, y)
-    assert t == 1.0 and "0 validation errors" in why
+    y = logits.argmax(axis=1)
     y[:MIN_ERRORS_TO_SHARPEN] = (y[:MIN_ERRORS_TO_SHARPEN] + 1) % 10  # enough errors: the fit stands
     assert choose_temperature(logits, y)[0] == fit_temperature(logits, y)
+    assert choose_temperature(logits * 3, y)[0] == fit_temperature(logits * 3, y) > 1.0
 
 
 def _member(y: np.ndarray, classes: int, correct: float, sharp: float, seed: int) -> np.ndarray:
