@@ -79,14 +79,26 @@ def model(digits_dir, tmp_path_factory):
     return train_digits_model(tmp_path_factory.mktemp("serve_model") / "m", digits_dir, epochs=6, seed=0)
 
 
+SERVED_TEMPERATURE = 0.5  # != 1, so an answer at T = 1 would not match the manifest's predictor
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, model):
+def manifest(model, tmp_path_factory):
+    """An ensemble.json as `ensemble build` writes it: the model with a temperature and the manifest's views."""
+    path = tmp_path_factory.mktemp("serve_manifest") / "ensemble.json"
+    path.write_text(json.dumps({"models": [{"path": str(model), "weight": 1.0, "temperature": SERVED_TEMPERATURE}],
+                                "combine": "weighted", "views": ["identity", "shift_left"]}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, manifest):
     from ray import serve
 
     from imgcls_dist.serve.local import start_app
 
-    settings = ServeSettings(models=[str(model)], tta="identity,shift_left", max_batch_size=8,
-                             batch_wait_timeout_s=0.02, max_body_bytes=MAX_BODY)
+    settings = ServeSettings(models=[str(manifest)], max_batch_size=8, batch_wait_timeout_s=0.02,
+                             max_body_bytes=MAX_BODY)
     url = start_app(settings, port=free_port(), cpus=1)
     yield url
     serve.shutdown()
@@ -118,11 +130,14 @@ def test_a_replica_decoding_on_its_device_answers_as_the_cpu_decode_and_keeps_er
         ServeSettings(models=[str(model)], decode="gpu")
 
 
-def test_a_digit_comes_back_with_its_class_and_the_in_process_answer(server, model, digits_dir):
-    predictor = load_predictor([model], tta="identity,shift_left")
+def test_a_digit_comes_back_with_its_class_and_the_manifests_in_process_answer(server, manifest, model, digits_dir):
+    predictor = load_predictor(str(manifest))  # its temperature, weight and views
+    assert predictor.temperatures == [SERVED_TEMPERATURE] and predictor.views == ["identity", "shift_left"]
     images = digit_pngs(digits_dir, 20)
     arrays, errors = prepare_encoded([b for b, _ in images], predictor.input_keys)
     expected = predictor.predict_uint8(arrays)
+    unscaled = load_predictor([model], tta="identity,shift_left").predict_uint8(arrays)
+    assert abs(unscaled.max(axis=1) - expected.max(axis=1)).max() > 1e-3  # the temperature shows in confidence
     correct = 0
     for (data, label), probs in zip(images, expected):
         status, r = post(f"{server}/predict?topk=3", data)
@@ -150,6 +165,7 @@ def test_info_and_health(server, model):
     assert status == 200
     assert info["classes"] == [str(i) for i in range(10)] and info["views"] == ["identity", "shift_left"]
     assert info["members"][0]["path"] == str(model) and info["input_sizes"] == [{"image_size": 16, "channels": 3}]
+    assert info["members"][0]["temperature"] == SERVED_TEMPERATURE
     assert info["torch_threads"] == 1  # the server fixture's replica reserves 1 CPU
     assert get(f"{server}/-/healthz")[0] == 200
 
