@@ -1,8 +1,8 @@
 """Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks"): one scalar T per model,
 fitted on validation logits by minimising the negative log-likelihood of softmax(logits / T).
 
-T is optimised as log T (so it stays positive) with torch.optim.LBFGS: a one-dimensional smooth convex
-problem in log T, solved in a handful of iterations. T does not change any argmax, so a member's accuracy
+T is optimised as log T (so it stays positive) with torch.optim.LBFGS: a one-dimensional smooth problem with
+one minimum (NLL is convex in 1/T), solved in a handful of iterations. T does not change any argmax, so a member's accuracy
 is the same before and after; its NLL and expected calibration error are what move.
 
 When the NLL fit asks for sharpening (T < 1) on a validation split with few errors, it is not identified:
