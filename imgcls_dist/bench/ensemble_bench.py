@@ -19,7 +19,8 @@ import numpy as np
 from imgcls_dist.bench.common import machine, print_table
 from imgcls_dist.config import load_config
 from imgcls_dist.data.schema import split_files
-from imgcls_dist.ensemble.build import build_ensemble
+from imgcls_dist.ensemble.build import build_ensemble, collect_logits
+from imgcls_dist.ensemble.calibrate import softmax
 from imgcls_dist.ensemble.select import accuracy, log_loss
 from imgcls_dist.infer.predict import load_predictor
 from imgcls_dist.infer.predictor import EnsemblePredictor
@@ -47,8 +48,19 @@ def _test_scores(predictor: EnsemblePredictor, data: str) -> dict[str, float]:
         ok = y >= 0
         ys.append(y[ok])
         ps.append(predictor.predict_uint8({k: a[ok] for k, a in arrays.items()}))
-    probs, y = np.concatenate(ps), np.concatenate(ys)
+    return _scores(np.concatenate(ps), np.concatenate(ys))
+
+
+def _scores(probs: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return {"test_acc": accuracy(probs, y), "test_nll": log_loss(probs, y)}
+
+
+def _member_scores(models: dict[str, str], temperatures: list[float], data: str) -> dict[str, dict[str, Any]]:
+    """Each member alone, no TTA, at T = 1 and at its fitted T: one pass over the test split for all members."""
+    logits, y = collect_logits([EnsemblePredictor([m], views="none") for m in models.values()],
+                               split_files(data, "test"), 256, None, lambda *a, **k: None)
+    return {c: {**_scores(softmax(lg[0]), y), "T": t, "test_nll_T": log_loss(softmax(lg[0], t), y)}
+            for c, lg, t in zip(models, logits, temperatures)}
 
 
 def bench_ensemble(data: str = "data/digits-test30", configs: Sequence[str] = CONFIGS,
@@ -58,10 +70,8 @@ def bench_ensemble(data: str = "data/digits-test30", configs: Sequence[str] = CO
     for seed in seeds:
         models = {c: _train(c, data, seed, root) for c in configs}
         doc = build_ensemble(list(models.values()), data, root / f"ensemble_s{seed}" / "ensemble.json", verbose=False)
-        scores = {c: _test_scores(EnsemblePredictor([m], views="none"), data) for c, m in models.items()}
-        for (c, m), cand in zip(models.items(), doc["validation"]["candidates"]):  # the builder keeps the order
-            scaled = _test_scores(EnsemblePredictor([m], views="none", temperatures=[cand["temperature"]]), data)
-            scores[c] |= {"T": cand["temperature"], "test_nll_T": scaled["test_nll"]}
+        temps = [cand["temperature"] for cand in doc["validation"]["candidates"]]  # the builder keeps the order
+        scores = _member_scores(models, temps, data)
         scores["plain mean"] = _test_scores(EnsemblePredictor(list(models.values()), views="none"), data)
         scores["built"] = _test_scores(load_predictor(root / f"ensemble_s{seed}" / "ensemble.json"), data)
         weights = {m["name"]: round(m["weight"], 3) for m in doc["models"]}

@@ -2,8 +2,8 @@
 fitted on validation logits by minimising the negative log-likelihood of softmax(logits / T).
 
 T is optimised as log T (so it stays positive) with torch.optim.LBFGS: a one-dimensional smooth problem with
-one minimum (NLL is convex in 1/T), solved in a handful of iterations. T does not change any argmax, so a member's accuracy
-is the same before and after; its NLL and expected calibration error are what move.
+one minimum (NLL is convex in 1/T), solved in a handful of iterations. T does not change any argmax, so a
+member's accuracy is the same before and after; its NLL and expected calibration error are what move.
 
 When the NLL fit asks for sharpening (T < 1) on a validation split with few errors, it is not identified:
 with no errors NLL falls without bound as T -> 0. There T comes from expectation consistency instead
