@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 from imgcls_dist.errors import UserError
+from imgcls_dist.ports import free_port
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -35,7 +35,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], **common)
         return
-    port = _free_port()
+    port = free_port()
     api = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}  # for the job's processes, not this one's
     # address="local": always a new instance (a bare init would join a cluster that `ray start` left on this
     # machine, and refuse num_cpus there).
@@ -43,12 +43,6 @@ def ensure_ray(num_cpus: int | None = None) -> None:
              dashboard_host="127.0.0.1", dashboard_port=port,
              runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", **api},
                           "worker_process_setup_hook": "imgcls_dist.console.quiet_ray_workers"}, **common)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cluster_cpus() -> float:

@@ -16,7 +16,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from imgcls_dist.ports import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,19 +48,6 @@ def ray_client_installed() -> bool:
     from ray._private.utils import get_ray_client_dependency_error  # what `ray start` itself checks
 
     return get_ray_client_dependency_error() is None
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def ray_processes_of(pgid: int, temp_dir: Path) -> list[int]:

@@ -150,12 +150,11 @@ def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, A
     from imgcls_dist.data.ingest import ingest
     from imgcls_dist.data.synthetic import write_synthetic_shards
     from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.ports import free_port
     from imgcls_dist.ray_utils import ensure_ray
     from imgcls_dist.train.job import run_training
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
