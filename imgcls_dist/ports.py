@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 # Below Linux's default ephemeral range (32768-60999) and above Ray's worker ports (10002-19999 by default),
@@ -63,3 +65,19 @@ def _bindable(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def wait_listening(port: int, proc: subprocess.Popen, what: str, timeout: float = 30.0,
+                   host: str = "127.0.0.1") -> None:
+    """Return once `proc` (the server we started on `port`) accepts connections; raise if it exits or is slow."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=0.2).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited at start (exit code {proc.returncode})") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not listen on {host}:{port} within {timeout:.0f} s") from None
+            time.sleep(0.1)

@@ -5,17 +5,15 @@ credentials, as a user's MinIO setup would), and small digits datasets written o
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from imgcls_dist.ports import free_port
+from imgcls_dist.ports import free_port, wait_listening
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import image_fixtures as a plain module
 
@@ -35,15 +33,8 @@ def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str
     exe = Path(sys.executable).with_name("moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            assert proc.poll() is None, "moto_server exited at start"
-            assert time.time() < deadline, "moto_server did not start within 30 s"
-            time.sleep(0.1)
+    wait_listening(port, proc, "moto_server")
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -95,14 +86,7 @@ def gcs():
     exe = Path(sys.executable).with_name("gcp-storage-emulator")
     proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "gcp-storage-emulator did not start"
-            time.sleep(0.1)
+    wait_listening(port, proc, "gcp-storage-emulator")
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "GOOGLE_CLOUD_PROJECT": "imgcls-test"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # the project only names the owner of the buckets made below

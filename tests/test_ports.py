@@ -5,6 +5,10 @@ dashboard found its port 36405, chosen by bind-to-0, already occupied)."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+
+import pytest
 
 from imgcls_dist import ports
 
@@ -50,3 +54,21 @@ def test_with_no_room_outside_the_ephemeral_range_the_kernel_chooses(monkeypatch
     monkeypatch.setattr(ports, "_ephemeral_range", lambda: (1, 65535))
     got = ports.free_ports(3)
     assert len(set(got)) == 3 and all(1024 <= p <= 65535 for p in got)
+
+
+def test_waiting_for_a_server_that_exits_says_which_one_and_does_not_hang():
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match=r"^fake_server exited at start \(exit code 3\)$"):
+        ports.wait_listening(ports.free_port(), proc, "fake_server", timeout=60)
+
+
+def test_waiting_returns_once_the_server_listens():
+    port = ports.free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "import socket, time; s = socket.socket(); time.sleep(0.5); "
+                             f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(30)"])
+    try:
+        ports.wait_listening(port, proc, "late_server", timeout=20)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

@@ -142,7 +142,6 @@ def bench_ingest(files: Sequence[int] = (10_000, 40_000), rows_per_shard: int = 
 def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, Any]:
     """Train and infer throughput, same data on local disk and on a loopback moto_server."""
     import subprocess
-    import socket
     import sys
 
     from imgcls_dist.bench.infer_bench import make_bench_model
@@ -150,7 +149,7 @@ def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, A
     from imgcls_dist.data.ingest import ingest
     from imgcls_dist.data.synthetic import write_synthetic_shards
     from imgcls_dist.infer.pipeline import run_batch_inference
-    from imgcls_dist.ports import free_port
+    from imgcls_dist.ports import free_port, wait_listening
     from imgcls_dist.ray_utils import ensure_ray
     from imgcls_dist.train.job import run_training
 
@@ -161,12 +160,7 @@ def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, A
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"})
     work = Path(tempfile.mkdtemp(prefix="bench-storage-"))
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_listening(port, server, "moto_server")
         import pyarrow.fs as pafs
 
         pafs.S3FileSystem(endpoint_override=f"http://127.0.0.1:{port}", region="us-east-1",
