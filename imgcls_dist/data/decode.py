@@ -59,7 +59,7 @@ def decode_image(
     smallest DCT scale (1/2, 1/4 or 1/8; PIL's `Image.draft`) whose image is still at least
     `min_size` in both dimensions, so the array may be smaller than the file's size but never
     smaller than `min_size` (unless the file itself is). Why: a 12 MP (4000x3000, 1.3 MB) JPEG
-    costs ~130 ms per core decoded whole and resized to 224 px, ~16 ms decoded at 1/8 (500x375)
+    costs ~120 ms per core decoded whole and resized to 224 px, ~16 ms decoded at 1/8 (500x375)
     and resized the same way; what is left is mostly entropy decoding, which no scale shortens,
     so the gain shrinks as files grow (2.5 MB: 5.4x) and progressive files gain ~3.8x
     (docs/benchmarks.md, "Reduced-size JPEG decode"). Below twice `min_size` no scale applies
@@ -175,7 +175,10 @@ def _apply_exif_orientation(img: Image.Image) -> None:
 
 def _to_array(img: Image.Image, channels: int, background: tuple[int, int, int]) -> np.ndarray:
     img = _to_8bit(img, background)  # now "L" or "RGB"
-    img = img.convert("RGB" if channels == 3 else "L")
+    mode = "RGB" if channels == 3 else "L"
+    if img.mode != mode:
+        # Only when needed: convert to the same mode is a copy (a 48 MB one for a 12 MP RGB photo).
+        img = img.convert(mode)
     array = np.array(img, dtype=np.uint8)  # a copy: writable, owns its memory
     if array.ndim == 2:
         array = array[:, :, None]
