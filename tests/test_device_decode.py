@@ -4,15 +4,20 @@ every failure through the CPU path. On CPU this runs everything but nvJPEG itsel
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageOps
 
 from image_fixtures import write_image_fixtures
 from imgcls_dist.data.augment import apply
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.device_decode import _area_weights, device_decodable, prepare_on_device, resize_like_eval
+from imgcls_dist.infer.device_decode import (
+    ORIENTATION, _area_weights, device_orientation, orient, prepare_on_device, resize_like_eval,
+)
 from imgcls_dist.infer.pipeline import resolve_decode
 from imgcls_dist.infer.prepare import eval_transform, prepare_encoded, to_channels
 
@@ -34,14 +39,14 @@ def test_every_fixture_gets_the_cpu_paths_error_or_nearly_its_pixels(fixtures):
     cpu, cpu_errors = prepare_encoded(datas, KEYS)
     assert dev_errors == cpu_errors  # damaged, oversize, bomb, non-whitelisted: the CPU path's own reason
     assert sum(e is not None for e in cpu_errors) >= 8
-    on_device = [fx.name for fx, d in zip(fixtures, datas) if device_decodable(d)]
+    on_device = [fx.name for fx, d in zip(fixtures, datas) if device_orientation(d) is not None]
     assert {"jpeg", "large_jpeg", "large_progressive_jpeg", "large_exif_rotated_jpeg"} <= set(on_device)
     assert "large_cmyk_jpeg" not in on_device and "oversize_jpeg" not in on_device and "bomb_jpeg" not in on_device
     for i, (fx, data) in enumerate(zip(fixtures, datas)):
         for k in KEYS:
             got, want = hwc(dev[k][i]).astype(np.int16), cpu[k][i]
             assert got.shape == want.shape, (fx.name, k)
-            if cpu_errors[i] is not None or not device_decodable(data):
+            if cpu_errors[i] is not None or device_orientation(data) is None:
                 assert np.array_equal(got, want), (fx.name, k)  # the CPU path itself, or zeros for a failed row
             else:  # the device decodes whole: it equals a full decode + the eval transform, up to IDCT rounding
                 full = apply(eval_transform(k[0]), to_channels(decode_image(data).array, k[1]))
@@ -52,10 +57,43 @@ def test_every_fixture_gets_the_cpu_paths_error_or_nearly_its_pixels(fixtures):
 
 def test_exif_orientation_is_applied_on_the_device_path(fixtures):
     fx = next(f for f in fixtures if f.name == "large_exif_rotated_jpeg")
+    assert device_orientation(fx.path.read_bytes()) == 6
     dev, _ = prepare_on_device([fx.path.read_bytes()], [(64, 3)], "cpu")
     img = hwc(dev[(64, 3)][0]).astype(int)
     assert img[0, 32, 0] > 230 and img[0, 32, 2] < 40  # red on top, as displayed (tests/image_fixtures.py)
     assert img[-1, 32, 2] > 230 and img[-1, 32, 0] < 40
+
+
+def test_orient_shows_every_exif_orientation_as_pil_does():
+    # torchvision's CUDA decoder ignores apply_exif_orientation, so the device path orients the tensor itself.
+    stored = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)  # H != W: a wrong axis shows
+    for o in range(0, 10):  # 0 and 9: not orientations, left as stored by both
+        img = Image.fromarray(stored)
+        exif = Image.Exif()
+        exif[ORIENTATION] = o
+        img.info["exif"] = exif.tobytes()
+        want = np.asarray(ImageOps.exif_transpose(img))
+        got = orient(torch.from_numpy(stored).permute(2, 0, 1), o).permute(1, 2, 0).numpy()
+        assert np.array_equal(got, want), o
+
+
+def test_every_exif_orientation_decodes_on_the_device_path_as_on_the_cpu_path():
+    # Quadrants of far-apart colours: any wrong flip or rotation moves the mean difference by ~100 grey levels.
+    quad = np.zeros((240, 320, 3), np.uint8)
+    quad[:120, :160], quad[:120, 160:], quad[120:, :160], quad[120:, 160:] = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+    datas = []
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[ORIENTATION] = o
+        buf = io.BytesIO()
+        Image.fromarray(quad).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+        datas.append(buf.getvalue())
+    assert [device_orientation(d) for d in datas] == list(range(1, 9))
+    dev, dev_errors = prepare_on_device(datas, [(64, 3)], "cpu")
+    cpu, cpu_errors = prepare_encoded(datas, [(64, 3)])
+    assert not any(dev_errors) and not any(cpu_errors)
+    for o, got, want in zip(range(1, 9), dev[(64, 3)], cpu[(64, 3)]):
+        assert np.abs(hwc(got).astype(int) - want).mean() < 2.0, o
 
 
 def test_area_resize_equals_a_box_average():

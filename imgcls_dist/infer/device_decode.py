@@ -10,7 +10,10 @@ the same code runs with torchvision's CPU decoder: that is how it is tested on m
 A row goes to the device only when its header (PIL's lazy open: no pixel is decoded) says the checks of
 `data/decode.py::decode_image` pass and the device can decode it: a JPEG, colour mode L or RGB (CMYK and
 YCCK JPEGs take the CPU path, which converts them as PIL does), at most `max_pixels`. EXIF orientation is
-applied by the decoder. The resize matches the eval transform's op (`data/augment.py::_resize`): an area
+read from that header (as the CPU path reads it, PIL's `getexif`) and applied to the decoded tensor here
+(`orient`): torchvision's `decode_jpeg` applies it on CPU only and ignores `apply_exif_orientation` for CUDA
+(torchvision 0.29, "Only implemented for JPEG format on CPU"), so nvJPEG alone would hand over phone photos
+taken upright lying on their side. The resize matches the eval transform's op (`data/augment.py::_resize`): an area
 average when shrinking (cv2's INTER_AREA, `_area_weights`), bilinear with half-pixel centres when
 enlarging (cv2's INTER_LINEAR); 1-channel members get ITU-R 601 luma, as PIL's "L" conversion. The full
 image is decoded (nvJPEG has no DCT scaling), so inputs differ from the CPU path's reduced decode by about
@@ -27,44 +30,73 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import ExifTags, Image
 
 from imgcls_dist.data.decode import DEFAULT_MAX_PIXELS, is_jpeg
 from imgcls_dist.infer.prepare import InputKey, prepare_encoded
 
 _LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" weights (ITU-R 601-2)
+ORIENTATION = ExifTags.Base.Orientation  # 0x0112
 
 
-def device_decodable(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> bool:
-    """Whether a row may take the device path: a JPEG whose header passes decode_image's checks, in a colour
-    mode the device decoder handles. Anything else (including every broken file) takes the CPU path."""
+def device_orientation(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
+    """None when a row may not take the device path; else its EXIF orientation (1-8; 1 when absent or
+    unreadable: the CPU path then leaves the image as stored too). A row may take it when it is a JPEG whose
+    header passes decode_image's checks, in a colour mode the device decoder handles. Anything else
+    (including every broken file) takes the CPU path."""
     if not is_jpeg(data):
-        return False
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 w, h = img.size
-                return img.format == "JPEG" and img.mode in ("L", "RGB") and 0 < w * h <= max_pixels
+                if not (img.format == "JPEG" and img.mode in ("L", "RGB") and 0 < w * h <= max_pixels):
+                    return None
+                try:
+                    return int(img.getexif().get(ORIENTATION, 1))
+                except Exception:
+                    return 1
     except Exception:
-        return False
+        return None
+
+
+# EXIF orientation -> the tensor op that shows a [C,H,W] image as PIL's ImageOps.exif_transpose does (its table:
+# 2 FLIP_LEFT_RIGHT, 3 ROTATE_180, 4 FLIP_TOP_BOTTOM, 5 TRANSPOSE, 6 ROTATE_270, 7 TRANSVERSE, 8 ROTATE_90;
+# PIL rotates counter-clockwise, as torch.rot90 does from H towards W). Other values: left as stored, as PIL does.
+_ORIENT = {
+    2: lambda x: x.flip(-1),
+    3: lambda x: x.flip(-2, -1),
+    4: lambda x: x.flip(-2),
+    5: lambda x: x.transpose(-2, -1),
+    6: lambda x: torch.rot90(x, -1, dims=(-2, -1)),
+    7: lambda x: x.flip(-2, -1).transpose(-2, -1),
+    8: lambda x: torch.rot90(x, 1, dims=(-2, -1)),
+}
+
+
+def orient(rgb: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded [C,H,W] image as displayed under its EXIF `orientation` (module docstring: why here)."""
+    op = _ORIENT.get(orientation)
+    return rgb if op is None else op(rgb)
 
 
 def _decode_all(datas: list[bytes | bytearray | memoryview], device: torch.device) -> list[torch.Tensor | None]:
-    """[3,H,W] uint8 per row on `device`; None where the decoder refused the row. One batched call first;
-    if it fails, row by row, so one bad row costs only itself."""
+    """[3,H,W] uint8 per row on `device`, as stored (no EXIF orientation: `orient` does it on every device);
+    None where the decoder refused the row. One batched call first; if it fails, row by row, so one bad row
+    costs only itself."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
         return []
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
-        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+        return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     except Exception:
         out: list[torch.Tensor | None] = []
         for t in tensors:
             try:
-                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
             except Exception:
                 out.append(None)
         return out
@@ -105,12 +137,14 @@ def prepare_on_device(images: Sequence[bytes | None], keys: Sequence[InputKey], 
     n = len(images)
     out = {k: torch.zeros((n, k[1], k[0], k[0]), dtype=torch.uint8, device=device) for k in keys}
     errors: list[str | None] = [None] * n
-    rows = [i for i, data in enumerate(images) if device_decodable(data, max_pixels)]
+    orientations = {i: device_orientation(data, max_pixels) for i, data in enumerate(images)}
+    rows = [i for i, o in orientations.items() if o is not None]
     decoded = _decode_all([images[i] for i in rows], device)
     done = set()
     for i, rgb in zip(rows, decoded):
         if rgb is None:
             continue
+        rgb = orient(rgb, orientations[i])
         for size, channels in keys:
             out[(size, channels)][i] = resize_like_eval(rgb, size, channels)
         done.add(i)
