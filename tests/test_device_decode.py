@@ -18,7 +18,7 @@ from imgcls_dist.errors import UserError
 from imgcls_dist.infer.device_decode import (
     ORIENTATION, _area_weights, device_orientation, orient, prepare_on_device, resize_like_eval,
 )
-from imgcls_dist.infer.pipeline import resolve_decode
+from imgcls_dist.infer.decode_mode import resolve_decode
 from imgcls_dist.infer.prepare import eval_transform, prepare_encoded, to_channels
 
 KEYS = [(224, 3), (32, 1), (24, 3)]

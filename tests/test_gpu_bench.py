@@ -30,3 +30,16 @@ def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
     assert "infer resnet50 predictor 1 view(s) torch.compile img/s" not in rows  # compile: CUDA only by default
     assert json.loads(out.read_text()) == json.loads(json.dumps(r))
     assert "bench gpu on cpu" in capsys.readouterr().out
+
+
+def test_gpu_bench_cut_short_keeps_the_rows_it_measured(tmp_path):
+    # The lent GPU machine's command has a time limit: past max_seconds no new section starts, and the JSON on
+    # disk already holds every row measured, the predictor's first.
+    out = tmp_path / "gpu.json"
+    r = run(device="cpu", batch=2, size=32, warmup=0, iters=1, out=out, archs=("resnet18",), photo_size=(320, 240),
+            photos=4, max_seconds=0)
+    assert r["skipped"] == ["decode", "train resnet18"]
+    measures = [x["measure"] for x in r["rows"]]
+    assert measures[0] == "infer resnet50 forward only img/s" and "infer resnet50 predictor 1 view(s) / forward only" in measures
+    assert not any(m.startswith(("train", "decode")) for m in measures)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))

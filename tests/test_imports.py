@@ -136,3 +136,14 @@ def test_loading_the_augmentation_stack_makes_no_network_request():
                          check=True)
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"albumentations": True, "calls": []}, got
+
+
+def test_what_the_gpu_check_runs_imports_no_ray():
+    """tools/gpu_check.sh runs the device-decode, device-feed and predictor tests and `bench gpu` on the lent GPU
+    machine, whose image has no Ray (a Ray wheel is over the call's 64 MiB): none of it may import Ray."""
+    probe = ("import sys; import imgcls_dist.bench.gpu_bench, imgcls_dist.infer.device_decode, "
+             "imgcls_dist.infer.decode_mode, imgcls_dist.infer.device_feed, imgcls_dist.infer.predictor, "
+             "imgcls_dist.infer.prepare, imgcls_dist.data.synthetic, imgcls_dist.data.builtin; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,12 +1,13 @@
 """`imgcls-dist bench gpu` / `python -m imgcls_dist.bench.gpu_bench`: the GPU check, without Ray.
 
-Runs on a machine with only torch + torchvision: (1) training-step images/s for resnet50 and
-efficientnet_b0 at 224px, batch 256, bf16 autocast + channels_last vs fp32, and with torch.compile on CUDA
-(what `train.compile` turns on); (2) the batch predictor's
+Needs torch, torchvision and this package's decode/predictor modules (what tools/gpu_check.sh runs on a lent GPU
+machine). In this order, each row printed and written to the JSON as it is measured: (1) the batch predictor's
 path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
 forward, also with 4 micro-batches per call (copies overlapping compute) and torch.compile (`infer --compile`)
-on CUDA — vs the pure forward on a ready float batch; (3) 12 MP photo JPEGs to 224-px inputs, the CPU path on every
-core vs `infer --decode device` (nvJPEG). Prints one table and writes it as JSON.
+on CUDA — vs the pure forward on a ready float batch; (2) 12 MP photo JPEGs to 224-px inputs, the CPU path on
+every core vs `infer --decode device` (nvJPEG); (3) training-step images/s for resnet50 and efficientnet_b0 at
+224px, batch 256, bf16 autocast + channels_last vs fp32, and with torch.compile on CUDA (what `train.compile`
+turns on). `--max-seconds`: no new section starts after it.
 Context: NVIDIA publishes ~2,500 img/s per A100 for AMP ResNet-50 training; a ResNet-50 forward is
 ~4.1 GMACs (~8 GFLOP) at 224px.
 """
@@ -128,10 +129,12 @@ def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], p
     from imgcls_dist.infer.prepare import prepare_encoded
 
     digits = digits_images(32)[0]
-    data = [photo_jpeg(digits[i % len(digits)], *photo_size, seed=i) for i in range(photos)]
     keys = [(size, 3)]
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
+        # Made on every core too (0.5 s per 12 MP photo on one): device time is lent by the minute.
+        data = list(pool.map(lambda i: photo_jpeg(digits[i % len(digits)], *photo_size, seed=i), range(photos)))
+
         def cpu() -> None:
             list(pool.map(lambda b: prepare_encoded([b], keys), data))
 
@@ -143,45 +146,78 @@ def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], p
             f"decode {mp}MP JPEG ratio device/CPU": dev_rate / cpu_rate}
 
 
+class Table:
+    """The bench's rows, printed and written to `out` as each one is measured: the lent GPU machine's command
+    has a time limit, and a run cut short still hands back every row it finished."""
+
+    def __init__(self, out: str | Path, head: dict, max_seconds: float | None):
+        self.out, self.head, self.rows, self.skipped = Path(out), head, [], []
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        print(f"bench gpu on {head['device']}, batch {head['batch']}, {head['size']}px, torch {head['torch']}",
+              flush=True)
+
+    def time_left(self, section: str) -> bool:
+        """False (and the section recorded as skipped) once `max_seconds` have passed."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.skipped.append(section)
+            print(f"skipped (max_seconds reached): {section}", flush=True)
+            self._save()
+            return False
+        return True
+
+    def add(self, measure: str, value: float) -> None:
+        self.rows.append({"measure": measure, "value": value})
+        print(f"{measure}  {value:.3f}" if value < 10 else f"{measure}  {value:.0f}", flush=True)
+        self._save()
+
+    def result(self) -> dict:
+        return {**self.head, "rows": self.rows, **({"skipped": self.skipped} if self.skipped else {})}
+
+    def _save(self) -> None:
+        self.out.write_text(json.dumps(self.result(), indent=2))
+
+
 def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: int = 5, iters: int = 20,
         out: str | Path = "gpu_bench.json", archs: tuple[str, ...] = ("resnet50", "efficientnet_b0"),
-        compile: bool | None = None, photo_size: tuple[int, int] = (4000, 3000), photos: int = 32) -> dict:
-    """`compile` None: compiled training steps are measured on CUDA only (inductor's CPU compile of a
-    resnet50 takes minutes and is not what train.compile is for)."""
+        compile: bool | None = None, photo_size: tuple[int, int] = (4000, 3000), photos: int = 32,
+        max_seconds: float | None = None) -> dict:
+    """`compile` None: compiled steps are measured on CUDA only (inductor's CPU compile of a resnet50 takes
+    minutes and is not what train.compile is for). Sections run in the order of what is least often measured
+    (the predictor, device decode, then training, which issue 6 measured); after `max_seconds` no new section
+    starts."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile = dev.type == "cuda" if compile is None else compile
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    rows = []
-    for arch in archs:
-        fp32 = train_step_rate(arch, dev, batch, size, amp=False, warmup=warmup, iters=iters)
-        bf16 = train_step_rate(arch, dev, batch, size, amp=True, warmup=warmup, iters=iters)
-        rows.append({"measure": f"train {arch} fp32 img/s", "value": fp32})
-        rows.append({"measure": f"train {arch} bf16+channels_last img/s", "value": bf16})
-        rows.append({"measure": f"train {arch} ratio bf16/fp32", "value": bf16 / fp32})
-        if compile:  # warm-up covers the compile; the timed steps run the compiled graph
-            compiled = train_step_rate(arch, dev, batch, size, amp=True, warmup=max(warmup, 3), iters=iters,
-                                       compile=True)
-            rows.append({"measure": f"train {arch} bf16+channels_last+torch.compile img/s", "value": compiled})
-            rows.append({"measure": f"train {arch} ratio compiled/eager", "value": compiled / bf16})
+    table = Table(out, {"device": name, "batch": batch, "size": size, "torch": torch.__version__,
+                        "torchvision": torchvision.__version__}, max_seconds)
     pr = predictor_rates(dev, batch, size, warmup, iters, compile)
     for k, v in pr.items():
-        rows.append({"measure": f"infer resnet50 {k} img/s", "value": v})
+        table.add(f"infer resnet50 {k} img/s", v)
     for k in (k for k in pr if k.startswith("predictor")):
         # images/s counts input images; 4 views do 4x the forward work, so ideal is 1.0 and 0.25.
-        rows.append({"measure": f"infer resnet50 {k} / forward only", "value": pr[k] / pr["forward only"]})
-    dr = decode_rates(dev, size, photo_size, photos, max(1, iters // 4))
-    rows += [{"measure": k, "value": v} for k, v in dr.items()]
-    dev_key = next(k for k in dr if "device path" in k)
-    # >= 1: the device decodes photos faster than the model consumes them, so decode is off the critical path.
-    rows.append({"measure": "decode device path / infer resnet50 forward only", "value": dr[dev_key] / pr["forward only"]})
-    result = {"device": name, "batch": batch, "size": size, "torch": torch.__version__, "rows": rows}
-    print(f"bench gpu on {name}, batch {batch}, {size}px, torch {torch.__version__}")
-    width = max(len(r["measure"]) for r in rows)
-    for r in rows:
-        print(f"{r['measure'].ljust(width)}  {r['value']:.3f}" if r["value"] < 10 else f"{r['measure'].ljust(width)}  {r['value']:.0f}")
-    Path(out).write_text(json.dumps(result, indent=2))
-    return result
+        table.add(f"infer resnet50 {k} / forward only", pr[k] / pr["forward only"])
+    if table.time_left("decode"):
+        dr = decode_rates(dev, size, photo_size, photos, max(1, iters // 4))
+        for k, v in dr.items():
+            table.add(k, v)
+        dev_key = next(k for k in dr if "device path" in k)
+        # >= 1: the device decodes photos faster than the model consumes them, so decode is off the critical path.
+        table.add("decode device path / infer resnet50 forward only", dr[dev_key] / pr["forward only"])
+    for arch in archs:
+        if not table.time_left(f"train {arch}"):
+            continue
+        fp32 = train_step_rate(arch, dev, batch, size, amp=False, warmup=warmup, iters=iters)
+        bf16 = train_step_rate(arch, dev, batch, size, amp=True, warmup=warmup, iters=iters)
+        table.add(f"train {arch} fp32 img/s", fp32)
+        table.add(f"train {arch} bf16+channels_last img/s", bf16)
+        table.add(f"train {arch} ratio bf16/fp32", bf16 / fp32)
+        if compile and table.time_left(f"train {arch} torch.compile"):  # warm-up covers the compile
+            compiled = train_step_rate(arch, dev, batch, size, amp=True, warmup=max(warmup, 3), iters=iters,
+                                       compile=True)
+            table.add(f"train {arch} bf16+channels_last+torch.compile img/s", compiled)
+            table.add(f"train {arch} ratio compiled/eager", compiled / bf16)
+    return table.result()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,8 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--out", default="gpu_bench.json")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="start no new section after this many seconds (the rows so far are already written)")
     a = ap.parse_args(argv)
-    run(a.device, a.batch, a.size, a.warmup, a.iters, a.out)
+    run(a.device, a.batch, a.size, a.warmup, a.iters, a.out, max_seconds=a.max_seconds)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from imgcls_dist.data.schema import ID, IMAGE, LABEL, list_parquet, validate_files
 from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.infer import parts, publish, resume
+from imgcls_dist.infer.decode_mode import resolve_decode
 from imgcls_dist.infer.publish import STAGING_PREFIX, prediction_files, read_manifest  # noqa: F401 - re-exported
 from imgcls_dist.storage import Location, PathLike, location
 
@@ -91,19 +92,6 @@ def plan_actors(available_cpus: float, gpus: float, requested: int | None = None
     if cpus_per_actor <= 0:
         raise UserError(f"--actors {n}: too many actors for {avail:g} available CPUs")
     return ActorPlan(n, cpus_per_actor, gpus_per_actor, task_cpus, max(1, int(cpus_per_actor)))
-
-
-DECODE_MODES = ("auto", "cpu", "device")
-
-
-def resolve_decode(mode: str, gpus_per_actor: float) -> str:
-    """`infer --decode`: "auto" decodes on the predictor actors' device when they have GPUs (nvJPEG outruns
-    CPU decode tasks there, infer/device_decode.py), else in CPU tasks."""
-    if mode not in DECODE_MODES:
-        raise UserError(f"--decode: must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-    if mode == "auto":
-        return "device" if gpus_per_actor > 0 else "cpu"
-    return mode
 
 
 # ---------------------------------------------------------------- console

@@ -26,7 +26,7 @@ from ray import serve
 from ray.serve import Application
 
 from imgcls_dist.infer.device_decode import prepare_on_device
-from imgcls_dist.infer.pipeline import resolve_decode
+from imgcls_dist.infer.decode_mode import resolve_decode
 from imgcls_dist.infer.predict import load_predictor, top_classes
 from imgcls_dist.infer.prepare import prepare_encoded
 from imgcls_dist.infer.stages import entropy_nats
