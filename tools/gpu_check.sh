@@ -3,6 +3,8 @@
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # The CUDA-only tests first (device decode, pinned copies, predictor and bench on CUDA), then `bench gpu`, which
 # starts no new section after BENCH_SECONDS and has written every row it measured to $OUT/gpu_bench.json.
+# Arguments go to the bench (a CPU dry run here: PATH=.venv/bin:$PATH bash tools/gpu_check.sh --device cpu
+# --batch 2 --size 32 --warmup 0 --iters 1, with .whl moved aside: its wheels are for the machine's Python 3.12).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 PYTHONDONTWRITEBYTECODE=1
 OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
@@ -17,5 +19,5 @@ fi
 } 2>&1 | tee "$OUT/versions.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_decode.py \
   tests/test_infer_device_feed.py tests/test_infer_predictor.py 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
-python3 -m imgcls_dist.bench.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" 2>&1 \
+python3 -m imgcls_dist.bench.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
   | tee "$OUT/gpu_bench.txt"
