@@ -15,8 +15,9 @@ from image_fixtures import write_image_fixtures
 from imgcls_dist.data.augment import apply
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
+from imgcls_dist.infer import device_decode
 from imgcls_dist.infer.device_decode import (
-    ORIENTATION, _area_weights, device_orientation, orient, prepare_on_device, resize_like_eval,
+    ORIENTATION, _area_weights, device_row, orient, pixel_chunks, prepare_on_device, resize_like_eval,
 )
 from imgcls_dist.infer.decode_mode import resolve_decode
 from imgcls_dist.infer.prepare import eval_transform, prepare_encoded, to_channels
@@ -39,14 +40,14 @@ def test_every_fixture_gets_the_cpu_paths_error_or_nearly_its_pixels(fixtures):
     cpu, cpu_errors = prepare_encoded(datas, KEYS)
     assert dev_errors == cpu_errors  # damaged, oversize, bomb, non-whitelisted: the CPU path's own reason
     assert sum(e is not None for e in cpu_errors) >= 8
-    on_device = [fx.name for fx, d in zip(fixtures, datas) if device_orientation(d) is not None]
+    on_device = [fx.name for fx, d in zip(fixtures, datas) if device_row(d) is not None]
     assert {"jpeg", "large_jpeg", "large_progressive_jpeg", "large_exif_rotated_jpeg"} <= set(on_device)
     assert "large_cmyk_jpeg" not in on_device and "oversize_jpeg" not in on_device and "bomb_jpeg" not in on_device
     for i, (fx, data) in enumerate(zip(fixtures, datas)):
         for k in KEYS:
             got, want = hwc(dev[k][i]).astype(np.int16), cpu[k][i]
             assert got.shape == want.shape, (fx.name, k)
-            if cpu_errors[i] is not None or device_orientation(data) is None:
+            if cpu_errors[i] is not None or device_row(data) is None:
                 assert np.array_equal(got, want), (fx.name, k)  # the CPU path itself, or zeros for a failed row
             else:  # the device decodes whole: it equals a full decode + the eval transform, up to IDCT rounding
                 full = apply(eval_transform(k[0]), to_channels(decode_image(data).array, k[1]))
@@ -57,7 +58,7 @@ def test_every_fixture_gets_the_cpu_paths_error_or_nearly_its_pixels(fixtures):
 
 def test_exif_orientation_is_applied_on_the_device_path(fixtures):
     fx = next(f for f in fixtures if f.name == "large_exif_rotated_jpeg")
-    assert device_orientation(fx.path.read_bytes()) == 6
+    assert device_row(fx.path.read_bytes()) == (6, 3000 * 2000)
     dev, _ = prepare_on_device([fx.path.read_bytes()], [(64, 3)], "cpu")
     img = hwc(dev[(64, 3)][0]).astype(int)
     assert img[0, 32, 0] > 230 and img[0, 32, 2] < 40  # red on top, as displayed (tests/image_fixtures.py)
@@ -88,12 +89,26 @@ def test_every_exif_orientation_decodes_on_the_device_path_as_on_the_cpu_path():
         buf = io.BytesIO()
         Image.fromarray(quad).save(buf, "JPEG", quality=95, exif=exif.tobytes())
         datas.append(buf.getvalue())
-    assert [device_orientation(d) for d in datas] == list(range(1, 9))
+    assert [device_row(d).orientation for d in datas] == list(range(1, 9))
     dev, dev_errors = prepare_on_device(datas, [(64, 3)], "cpu")
     cpu, cpu_errors = prepare_encoded(datas, [(64, 3)])
     assert not any(dev_errors) and not any(cpu_errors)
     for o, got, want in zip(range(1, 9), dev[(64, 3)], cpu[(64, 3)]):
         assert np.abs(hwc(got).astype(int) - want).mean() < 2.0, o
+
+
+def test_rows_are_decoded_in_chunks_of_bounded_pixels(fixtures, monkeypatch):
+    assert pixel_chunks([5, 5, 5, 20, 1], 10) == [[0, 1], [2], [3], [4]] and pixel_chunks([], 10) == []
+    datas = [fx.path.read_bytes() for fx in fixtures]
+    whole, whole_errors = prepare_on_device(datas, KEYS, "cpu")
+    calls = []
+    real = device_decode._decode_all
+    monkeypatch.setattr(device_decode, "_decode_all", lambda d, dev: calls.append(len(d)) or real(d, dev))
+    monkeypatch.setattr(device_decode, "DECODE_CHUNK_PIXELS", 3000 * 2000)  # one large fixture photo per call
+    chunked, chunked_errors = prepare_on_device(datas, KEYS, "cpu")
+    assert chunked_errors == whole_errors and all(torch.equal(chunked[k], whole[k]) for k in KEYS)
+    on_device = sum(device_row(d) is not None for d in datas)
+    assert sum(calls) == on_device and 1 < len(calls) < on_device  # large photos alone, small ones together
 
 
 def test_area_resize_equals_a_box_average():

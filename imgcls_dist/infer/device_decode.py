@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import warnings
 from functools import lru_cache
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -37,13 +37,21 @@ from imgcls_dist.infer.prepare import InputKey, prepare_encoded
 
 _LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" weights (ITU-R 601-2)
 ORIENTATION = ExifTags.Base.Orientation  # 0x0112
+# Pixels decoded per nvJPEG call. A GPU actor's call holds 512 rows (infer.pipeline: batch 128 x 4 micro-batches):
+# as 12 MP photos that is 18 GB of RGB at once, more than most GPUs have beside the model. 256 MP is 768 MB of
+# RGB: ~21 such photos per call, or all 512 rows of ImageNet-size ones.
+DECODE_CHUNK_PIXELS = 256_000_000
 
 
-def device_orientation(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> int | None:
-    """None when a row may not take the device path; else its EXIF orientation (1-8; 1 when absent or
-    unreadable: the CPU path then leaves the image as stored too). A row may take it when it is a JPEG whose
-    header passes decode_image's checks, in a colour mode the device decoder handles. Anything else
-    (including every broken file) takes the CPU path."""
+class DeviceRow(NamedTuple):
+    orientation: int  # EXIF, 1-8; 1 when absent or unreadable (the CPU path then leaves the image as stored too)
+    pixels: int  # width * height as stored
+
+
+def device_row(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> DeviceRow | None:
+    """What the device path needs from a row's header, or None when the row may not take it. A row may when it
+    is a JPEG whose header passes decode_image's checks, in a colour mode the device decoder handles. Anything
+    else (including every broken file) takes the CPU path."""
     if not is_jpeg(data):
         return None
     try:
@@ -54,11 +62,26 @@ def device_orientation(data: bytes | None, max_pixels: int = DEFAULT_MAX_PIXELS)
                 if not (img.format == "JPEG" and img.mode in ("L", "RGB") and 0 < w * h <= max_pixels):
                     return None
                 try:
-                    return int(img.getexif().get(ORIENTATION, 1))
+                    orientation = int(img.getexif().get(ORIENTATION, 1))
                 except Exception:
-                    return 1
+                    orientation = 1
+                return DeviceRow(orientation, w * h)
     except Exception:
         return None
+
+
+def pixel_chunks(pixels: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive indices of `pixels` grouped so that each group's sum stays within `budget`; a row larger
+    than the budget alone is a group of its own."""
+    chunks: list[list[int]] = []
+    total = budget + 1
+    for i, p in enumerate(pixels):
+        if total + p > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += p
+    return chunks
 
 
 # EXIF orientation -> the tensor op that shows a [C,H,W] image as PIL's ImageOps.exif_transpose does (its table:
@@ -137,17 +160,18 @@ def prepare_on_device(images: Sequence[bytes | None], keys: Sequence[InputKey], 
     n = len(images)
     out = {k: torch.zeros((n, k[1], k[0], k[0]), dtype=torch.uint8, device=device) for k in keys}
     errors: list[str | None] = [None] * n
-    orientations = {i: device_orientation(data, max_pixels) for i, data in enumerate(images)}
-    rows = [i for i, o in orientations.items() if o is not None]
-    decoded = _decode_all([images[i] for i in rows], device)
+    headers = {i: device_row(data, max_pixels) for i, data in enumerate(images)}
+    rows = [i for i, h in headers.items() if h is not None]
     done = set()
-    for i, rgb in zip(rows, decoded):
-        if rgb is None:
-            continue
-        rgb = orient(rgb, orientations[i])
-        for size, channels in keys:
-            out[(size, channels)][i] = resize_like_eval(rgb, size, channels)
-        done.add(i)
+    for chunk in pixel_chunks([headers[i].pixels for i in rows], DECODE_CHUNK_PIXELS):
+        chunk_rows = [rows[j] for j in chunk]
+        for i, rgb in zip(chunk_rows, _decode_all([images[i] for i in chunk_rows], device)):
+            if rgb is None:
+                continue
+            rgb = orient(rgb, headers[i].orientation)
+            for size, channels in keys:
+                out[(size, channels)][i] = resize_like_eval(rgb, size, channels)
+            done.add(i)
     cpu_rows = [i for i in range(n) if i not in done]
     if cpu_rows:
         arrays, cpu_errors = prepare_encoded([images[i] for i in cpu_rows], keys, max_pixels)
