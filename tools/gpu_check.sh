@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine, from the repo root, with `.whl` carried (tools/gpu_wheels.sh makes it):
 #   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# The CUDA-only tests first (device decode, pinned copies, predictor and bench on CUDA), then `bench gpu`, which
-# starts no new section after BENCH_SECONDS and has written every row it measured to $OUT/gpu_bench.json.
+# The device-path tests first (device decode, pinned copies, the predictor; their CUDA-only tests run there), then
+# `bench gpu`, which starts no new section after BENCH_SECONDS and has written every row it measured to
+# $OUT/gpu_bench.json.
 # Arguments go to the bench (a CPU dry run here: PATH=.venv/bin:$PATH bash tools/gpu_check.sh --device cpu
 # --batch 2 --size 32 --warmup 0 --iters 1, with .whl moved aside: its wheels are for the machine's Python 3.12).
 set -uo pipefail
