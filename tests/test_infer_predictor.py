@@ -243,3 +243,21 @@ def test_compiled_members_use_one_graph_for_every_call_size_and_match_eager(tmp_
     assert logits.shape == (1, 2, 3, 10)
     np.testing.assert_allclose(logits, eager.view_logits({(16, 3): x[:3]}), atol=1e-5)
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bf16 autocast, channels_last, pinned copies)")
+def test_cuda_predictor_gives_the_cpu_predictors_probabilities_within_bf16(tmp_path):
+    a = save_model(tmp_path / "a", "lenet5", 16, seed=1)
+    b = save_model(tmp_path / "b", "resnet18", 32, seed=2)
+    x = {(16, 3): digit_batch(16, 40), (32, 3): digit_batch(32, 40)}
+    kw = dict(views="identity,shift_left", batch_size=16)  # 40 rows: 3 micro-batches through the pinned feed
+    cpu = EnsemblePredictor([a, b], device="cpu", **kw).predict_uint8(x)
+    cuda = EnsemblePredictor([a, b], device="cuda", **kw)
+    assert cuda.amp_dtype is not None and cuda.channels_last
+    got = cuda.predict_uint8(x)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)  # softmax and combine run in fp32
+    np.testing.assert_allclose(got, cpu, atol=3e-2)  # bf16 forward: ~3 significant digits
+    # torch.compile (inductor) on CUDA gives what eager CUDA gives; one member keeps the compile short.
+    eager = EnsemblePredictor([a], device="cuda", **kw).predict_uint8(x)
+    compiled = EnsemblePredictor([a], device="cuda", compile=True, **kw).predict_uint8(x)
+    np.testing.assert_allclose(compiled, eager, atol=1e-2)
