@@ -74,9 +74,9 @@ def pixel_chunks(pixels: Sequence[int], budget: int) -> list[list[int]]:
     """Consecutive indices of `pixels` grouped so that each group's sum stays within `budget`; a row larger
     than the budget alone is a group of its own."""
     chunks: list[list[int]] = []
-    total = budget + 1
+    total = 0
     for i, p in enumerate(pixels):
-        if total + p > budget:
+        if not chunks or total + p > budget:
             chunks.append([])
             total = 0
         chunks[-1].append(i)
