@@ -147,3 +147,14 @@ def test_what_the_gpu_check_runs_imports_no_ray():
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_gpu_checks_tests_collect_without_pytest_xdist():
+    """tools/gpu_check.sh runs pytest on a machine whose plugins are not ours: the suite's xdist hooks must be
+    optional there (pytest refuses an unknown hook at collection, and the check would lose its test run)."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
+                          "--collect-only", "-q", "tests/test_device_decode.py", "tests/test_infer_device_feed.py",
+                          "tests/test_infer_predictor.py"], cwd=PKG.parent, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "tests collected" in out.stdout
