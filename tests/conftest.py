@@ -166,7 +166,7 @@ def digit_photo_classifier():
 # Ray through a subprocess or a helper that no fixture name reveals.
 NO_RAY_MODULES = frozenset({
     "test_augment", "test_decode", "test_decode_reduced", "test_device_decode", "test_errors", "test_gpu_bench",
-    "test_infer_device_feed", "test_infer_predictor", "test_infer_tta", "test_models",
+    "test_imports", "test_infer_device_feed", "test_infer_predictor", "test_infer_tta", "test_models",
     "test_schedulers", "test_train_compile", "test_train_data", "test_train_memory", "test_train_progress",
     "test_train_stream",
 })
