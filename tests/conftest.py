@@ -204,7 +204,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"OWN_RAY_TESTS names a test that is not there: {stale[0]} (tests/conftest.py)")
 
 
-@pytest.hookimpl(optionalhook=True)  # pytest without pytest-xdist (the GPU check's machine, a plain `pytest`)
+@pytest.hookimpl(optionalhook=True)  # any pytest without pytest-xdist must still collect (tools/gpu_check.sh)
 def pytest_xdist_node_collection_finished(node, ids):
     """In the xdist controller, with each worker's collected node ids: under `--dist loadgroup` xdist appends
     the group to every grouped test's id. Ids of Ray modules without it (pytest 9.2 with xdist 3.8) would spread

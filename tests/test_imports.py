@@ -152,7 +152,8 @@ def test_what_the_gpu_check_runs_imports_no_ray():
 
 def test_the_gpu_checks_tests_collect_without_pytest_xdist():
     """tools/gpu_check.sh runs pytest on a machine whose plugins are not ours: the suite's xdist hooks must be
-    optional there (pytest refuses an unknown hook at collection, and the check would lose its test run)."""
+    optional for a pytest without xdist (pytest refuses an unknown hook at collection, and the check would
+    lose its test run)."""
     modules = sorted(set(re.findall(r"tests/\w+\.py", (PKG.parent / "tools" / "gpu_check.sh").read_text())))
     assert "tests/test_device_decode.py" in modules, modules
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
