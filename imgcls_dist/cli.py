@@ -81,9 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_train)
 
-    from imgcls_dist.infer.commands import register_infer_commands
+    from imgcls_dist.batch.commands import register_infer_command
+    from imgcls_dist.evaluate.commands import register_evaluate_command
+    from imgcls_dist.predictor.commands import register_predict_command
 
-    register_infer_commands(sub)  # infer, evaluate, predict
+    register_infer_command(sub)
+    register_predict_command(sub)
+    register_evaluate_command(sub)
     from imgcls_dist.serve.commands import register_serve_command
 
     register_serve_command(sub)
@@ -93,9 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.ensemble.commands import register_ensemble_commands
 
     register_ensemble_commands(sub)  # ensemble build
-    from imgcls_dist.bench.commands import register_bench_commands
-
-    register_bench_commands(sub)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits")
     p.add_argument("--workdir", default="runs/demo")

@@ -137,12 +137,6 @@ class TuneConfig(Section):
     seed: int = 0
 
 
-class InferConfig(Section):
-    batch_size: int = Field(128, ge=1)
-    tta: Optional[list[str]] = None  # None: the model/dataset default view set
-    combine: Literal["mean", "weighted", "vote"] = "mean"
-
-
 class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -151,7 +145,6 @@ class ExperimentConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
-    infer: InferConfig = Field(default_factory=InferConfig)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "ExperimentConfig":

@@ -63,7 +63,7 @@ def run_demo(workdir: Path, quick: bool = False) -> dict:
 def _infer_and_evaluate(workdir: Path, data: Path, runs: dict, quick: bool) -> dict:
     from imgcls_dist.ensemble.build import build_ensemble
     from imgcls_dist.evaluate.report import evaluate_predictions
-    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.batch.pipeline import run_batch_inference
 
     preds = workdir / "predictions"
     test = data / "test"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from image_fixtures import LARGE_H, LARGE_W, write_image_fixtures
-from imgcls_dist.bench.decode_bench import agreement, full_input, mean_abs_diff, reduced_input
+from benchmarks.decode_bench import agreement, full_input, mean_abs_diff, reduced_input
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.decode import decode_image, is_jpeg
 from imgcls_dist.data.synthetic import photo_jpeg
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.prepare import prepare_file, prepare_image
+from imgcls_dist.predictor.prepare import prepare_file, prepare_image
 
 LARGE = ("large_jpeg", "large_progressive_jpeg", "large_exif_rotated_jpeg", "large_cmyk_jpeg")
 

@@ -15,12 +15,12 @@ from image_fixtures import write_image_fixtures
 from imgcls_dist.data.augment import apply
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer import device_decode
-from imgcls_dist.infer.device_decode import (
+from imgcls_dist.predictor import device_decode
+from imgcls_dist.predictor.device_decode import (
     ORIENTATION, _area_weights, device_row, orient, pixel_chunks, prepare_on_device, resize_like_eval,
 )
-from imgcls_dist.infer.decode_mode import resolve_decode
-from imgcls_dist.infer.prepare import eval_transform, prepare_encoded, to_channels
+from imgcls_dist.predictor.decode_mode import resolve_decode
+from imgcls_dist.predictor.prepare import eval_transform, prepare_encoded, to_channels
 
 KEYS = [(224, 3), (32, 1), (24, 3)]
 

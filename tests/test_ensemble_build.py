@@ -15,12 +15,12 @@ from imgcls_dist.cli import main as cli_main
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.ensemble.build import build_ensemble
 from imgcls_dist.ensemble.calibrate import MIN_ERRORS_TO_SHARPEN, choose_temperature, fit_temperature, softmax
-from imgcls_dist.ensemble.manifest import load_ensemble_manifest, resolve_ensemble, spread_note
+from imgcls_dist.predictor.manifest import load_ensemble_manifest, resolve_ensemble, spread_note
 from imgcls_dist.ensemble.select import accuracy, log_loss, select_members, select_views
 from imgcls_dist.errors import UserError
 from imgcls_dist.evaluate.metrics import expected_calibration_error
-from imgcls_dist.infer.predict import load_predictor
-from imgcls_dist.infer.prepare import labelled_batches
+from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.predictor.prepare import labelled_batches
 from imgcls_dist.models.checkpoint import load_model_file, save_model_file
 from imgcls_dist.models.preprocess import normalize
 

@@ -14,7 +14,7 @@ from test_infer_helpers import digit_rows, save_model, write_input
 
 from imgcls_dist.cli import main
 from imgcls_dist.evaluate.metrics import expected_calibration_error
-from imgcls_dist.infer.pipeline import run_batch_inference
+from imgcls_dist.batch.pipeline import run_batch_inference
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from imgcls_dist.bench.gpu_bench import run
+from benchmarks.gpu_bench import run
 
 
 def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):

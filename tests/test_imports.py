@@ -1,6 +1,6 @@
-"""The package's imports form a tree (a DAG): every import of an imgcls_dist module counts, at module level
-and inside functions, so a cycle cannot hide behind a lazy import. Only `if TYPE_CHECKING:` blocks are
-left out (they never run)."""
+"""The package's imports form a tree (a DAG) and respect a declared order of subpackages: every import of an
+imgcls_dist module counts, at module level and inside functions, so a cycle cannot hide behind a lazy import.
+The cycle check leaves `if TYPE_CHECKING:` blocks out (they never run); the layering check counts them."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
+def imports_of(path: Path, modules: set[str], type_checking: bool = False) -> set[str]:
     """imgcls_dist modules `path` imports (a `from pkg import name` counts pkg.name when that is a module)."""
     me = module_name(path)
     package = me if path.name == "__init__.py" else me.rpartition(".")[0]
@@ -35,7 +35,7 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
+            if isinstance(child, ast.If) and _is_type_checking(child) and not type_checking:
                 for n in child.orelse:
                     visit(n)
                 continue
@@ -64,10 +64,11 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return {m for m in out if m in modules and m != me}
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports; `type_checking`: `if TYPE_CHECKING:` imports count too."""
     paths = sorted(PKG.rglob("*.py"))
     modules = {module_name(p) for p in paths}
-    return {module_name(p): imports_of(p, modules) for p in paths}
+    return {module_name(p): imports_of(p, modules, type_checking) for p in paths}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -96,6 +97,65 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+# The subpackages (and top-level modules) in layers, lowest first: a module may import its own subpackage and
+# anything in a lower layer, never a higher layer or another subpackage of its own layer. Type-only imports
+# count here too: a layer that needs another's types belongs above it.
+LAYERS = [
+    {"errors", "console", "ports"},
+    {"storage", "ray_utils"},
+    {"config"},
+    {"data"},
+    {"models"},
+    {"predictor"},  # the Ray-free ensemble + TTA predictor, its inputs and the ensemble manifest
+    {"batch"},  # the Ray Data batch job
+    {"evaluate"},
+    {"ensemble"},
+    {"train", "serve"},
+    {"tune"},
+    {"demo"},
+    {"cli"},
+]
+
+
+def unit_of(module: str) -> str:
+    """imgcls_dist.a.b -> a; the package itself -> its __init__'s unit."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layering_violations(graph: dict[str, set[str]], layers: list[set[str]]) -> list[str]:
+    rank = {u: i for i, layer in enumerate(layers) for u in layer}
+    bad = []
+    for a, targets in sorted(graph.items()):
+        for b in sorted(targets):
+            ua, ub = unit_of(a), unit_of(b)
+            if ua == ub or "__init__" in (ua, ub):
+                continue
+            if ua not in rank or ub not in rank:
+                bad.append(f"{a} -> {b}: {ua if ua not in rank else ub} is in no layer (tests/test_imports.py)")
+            elif rank[ub] >= rank[ua]:
+                bad.append(f"{a} -> {b}: {ua} may not import {ub}")
+    return bad
+
+
+def test_subpackages_import_only_lower_layers():
+    graph = import_graph(type_checking=True)
+    assert layering_violations(graph, LAYERS) == []
+
+
+def test_the_layering_check_reports_a_back_edge_and_a_same_layer_edge():
+    graph = import_graph(type_checking=True)
+    back = {**graph, "imgcls_dist.predictor.predictor": graph["imgcls_dist.predictor.predictor"] |
+            {"imgcls_dist.batch.pipeline"}}
+    assert layering_violations(back, LAYERS) == [
+        "imgcls_dist.predictor.predictor -> imgcls_dist.batch.pipeline: predictor may not import batch"]
+    side = {"imgcls_dist.train.job": {"imgcls_dist.serve.local"}}
+    assert layering_violations(side, LAYERS) == ["imgcls_dist.train.job -> imgcls_dist.serve.local: train may not "
+                                                 "import serve"]
+    # a type-only import is an edge for the layering
+    assert "imgcls_dist.predictor.predictor" in import_graph(type_checking=True)["imgcls_dist.batch.stages"]
+
+
 def test_package_imports_form_a_dag():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
@@ -106,8 +166,8 @@ def test_the_walker_sees_function_level_imports_and_reports_cycles():
     # cli imports its subcommands inside functions; those edges must be in the graph
     assert "imgcls_dist.train.job" in graph["imgcls_dist.cli"]
     # a package __init__ importing its submodules is an edge; those submodules importing siblings is not one back
-    assert "imgcls_dist.serve.app" in graph["imgcls_dist.serve"]
-    assert "imgcls_dist.serve" not in graph["imgcls_dist.serve.app"]
+    assert "imgcls_dist.serve.deployment" in graph["imgcls_dist.serve"]
+    assert "imgcls_dist.serve" not in graph["imgcls_dist.serve.deployment"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
@@ -142,9 +202,9 @@ def test_loading_the_augmentation_stack_makes_no_network_request():
 def test_what_the_gpu_check_runs_imports_no_ray():
     """tools/gpu_check.sh runs the device-decode, device-feed and predictor tests and `bench gpu` on the lent GPU
     machine, whose image has no Ray (a Ray wheel is over the call's 64 MiB): none of it may import Ray."""
-    probe = ("import sys; import imgcls_dist.bench.gpu_bench, imgcls_dist.infer.device_decode, "
-             "imgcls_dist.infer.decode_mode, imgcls_dist.infer.device_feed, imgcls_dist.infer.predictor, "
-             "imgcls_dist.infer.prepare, imgcls_dist.data.synthetic, imgcls_dist.data.builtin; "
+    probe = ("import sys; import benchmarks.gpu_bench, imgcls_dist.predictor.device_decode, "
+             "imgcls_dist.predictor.decode_mode, imgcls_dist.predictor.device_feed, imgcls_dist.predictor.predictor, "
+             "imgcls_dist.predictor.prepare, imgcls_dist.data.synthetic, imgcls_dist.data.builtin; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"

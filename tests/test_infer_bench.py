@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgcls_dist.bench.infer_bench import BENCH_TTA, bench_infer, bench_predict_latency
+from benchmarks.infer_bench import BENCH_TTA, bench_infer, bench_predict_latency
 
 pytestmark = pytest.mark.e2e
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgcls_dist.infer.device_feed import DeviceFeed
+from imgcls_dist.predictor.device_feed import DeviceFeed
 
 
 def _nhwc_batches(n: int) -> dict:

@@ -19,10 +19,11 @@ from test_infer_helpers import digit_rows, save_model, write_input
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
 from imgcls_dist.errors import JobFailed, UserError
-from imgcls_dist.infer import pipeline, publish
-from imgcls_dist.infer.pipeline import plan_actors, read_manifest, run_batch_inference
-from imgcls_dist.infer.predict import load_predictor
-from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.batch import pipeline, publish
+from imgcls_dist.batch.pipeline import plan_actors, run_batch_inference
+from imgcls_dist.batch.publish import read_manifest
+from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.predictor.prepare import prepare_encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 

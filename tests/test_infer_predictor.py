@@ -15,10 +15,10 @@ from imgcls_dist.data.augment import apply, build_eval_transform
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
-from imgcls_dist.ensemble.manifest import load_ensemble_manifest, resolve_ensemble
-from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import prepare_encoded, prepare_image, to_channels
-from imgcls_dist.infer.tta import VIEWS
+from imgcls_dist.predictor.manifest import load_ensemble_manifest, resolve_ensemble
+from imgcls_dist.predictor.predictor import EnsemblePredictor
+from imgcls_dist.predictor.prepare import prepare_encoded, prepare_image, to_channels
+from imgcls_dist.predictor.tta import VIEWS
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.train.data import DecodeSamples
 

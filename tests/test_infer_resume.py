@@ -22,10 +22,11 @@ from test_tune_campaign import wait_all_cpus_free
 
 from imgcls_dist.cli import main
 from imgcls_dist.errors import JobFailed
-from imgcls_dist.infer import parts, publish, resume
-from imgcls_dist.infer.pipeline import prediction_files, read_manifest, run_batch_inference
-from imgcls_dist.infer.predict import load_predictor
-from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.batch import parts, publish, resume
+from imgcls_dist.batch.pipeline import run_batch_inference
+from imgcls_dist.batch.publish import prediction_files, read_manifest
+from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.storage import location
 
 ROOT = Path(__file__).resolve().parents[1]

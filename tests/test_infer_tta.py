@@ -7,7 +7,7 @@ import torch
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.data.presets import SPECS
-from imgcls_dist.infer.tta import FALLBACK_VIEWS, SHIFT_FRACTION, VIEWS, apply_views, default_views, resolve_views, training_views
+from imgcls_dist.predictor.tta import FALLBACK_VIEWS, SHIFT_FRACTION, VIEWS, apply_views, default_views, resolve_views, training_views
 
 
 @pytest.fixture

@@ -76,8 +76,8 @@ def _infer_survives_losing_a_node(head, bucket, model, nodes, tmp_path) -> None:
     """Kill the non-head node (it holds the predictor actor or decode/write tasks: one CPU per node) once the
     job has written parts; the job completes (Ray retries) or fails with one line, and then at most one rerun
     publishes every input row exactly once."""
-    from imgcls_dist.infer.parts import staged_parts
-    from imgcls_dist.infer.publish import prediction_files, read_manifest, staging_dirs
+    from imgcls_dist.batch.parts import staged_parts
+    from imgcls_dist.batch.publish import prediction_files, read_manifest, staging_dirs
 
     inp, ids = _big_input(bucket, tmp_path)
     out = location(f"{bucket}/preds")

@@ -11,9 +11,9 @@ from test_infer_helpers import save_model
 
 from imgcls_dist.cli import main
 from imgcls_dist.data.builtin import digits_images, encode_png
-from imgcls_dist.infer.predict import predict_images
-from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.predictor.predict import predict_images
+from imgcls_dist.predictor.predictor import EnsemblePredictor
+from imgcls_dist.predictor.prepare import prepare_encoded
 
 
 @pytest.fixture(scope="module")

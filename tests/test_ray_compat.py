@@ -9,7 +9,7 @@ def test_the_v1_parquet_datasource_switch_still_exists(ray_session, tmp_path):
     from ray.data import DataContext
 
     from imgcls_dist.data.shards import write_shards
-    from imgcls_dist.infer.ray_data_compat import read_parquet
+    from benchmarks.ray_data_compat import read_parquet
 
     ctx = DataContext.get_current()
     assert isinstance(ctx.use_datasource_v2, bool) and isinstance(ctx.decoding_size_estimation, bool)

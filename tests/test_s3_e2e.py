@@ -21,8 +21,8 @@ from test_ingest import image_tree
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.pipeline import run_batch_inference
-from imgcls_dist.infer.publish import LEASES, MANIFEST, STAGING_PREFIX, prediction_files, read_manifest
+from imgcls_dist.batch.pipeline import run_batch_inference
+from imgcls_dist.batch.publish import LEASES, MANIFEST, STAGING_PREFIX, prediction_files, read_manifest
 from imgcls_dist.storage import location
 
 pytestmark = pytest.mark.e2e
@@ -150,7 +150,7 @@ def test_predictions_evaluation_and_predict(workflow, capsys):
 def _start_infer(model, inputs: str, out: str, batch_size: int = 16) -> subprocess.Popen:
     import ray
 
-    code = ("import sys; from imgcls_dist.infer.pipeline import run_batch_inference as r; "
+    code = ("import sys; from imgcls_dist.batch.pipeline import run_batch_inference as r; "
             "r(sys.argv[1], sys.argv[2], sys.argv[3], batch_size=int(sys.argv[4]))")
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     return subprocess.Popen([sys.executable, "-c", code, str(model), inputs, out, str(batch_size)], cwd=ROOT, env=env,

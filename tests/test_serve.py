@@ -22,8 +22,8 @@ from image_fixtures import damaged, write_image_fixtures
 from test_ensemble_build import train_digits_model
 
 from imgcls_dist.data.schema import split_files
-from imgcls_dist.infer.predict import load_predictor
-from imgcls_dist.infer.prepare import prepare_encoded
+from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.serve.settings import ServeSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_a_replica_decoding_on_its_device_answers_as_the_cpu_decode_and_keeps_er
     digit photos (JPEG, decoded whole instead of at a reduced scale) get the same class."""
     from imgcls_dist.data.builtin import digits_images
     from imgcls_dist.data.synthetic import photo_jpeg
-    from imgcls_dist.serve.app import classify_encoded
+    from imgcls_dist.serve.deployment import classify_encoded
 
     predictor = load_predictor([str(model)], tta="identity", device="cpu")
     fixtures = write_image_fixtures(tmp_path)
@@ -230,7 +230,7 @@ def test_concurrent_clients_all_succeed_and_share_batches(server, digits_dir):
 
 
 def test_bench_load_generator_counts_every_request_and_its_failures(server, digits_dir):
-    from imgcls_dist.bench.serve_bench import load
+    from benchmarks.serve_bench import load
 
     body = digit_pngs(digits_dir, 1)[0][0]
     ok = load(server, body, concurrency=4, requests=12, time_limit_s=60)
@@ -297,7 +297,7 @@ def test_shipped_serve_configs_are_valid_serve_configs_for_this_app(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from imgcls_dist.serve.app import DEPLOYMENT
+    from imgcls_dist.serve.deployment import DEPLOYMENT
 
     service = _rayservice()
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")

@@ -22,7 +22,6 @@ from local_train import fit_in_process
 from ray_procs import ray_worker_processes
 from test_infer_helpers import save_model, save_nan_model
 
-from imgcls_dist.cli import main
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import JobFailed
 from imgcls_dist.data.shards import read_rows

@@ -9,11 +9,11 @@ import json
 import subprocess
 import sys
 
-from imgcls_dist.bench.train_ingest_bench import write_noise_shards
+from benchmarks.train_ingest_bench import write_noise_shards
 
 MEASURE = """
 import json, sys, psutil
-from imgcls_dist.bench.train_ingest_bench import {loader}, measure_epoch
+from benchmarks.train_ingest_bench import {loader}, measure_epoch
 from imgcls_dist.data.augment import build_train_transform
 tf = build_train_transform("light", 0.5, 32, hflip=True, seed=0)
 datasets = json.loads(sys.argv[1])

@@ -15,7 +15,7 @@ from ray_cluster import kill_group
 
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import UserError
-from imgcls_dist.ensemble.manifest import load_ensemble_manifest
+from imgcls_dist.predictor.manifest import load_ensemble_manifest
 from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.tune.campaign import run_campaign
 from imgcls_dist.tune.results import read_results_csv

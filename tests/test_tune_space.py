@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -223,7 +222,7 @@ def test_trial_paths_are_absolute_because_tune_changes_the_working_directory(tmp
 
 def test_asha_saving_compares_the_same_search_both_ways(monkeypatch, capsys):
     import imgcls_dist.tune.campaign as campaign
-    from imgcls_dist.tune.asha_saving import measure_asha_saving
+    from benchmarks.tune_bench import measure_asha_saving
 
     calls = []
 

@@ -20,5 +20,5 @@ fi
 } 2>&1 | tee "$OUT/versions.txt"
 timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_decode.py \
   tests/test_infer_device_feed.py "tests/test_infer_predictor.py::test_cuda_predictor_gives_the_cpu_predictors_probabilities_within_bf16" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
-python3 -m imgcls_dist.bench.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
+python3 -m benchmarks.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
   | tee "$OUT/gpu_bench.txt"

@@ -1,14 +1,17 @@
 """Augmentation presets as plain tables of magnitudes at strength 1 (no image library imported).
 
-`data.augment` builds the albumentations / torchvision pipelines from these; `infer.tta` reads them
+`data.augment` builds the albumentations / torchvision pipelines from these; `predictor.tta` reads them
 to decide which test-time views a model saw during training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import get_args
 
-PRESETS = ("none", "light", "standard", "strong")
+from imgcls_dist.config import Preset
+
+PRESETS = get_args(Preset)
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,17 @@ import numpy as np
 
 from imgcls_dist.data.schema import list_parquet, read_dataset_meta, split_files
 from imgcls_dist.ensemble.calibrate import choose_temperature, softmax
-from imgcls_dist.ensemble.manifest import ENSEMBLE_FILE, resolve_model_args
+from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, resolve_model_args
 from imgcls_dist.ensemble.select import accuracy, log_loss, select_members, select_views
 from imgcls_dist.errors import UserError
 from imgcls_dist.evaluate.metrics import ReliabilityBins
 from imgcls_dist.evaluate.plots import plot_reliability
-from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import labelled_batches
-from imgcls_dist.infer.tta import default_views
+from imgcls_dist.predictor.predictor import EnsemblePredictor
+from imgcls_dist.predictor.prepare import labelled_batches
+from imgcls_dist.predictor.tta import default_views
 from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.storage import Location, PathLike, location
+from imgcls_dist.predictor.options import BATCH_SIZE
 
 CALIBRATION_PLOT = "ensemble_calibration.png"
 RULE = ("greedy forward selection with replacement on validation log-loss (Caruana et al., 2004), members "
@@ -110,7 +111,7 @@ def _relative(path: str, root: Location) -> str:
     return path[len(base):] if path.startswith(base) else path
 
 
-def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: PathLike, *, batch_size: int = 128,
+def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: PathLike, *, batch_size: int = BATCH_SIZE,
                    max_rows: int | None = None, verbose: bool = True) -> dict[str, Any]:
     """Fit temperatures, choose members and views on `val`; write ensemble.json to `out` (a .json path, or a
     directory to hold ensemble.json). Returns the manifest."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from imgcls_dist.predictor.options import BATCH_SIZE
+
 
 def cmd_ensemble_build(a: argparse.Namespace) -> int:
     from imgcls_dist.ensemble.build import build_ensemble
@@ -31,6 +33,6 @@ def register_ensemble_commands(sub) -> None:
     b.add_argument("--val", required=True,
                    help="dataset directory (its val/ split is used, never test/) or labelled Parquet shards")
     b.add_argument("--out", required=True, help="ensemble.json to write (or a directory to hold it)")
-    b.add_argument("--batch-size", type=_positive, default=128, help="images per forward, before TTA views")
+    b.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="images per forward, before TTA views")
     b.add_argument("--max-rows", type=_positive, default=None, help="use at most this many validation rows")
     b.set_defaults(func=cmd_ensemble_build)

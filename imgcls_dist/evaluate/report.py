@@ -22,7 +22,7 @@ from imgcls_dist.data.schema import LABEL, read_dataset_meta
 from imgcls_dist.errors import UserError
 from imgcls_dist.evaluate.metrics import ECE_BINS, ReliabilityBins, write_classification_report
 from imgcls_dist.evaluate.plots import plot_reliability
-from imgcls_dist.infer.publish import ERROR, prediction_files, read_manifest
+from imgcls_dist.batch.publish import ERROR, prediction_files, read_manifest
 from imgcls_dist.storage import PathLike, location
 
 

@@ -19,8 +19,8 @@ def predict_files(model_path: PathLike, files: list[str], batch_size: int = 256)
     """(labels, predicted classes, classes) of a model file over labelled shards, through the same decode and
     predictor code as batch inference (no TTA), streamed batch by batch: memory does not grow with the split.
     Undecodable rows get label -1."""
-    from imgcls_dist.infer.predictor import EnsemblePredictor
-    from imgcls_dist.infer.prepare import labelled_batches
+    from imgcls_dist.predictor.predictor import EnsemblePredictor
+    from imgcls_dist.predictor.prepare import labelled_batches
 
     predictor = EnsemblePredictor([model_path], views="none", batch_size=batch_size)
     labels, preds = [], []

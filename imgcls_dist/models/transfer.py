@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from torch import nn
 
+from imgcls_dist.config import Transfer
 from imgcls_dist.errors import UserError
 from imgcls_dist.models.registry import get_spec, head_name
 
-STRATEGIES = ("full", "feature_extraction", "freeze_early", "freeze_most")
+STRATEGIES = get_args(Transfer)
 _CONTAINERS = (nn.Sequential, nn.ModuleList)  # exact types: Conv2dNormActivation etc. subclass Sequential
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 # Not 1-D but conventionally exempt from weight decay (timm's no_weight_decay(): cls token, position

@@ -28,7 +28,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def register_serve_command(sub) -> None:
-    from imgcls_dist.infer.commands import add_model_args
+    from imgcls_dist.predictor.commands import add_model_args
     from imgcls_dist.serve.settings import ServeSettings
 
     default = {k: f.default for k, f in ServeSettings.model_fields.items()}

@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import Any
 
-from imgcls_dist.serve.app import build_app, replica_options
+from imgcls_dist.serve.deployment import build_app, replica_options
 from imgcls_dist.serve.settings import ServeSettings
 
 APP_NAME = "imgcls"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from imgcls_dist.infer.decode_mode import DECODE_MODES
+from imgcls_dist.predictor.decode_mode import DECODE_MODES
 
 # A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
 # accidental uploads of video or archives before they are read.

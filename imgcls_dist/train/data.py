@@ -40,7 +40,7 @@ class DecodeSamples(Dataset):
         sid, data, label = sample
         # min_size: the train and the eval transform both resize to `size` before anything else
         # (augment.py), so a JPEG decoded at the coarsest DCT scale that still covers `size` is all they
-        # need (decode.py: ~8x faster at 12 MP), and infer/prepare.py decodes the same way. Progressive
+        # need (decode.py: ~8x faster at 12 MP), and predictor/prepare.py decodes the same way. Progressive
         # resizing changes `size` through set_epoch.
         res = decode_image(data, channels=self.channels, min_size=self.size)
         if res.array is None:

@@ -7,6 +7,5 @@ status.py       each trial's final status, recorded by a Tune callback (survives
 report.py       the Train -> Tune relay of every epoch's report (ASHA's time axis)
 results.py      results.csv / table, best.yaml, ensemble.json (+ models/<trial>/model.pt)
 plots.py        val_acc vs lr / augmentation strength, per-trial learning curves
-asha_saving.py  the same search with ASHA and FIFO: trial-epochs ratio and best val_acc of each
 commands.py     the `imgcls-dist tune` argparse subcommand
 """

@@ -44,7 +44,7 @@ from typing import Any
 
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, build_config, read_yaml, write_config
 from imgcls_dist.errors import JobFailed, UserError
-from imgcls_dist.storage import Location, is_uri, location, ray_storage
+from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.tune import results as R
 from imgcls_dist.tune.space import (apply_sampled, candidate_values, get_dotted, num_trials, plain, to_tune_space,
                                     validate_space)

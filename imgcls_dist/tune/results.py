@@ -16,7 +16,7 @@ from typing import Any
 from imgcls_dist.config import ExperimentConfig, TuneConfig, build_config, write_config
 from imgcls_dist.errors import UserError
 from imgcls_dist.ensemble.build import build_ensemble
-from imgcls_dist.ensemble.manifest import ENSEMBLE_FILE
+from imgcls_dist.predictor.manifest import ENSEMBLE_FILE
 from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.train.state import HISTORY

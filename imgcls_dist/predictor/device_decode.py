@@ -1,5 +1,5 @@
 """JPEG rows decoded and resized on the predictor's device; every other row, and any row the device path
-fails on, through the CPU path of `infer/prepare.py` (so such a row gets the CPU path's error string).
+fails on, through the CPU path of `predictor/prepare.py` (so such a row gets the CPU path's error string).
 
 On a GPU the device is CUDA and the decoder nvJPEG, batched (`torchvision.io.decode_jpeg(list, device=...)`).
 Why: on a GPU node the predictor outruns the CPU decode of full-size photos by far (a resnet50 forward is
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image
 
 from imgcls_dist.data.decode import DEFAULT_MAX_PIXELS, is_jpeg
-from imgcls_dist.infer.prepare import InputKey, prepare_encoded
+from imgcls_dist.predictor.prepare import InputKey, prepare_encoded
 
 _LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" weights (ITU-R 601-2)
 ORIENTATION = ExifTags.Base.Orientation  # 0x0112

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE, resolve_model_path
+from imgcls_dist.predictor.options import COMBINES
 from imgcls_dist.storage import PathLike, is_uri, location
 
 ENSEMBLE_FILE = "ensemble.json"
-COMBINES = ("mean", "weighted", "vote")
 # `--models A B` without a manifest: members whose validation accuracies (in their model files) differ by
 # more than this get a one-line pointer to `ensemble build` (a plain mean lets a weak member pull a strong
 # one down: measured in docs/benchmarks.md, issue 14).

@@ -132,7 +132,7 @@ def _inputs(workdir: Path, rows: Sequence[int], size: int, seed: int) -> dict[in
 def raw_throughput(model_path: Path, tta, batch_size: int, threads: int, seconds: float = 3.0) -> float:
     """Images/s of EnsemblePredictor.predict_uint8 on pre-decoded, pre-resized uint8 batches."""
     from imgcls_dist.data.builtin import digits_images
-    from imgcls_dist.infer.predictor import EnsemblePredictor
+    from imgcls_dist.predictor.predictor import EnsemblePredictor
 
     pred = EnsemblePredictor([model_path], views=tta, batch_size=batch_size)
     (size, channels), = pred.input_keys
@@ -173,7 +173,7 @@ def bench_infer(
     task workers (each imports torch/torchvision, ~1 GB RSS), later jobs reuse them, so without it the
     first measured size would carry that one-time cost in both wall time and memory.
     """
-    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.batch.pipeline import run_batch_inference
     from imgcls_dist.models.checkpoint import load_model_file
     from imgcls_dist.ray_utils import ensure_ray
 
@@ -263,7 +263,7 @@ def _photo_inputs(workdir: Path, rows: Sequence[int], distinct: int = 8, per_sha
 
 def _marginal_rate(model_path: Path, inputs: dict[int, list[Path]], out: Path, **job) -> tuple[float, dict]:
     """(extra rows / extra wall time between the smallest and largest input, {rows: job img/s})."""
-    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.batch.pipeline import run_batch_inference
 
     runs = {n: run_batch_inference(model_path, files, out / f"out-{n}", verbose=False, **job)
             for n, files in sorted(inputs.items())}
@@ -285,7 +285,7 @@ def bench_infer_photos(
 ) -> dict[str, Any]:
     """The same job (model, views, batch size, actor plan) on 12 MP photos and on 32-px digit thumbnails; rates
     are marginal (as in bench_infer) because the photo runs are short enough for start-up to dominate."""
-    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.batch.pipeline import run_batch_inference
     from imgcls_dist.ray_utils import ensure_ray
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="infer-photo-bench-"))
@@ -319,7 +319,7 @@ def bench_predict_latency(
 ) -> dict[str, Any]:
     """Median/p90 latency of predicting one PNG file (decode, resize, views, forward) after model load."""
     from imgcls_dist.data.builtin import digits_images, encode_png
-    from imgcls_dist.infer.predict import load_predictor, predict_with
+    from imgcls_dist.predictor.predict import load_predictor, predict_with
 
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="predict-bench-"))
     model_path, size = make_bench_model(work, arch, image_size)

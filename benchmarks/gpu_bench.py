@@ -1,4 +1,4 @@
-"""`imgcls-dist bench gpu` / `python -m imgcls_dist.bench.gpu_bench`: the GPU check, without Ray.
+"""`python -m benchmarks.gpu_bench`: the GPU check, without Ray.
 
 Needs torch, torchvision and this package's decode/predictor modules (what tools/gpu_check.sh runs on a lent GPU
 machine). In this order, each row printed and written to the JSON as it is measured: (1) the batch predictor's
@@ -75,7 +75,7 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
     the forwards before it (`infer.device_feed`)."""
     import tempfile
 
-    from imgcls_dist.infer.predictor import EnsemblePredictor
+    from imgcls_dist.predictor.predictor import EnsemblePredictor
     from imgcls_dist.models.checkpoint import save_model_file
     from imgcls_dist.models.preprocess import normalize
 
@@ -125,8 +125,8 @@ def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], p
 
     from imgcls_dist.data.builtin import digits_images
     from imgcls_dist.data.synthetic import photo_jpeg
-    from imgcls_dist.infer.device_decode import prepare_on_device
-    from imgcls_dist.infer.prepare import prepare_encoded
+    from imgcls_dist.predictor.device_decode import prepare_on_device
+    from imgcls_dist.predictor.prepare import prepare_encoded
 
     digits = digits_images(32)[0]
     keys = [(size, 3)]

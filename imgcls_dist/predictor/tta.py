@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from imgcls_dist.data.presets import scaled
 from imgcls_dist.errors import UserError
+from imgcls_dist.predictor.options import VIEW_NAMES
 
 # ~3% of the side (1 px at 32, 7 px at 224): the "standard" preset's affine translate at strength 0.5,
 # so a model trained that way has seen every shifted view.
@@ -98,10 +99,7 @@ def zoom_out(x: torch.Tensor) -> torch.Tensor:
     return _resize_uint8(padded, h, w)
 
 
-VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    f.__name__: f
-    for f in (identity, hflip, vflip, shift_up, shift_down, shift_left, shift_right, zoom_in, zoom_out)
-}
+VIEWS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {name: globals()[name] for name in VIEW_NAMES}
 # Views that mirror the image: only valid where a mirrored input keeps its class.
 MIRRORING = frozenset({"hflip", "vflip"})
 

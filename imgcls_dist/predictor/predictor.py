@@ -26,12 +26,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from imgcls_dist.ensemble.manifest import EnsembleSpec, resolve_combine
+from imgcls_dist.predictor.manifest import EnsembleSpec, resolve_combine
 from imgcls_dist.errors import UserError
-from imgcls_dist.infer.device_feed import DeviceFeed
-from imgcls_dist.infer.tta import apply_views, default_views, resolve_views
+from imgcls_dist.predictor.device_feed import DeviceFeed
+from imgcls_dist.predictor.tta import apply_views, default_views, resolve_views
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import build_model_from_file
+from imgcls_dist.predictor.options import BATCH_SIZE
 
 InputKey = tuple[int, int]  # (image_size, channels), as in infer.prepare (not imported: it pulls albumentations)
 VOTE_TIE_EPS = 1e-3
@@ -84,7 +85,7 @@ class EnsemblePredictor:
         weights: Sequence[float] | None = None,
         combine: str | None = None,
         device: str | torch.device | None = None,
-        batch_size: int = 128,
+        batch_size: int = BATCH_SIZE,
         temperatures: Sequence[float] | None = None,
         compile: bool = False,
     ):

@@ -25,11 +25,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
-from imgcls_dist.infer.device_decode import prepare_on_device
-from imgcls_dist.infer.decode_mode import resolve_decode
-from imgcls_dist.infer.predict import load_predictor, top_classes
-from imgcls_dist.infer.prepare import prepare_encoded
-from imgcls_dist.infer.stages import entropy_nats
+from imgcls_dist.predictor.device_decode import prepare_on_device
+from imgcls_dist.predictor.decode_mode import resolve_decode
+from imgcls_dist.predictor.predict import load_predictor, top_classes
+from imgcls_dist.predictor.prepare import prepare_encoded
+from imgcls_dist.predictor.scores import entropy_nats
 from imgcls_dist.serve.settings import ServeSettings
 from imgcls_dist.serve.uploads import RequestError, Upload, is_multipart, read_uploads
 
@@ -51,7 +51,7 @@ def image_result(probs: np.ndarray, classes: list[str], topk: int) -> dict[str, 
 
 def classify_encoded(predictor, decode: str, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
     """Each request image -> (probabilities, None) or (None, its decode error): a replica's batch. `decode`
-    "device" decodes JPEGs on the predictor's device (infer/device_decode.py), "cpu" with PIL."""
+    "device" decodes JPEGs on the predictor's device (predictor/device_decode.py), "cpu" with PIL."""
     keys = predictor.input_keys
     if decode == "device":
         inputs, errors = prepare_on_device(images, keys, predictor.device)

@@ -16,15 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from imgcls_dist.bench.common import machine, print_table
+from benchmarks.common import machine, print_table
 from imgcls_dist.config import load_config
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.ensemble.build import build_ensemble, collect_logits
 from imgcls_dist.ensemble.calibrate import softmax
 from imgcls_dist.ensemble.select import accuracy, log_loss
-from imgcls_dist.infer.predict import load_predictor
-from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import labelled_batches
+from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.predictor.predictor import EnsemblePredictor
+from imgcls_dist.predictor.prepare import labelled_batches
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = ("resnet18_digits", "lenet5_digits", "efficientnet_b0_digits")

@@ -23,12 +23,12 @@ import cv2
 import numpy as np
 import torch
 
-from imgcls_dist.bench.common import items_per_second, machine, print_table
+from benchmarks.common import items_per_second, machine, print_table
 from imgcls_dist.data.augment import apply, build_train_transform
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.data.synthetic import photo_image, photo_jpeg
-from imgcls_dist.infer.prepare import eval_transform, prepare_image
+from imgcls_dist.predictor.prepare import eval_transform, prepare_image
 from imgcls_dist.models.preprocess import normalize, stack_hwc
 
 # (name, width, height, photo_jpeg params)

@@ -8,9 +8,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from imgcls_dist.errors import UserError
-from imgcls_dist.ensemble.manifest import print_spread_note, resolve_ensemble
-from imgcls_dist.infer.predictor import EnsemblePredictor
-from imgcls_dist.infer.prepare import prepare_file
+from imgcls_dist.predictor.manifest import print_spread_note, resolve_ensemble
+from imgcls_dist.predictor.predictor import EnsemblePredictor
+from imgcls_dist.predictor.prepare import prepare_file
 
 
 def load_predictor(

@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 from imgcls_dist.data.schema import ID, IMAGE, LABEL
-from imgcls_dist.infer.publish import ERROR
+from imgcls_dist.batch.publish import ERROR
+from imgcls_dist.predictor.scores import entropy_nats
 
 if TYPE_CHECKING:  # torch stays out of the module: decode tasks import it and never need torch
-    from imgcls_dist.infer.predictor import InputKey
+    from imgcls_dist.predictor.predictor import InputKey
 
 OUTPUT_FIELDS = [
     pa.field(ID, pa.string()),
@@ -57,7 +58,7 @@ def _from_fixed_binary(col: pa.ChunkedArray | pa.Array, key: InputKey) -> np.nda
 
 def decode_batch(batch: pa.Table, keys: list[InputKey], with_label: bool) -> pa.Table:
     """id/image[/label] -> id, error[, label], one pixel column per member input key."""
-    from imgcls_dist.infer.prepare import prepare_encoded  # here: the predictor actors never need albumentations
+    from imgcls_dist.predictor.prepare import prepare_encoded  # here: the predictor actors never need albumentations
 
     arrays, errors = prepare_encoded(batch.column(IMAGE).to_pylist(), keys)
     cols = _row_columns(batch, errors, with_label)
@@ -81,7 +82,7 @@ class PredictActor:
                  compile=False):
         import torch
 
-        from imgcls_dist.infer.predictor import EnsemblePredictor
+        from imgcls_dist.predictor.predictor import EnsemblePredictor
 
         torch.set_num_threads(torch_threads)
         self.predictor = EnsemblePredictor(model_paths, views=views, weights=weights, combine=combine,
@@ -106,12 +107,12 @@ class PredictActor:
 
 class DevicePredictActor(PredictActor):
     """PredictActor for `--decode device`: its rows arrive undecoded and it decodes them itself, JPEGs on its
-    device (infer/device_decode.py), the rest on its CPUs; a row neither can decode gets its error string."""
+    device (predictor/device_decode.py), the rest on its CPUs; a row neither can decode gets its error string."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch  # here, not at the top: the decode tasks import this module and never need torch
 
-        from imgcls_dist.infer.device_decode import prepare_on_device
+        from imgcls_dist.predictor.device_decode import prepare_on_device
 
         device = self.predictor.device
         images, errors = prepare_on_device(batch.column(IMAGE).to_pylist(), self.predictor.input_keys, device)
@@ -119,11 +120,6 @@ class DevicePredictActor(PredictActor):
         rows = pa.table(_row_columns(batch, errors, self.with_label))
         return self._predict(rows, ok, lambda idx: {k: v[torch.as_tensor(idx, device=device)]
                                                     for k, v in images.items()})
-
-
-def entropy_nats(probs: np.ndarray) -> np.ndarray:
-    """Predictive entropy (nats) of each row of class probabilities: the `entropy` column, and serve's field."""
-    return -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(axis=-1).astype(np.float32)
 
 
 def predictions_table(batch: pa.Table, probs: np.ndarray, ok: np.ndarray, classes: list[str],

@@ -20,48 +20,48 @@ def _save(result: dict, path: str | None) -> None:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     if a.what == "train":
-        from imgcls_dist.bench.train_bench import bench_train
+        from benchmarks.train_bench import bench_train
 
         r = bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
                         overrides=tuple(a.overrides))
     elif a.what == "checkpoint":
-        from imgcls_dist.bench.train_bench import bench_checkpoint_cost
+        from benchmarks.train_bench import bench_checkpoint_cost
 
         r = bench_checkpoint_cost(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
                                   overrides=tuple(a.overrides))
     elif a.what == "infer":
-        from imgcls_dist.bench.infer_bench import bench_infer, bench_infer_photos, bench_predict_latency
+        from benchmarks.infer_bench import bench_infer, bench_infer_photos, bench_predict_latency
 
         r = bench_infer(rows=tuple(int(x) for x in a.rows.split(",")), arch=a.arch, batch_size=a.batch_size)
         r["predict_latency"] = bench_predict_latency()
         if a.photo_rows:
             r["photos"] = bench_infer_photos(rows=tuple(int(x) for x in a.photo_rows.split(",")))
     elif a.what == "ingest":
-        from imgcls_dist.bench.ingest_bench import bench_ingest
+        from benchmarks.ingest_bench import bench_ingest
 
         r = bench_ingest(files=tuple(int(x) for x in a.files.split(",")))
     elif a.what == "train-ingest":
-        from imgcls_dist.bench.train_ingest_bench import bench_train_ingest
+        from benchmarks.train_ingest_bench import bench_train_ingest
 
         r = bench_train_ingest(gigabytes=tuple(float(x) for x in a.gigabytes.split(",")))
     elif a.what == "storage":
-        from imgcls_dist.bench.ingest_bench import bench_storage
+        from benchmarks.ingest_bench import bench_storage
 
         r = bench_storage()
     elif a.what == "ensemble":
-        from imgcls_dist.bench.ensemble_bench import bench_ensemble
+        from benchmarks.ensemble_bench import bench_ensemble
 
         r = bench_ensemble(data=a.data or "data/digits-test30")
     elif a.what == "augment":
-        from imgcls_dist.bench.augment_bench import bench_augment
+        from benchmarks.augment_bench import bench_augment
 
         r = bench_augment(image_size=a.image_size)
     elif a.what == "decode":
-        from imgcls_dist.bench.decode_bench import bench_decode
+        from benchmarks.decode_bench import bench_decode
 
         r = bench_decode()
     elif a.what == "serve":
-        from imgcls_dist.bench.serve_bench import bench_serve
+        from benchmarks.serve_bench import bench_serve
 
         r = bench_serve(concurrency=tuple(int(x) for x in a.concurrency.split(",")), requests=a.requests,
                         time_limit_s=a.time_limit)
@@ -73,7 +73,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         r = measure_asha_saving(cfg)
         print(format_saving_table(r))
     else:
-        from imgcls_dist.bench.gpu_bench import run
+        from benchmarks.gpu_bench import run
 
         r = run(out=a.out or "gpu_bench.json")
     _save(r, a.out if a.what != "gpu" else None)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from imgcls_dist.bench.common import machine, print_table
+from benchmarks.common import machine, print_table
 from imgcls_dist.config import ExperimentConfig, load_config
 from imgcls_dist.data.augment import build_train_transform
 from imgcls_dist.data.schema import validate_dataset

@@ -10,7 +10,7 @@ DECODE_MODES = ("auto", "cpu", "device")
 
 def resolve_decode(mode: str, gpus_per_actor: float) -> str:
     """"auto" decodes on the predictor's device when it has GPUs (nvJPEG outruns CPU decode tasks there,
-    infer/device_decode.py), else on CPUs (the job's decode tasks, a CPU replica's own thread)."""
+    predictor/device_decode.py), else on CPUs (the job's decode tasks, a CPU replica's own thread)."""
     if mode not in DECODE_MODES:
         raise UserError(f"--decode: must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
     if mode == "auto":

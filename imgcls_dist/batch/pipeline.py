@@ -1,6 +1,6 @@
 """Batch inference with Ray Data: Parquet shards in, design.md predictions out, every row accounted for.
 
-Stages (`infer/stages.py`, `infer/parts.py`): read the input's row groups (only id/image/label, plus each
+Stages (`batch/stages.py`, `batch/parts.py`): read the input's row groups (only id/image/label, plus each
 row's position in the input) -> decode+resize in CPU tasks (a row that cannot be decoded gets zeros and an
 `error` string; nothing is raised per row) -> ensembled TTA on a fixed actor pool (GPU when the cluster has
 one) -> write self-describing parts into a staging directory. Nothing is materialized in the driver: memory
@@ -13,8 +13,8 @@ holds its own; a pool that takes every CPU hangs forever, silently (seen on 2 CP
 read tasks). So a quarter of the CPUs (at least 1) is kept for 0.5-CPU tasks and the pool shares the
 rest: on 2 CPUs, 1 actor x 1 CPU beside two 0.5-CPU decode tasks; on 16, 12 actors and 4 CPUs of tasks.
 
-Output protocol: `infer/publish.py` (a lease instead of a lock, staging, the manifest as commit point).
-Resuming a killed run (the default when OUT holds an unfinished run of the same job): `infer/resume.py`.
+Output protocol: `batch/publish.py` (a lease instead of a lock, staging, the manifest as commit point).
+Resuming a killed run (the default when OUT holds an unfinished run of the same job): `batch/resume.py`.
 
 The job is five named steps: `validate_job` (inputs, models, OUT; before any Ray work), `resume.take_over`
 (with the lease: adopt the unfinished run's parts, refuse another job's, or start a new staging),
@@ -33,14 +33,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
-import pyarrow.parquet as pq
-
-from imgcls_dist.data.schema import ID, IMAGE, LABEL, list_parquet, validate_files
+from imgcls_dist.data.schema import ID, IMAGE, LABEL
 from imgcls_dist.errors import JobFailed, UserError, root_cause
-from imgcls_dist.infer import parts, publish, resume
-from imgcls_dist.infer.decode_mode import resolve_decode
-from imgcls_dist.infer.publish import STAGING_PREFIX, prediction_files, read_manifest  # noqa: F401 - re-exported
-from imgcls_dist.storage import Location, PathLike, location
+from imgcls_dist.batch import parts, publish, resume
+from imgcls_dist.batch.job import InferJob, validate_job
+from imgcls_dist.predictor.decode_mode import resolve_decode
+from imgcls_dist.storage import Location, PathLike
+from imgcls_dist.predictor.options import BATCH_SIZE
 
 
 # ---------------------------------------------------------------- actor-pool sizing
@@ -56,7 +55,7 @@ class ActorPlan:
 
 
 # A GPU actor's call holds this many predictor micro-batches: within a call the H2D copy of each overlaps the
-# forward of the one before (infer/device_feed.py); a call of one micro-batch has nothing to overlap with.
+# forward of the one before (predictor/device_feed.py); a call of one micro-batch has nothing to overlap with.
 MICRO_BATCHES_PER_GPU_CALL = 4
 
 
@@ -120,64 +119,6 @@ def _quiet_ray_data() -> Iterator[None]:
 # ---------------------------------------------------------------- the job
 
 
-@dataclass
-class InferJob:
-    """Everything validated before any Ray work: inputs, ensemble, output directory."""
-
-    files: list[Location]
-    layout: list[parts.FileLayout]  # per input file: identity and row groups
-    rows_in: int
-    with_label: bool
-    model_paths: list[str]
-    weights: list[float] | None  # as given (the predictor normalizes)
-    combine: str
-    views: list[str]
-    keys: list[tuple[int, int]]  # (image_size, channels) the members need
-    members: list[dict[str, Any]]
-    classes: list[str]
-    norm_weights: list[float]
-    temperatures: list[float]
-    batch_size: int
-    out: Location
-
-
-def _input_columns(files: list[Location]) -> tuple[bool, bool]:
-    """(with_label, label_mixed): label is passed through only when every file has it."""
-    has = [LABEL in pq.ParquetFile(f.path, filesystem=f.fs).schema_arrow.names for f in files]
-    return all(has), any(has) and not all(has)
-
-
-def _check_output(out: Location, files: list[Location]) -> None:
-    if any(f.parent == out for f in files):
-        raise UserError(f"{out}: output directory holds input files; its *.parquet would be replaced")
-    if out.is_file():
-        raise UserError(f"{out}: exists and is not a directory")
-    if len({f.scheme for f in files}) > 1:
-        raise UserError(f"--input: all input files must be on one filesystem (got {files[0]} and {files[-1]})")
-    out.check_writable()
-
-
-def validate_job(models, input, output, *, tta, batch_size, weights, combine) -> InferJob:
-    from imgcls_dist.ensemble.manifest import print_spread_note, resolve_ensemble
-    from imgcls_dist.infer.predictor import EnsemblePredictor
-
-    files = list_parquet(input)
-    rows_in = validate_files(files, require_id=True)
-    with_label, label_mixed = _input_columns(files)
-    if label_mixed:
-        print("infer: note: only some input files have a 'label' column; labels are not passed through",
-              file=sys.stderr)
-    spec = resolve_ensemble(models, weights, combine)
-    # Built once on CPU here so a bad file, arch/weights mismatch or class mismatch fails now, not in an actor.
-    probe = EnsemblePredictor.from_spec(spec, views=tta, device="cpu", batch_size=batch_size)
-    out = location(output)
-    _check_output(out, files)
-    print_spread_note(spec, probe.describe())
-    return InferJob(files, parts.input_layout(files), rows_in, with_label, spec.paths, spec.weights, probe.combine,
-                    probe.views, probe.input_keys, probe.describe(), probe.classes, probe.weights, probe.temperatures,
-                    batch_size, out)
-
-
 def plan_job(num_actors: int | None) -> tuple[ActorPlan, float]:
     """(actor plan, CPUs free before the job): sized from what is free now, not the cluster's total
     (a Tune trial or another job may hold some); falls back to the total while the view lags."""
@@ -210,7 +151,7 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
             decode: str, compile: bool = False) -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
     Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
-    the actors get the encoded rows and decode them themselves (infer/device_decode.py). compile: the actors
+    the actors get the encoded rows and decode them themselves (predictor/device_decode.py). compile: the actors
     torch.compile their members (EnsemblePredictor)."""
     import ray
 
@@ -251,7 +192,7 @@ def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
 def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease: publish.Lease, run_id: str,
                 t0: float, decode: str) -> dict[str, Any]:
     """Check that adopted + own parts hold every input row once, publish them in input order and commit the
-    manifest (infer/publish.py, steps 3-5)."""
+    manifest (batch/publish.py, steps 3-5)."""
     own = own_parts(takeover.staging, run_id)
     chosen = sorted(takeover.adopted + own, key=lambda p: p.ranges[0])
     resume.check_exact(chosen, job.layout, takeover.staging)
@@ -298,7 +239,7 @@ def run_batch_inference(
     output: PathLike,
     *,
     tta: str | Sequence[str] | None = None,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     weights: Sequence[float] | None = None,
     combine: str | None = None,
     num_actors: int | None = None,
@@ -311,7 +252,7 @@ def run_batch_inference(
 
     `models`: one ensemble.json, or model files/dirs. `weights`/`combine` override the manifest's;
     combine None -> the manifest's, else "weighted" with weights, else "mean". An unfinished run of the same
-    job in OUT is resumed, one of another job refused; `fresh` discards it instead (infer/resume.py).
+    job in OUT is resumed, one of another job refused; `fresh` discards it instead (batch/resume.py).
     `decode`: "auto" (on the actors' GPUs when they have them, else in CPU tasks), "cpu" or "device".
     `compile`: torch.compile each member in the actors (worth it for long jobs on GPUs: see bench gpu).
     """

@@ -25,7 +25,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from imgcls_dist.bench.common import machine, print_table
+from benchmarks.common import machine, print_table
 
 
 def make_jpeg_tree(root: Path, files: int, size: tuple[int, int] = (500, 375), classes: int = 10, seed: int = 0,
@@ -91,7 +91,7 @@ def _single_process_seconds(src: Path, out: Path, rows_per_shard: int) -> float:
     import subprocess
     import sys
 
-    code = ("import sys, time; from pathlib import Path; from imgcls_dist.bench.ingest_bench import "
+    code = ("import sys, time; from pathlib import Path; from benchmarks.ingest_bench import "
             "single_process_ingest as f; t = time.perf_counter(); f(Path(sys.argv[1]), Path(sys.argv[2]), "
             "int(sys.argv[3])); print(time.perf_counter() - t)")
     out_s = subprocess.run([sys.executable, "-c", code, str(src), str(out), str(rows_per_shard)], check=True,
@@ -144,11 +144,11 @@ def bench_storage(train_rows: int = 1200, infer_rows: int = 4000) -> dict[str, A
     import subprocess
     import sys
 
-    from imgcls_dist.bench.infer_bench import make_bench_model
+    from benchmarks.infer_bench import make_bench_model
     from imgcls_dist.config import load_config
     from imgcls_dist.data.ingest import ingest
     from imgcls_dist.data.synthetic import write_synthetic_shards
-    from imgcls_dist.infer.pipeline import run_batch_inference
+    from imgcls_dist.batch.pipeline import run_batch_inference
     from imgcls_dist.ports import free_port, wait_listening
     from imgcls_dist.ray_utils import ensure_ray
     from imgcls_dist.train.job import run_training

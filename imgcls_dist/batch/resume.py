@@ -1,9 +1,9 @@
 """Resuming an interrupted batch-inference run: adopt what it durably wrote, predict only the rest.
 
 A run's staging directory (`OUT/.staging-<first run id>/`) holds `_resume.json`, the job's fingerprint
-(written before any prediction), and the parts written so far (`infer/parts.py`: each part's footer lists
+(written before any prediction), and the parts written so far (`batch/parts.py`: each part's footer lists
 the input rows it holds as ranges of (input file, row)). A later run into the same OUT, once it holds the
-lease (so the writer of that staging is dead, `infer/publish.py` step 1):
+lease (so the writer of that staging is dead, `batch/publish.py` step 1):
 
 * same fingerprint -> it adopts the parts (greedily, in name order, skipping any that overlap one already
   adopted: a dead run's write task can land a part late, after a resumer listed the directory), reads only
@@ -54,15 +54,13 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from imgcls_dist.errors import JobFailed, UserError
-from imgcls_dist.infer import parts as P
-from imgcls_dist.infer.publish import STAGING_PREFIX, staging_dirs
+from imgcls_dist.batch import parts as P
+from imgcls_dist.batch.job import InferJob
+from imgcls_dist.batch.publish import STAGING_PREFIX, staging_dirs
 from imgcls_dist.storage import Location, location
-
-if TYPE_CHECKING:
-    from imgcls_dist.infer.pipeline import InferJob
 
 FINGERPRINT = "_resume.json"
 FORMAT = 1  # bump when parts written by an older version can no longer be adopted

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from imgcls_dist.bench.common import items_per_second, machine, print_table
+from benchmarks.common import items_per_second, machine, print_table
 from imgcls_dist.data.augment import PRESETS, apply, build_torchvision_train_transform, build_train_transform
 from imgcls_dist.data.builtin import digits_images, encode_png
 from imgcls_dist.data.decode import decode_image

@@ -11,10 +11,10 @@ Designed for object stores, which have no rename and no lock, and used unchanged
    names a process on this host that no longer exists (a killed run, rerun on the same machine).
 2. **Staging.** Ray Data writes into `OUT/.staging-<run_id>/`: dot-prefixed, so pyarrow/Ray Data dataset
    discovery and `list_parquet` skip it; the previous complete output stays valid meanwhile. Staging left by
-   runs that no longer hold a lease is either resumed (same inputs and models) or refused; `infer/resume.py`
+   runs that no longer hold a lease is either resumed (same inputs and models) or refused; `batch/resume.py`
    decides, with the lease held.
 3. **Count.** Rows from the staged files' Parquet footers (`footer_counts`); rows out != rows in, or any input
-   row not held exactly once, publishes nothing (`infer/resume.py::check_exact`).
+   row not held exactly once, publishes nothing (`batch/resume.py::check_exact`).
 4. **Publish.** Delete `OUT/_manifest.json` (from here OUT claims nothing), delete the old top-level
    `*.parquet`, move the staged files to `OUT/part-<run_id>-NNNNN.parquet` (a rename on local disk, a
    server-side copy + delete on object stores), delete the staging dir.
@@ -24,7 +24,7 @@ Designed for object stores, which have no rename and no lock, and used unchanged
 Readers go through the manifest (`prediction_files`): no manifest means incomplete, and a listed file that
 is missing or has another size means OUT was changed after the commit; both are refused. A crash at any step
 leaves either the previous manifest (steps 1-3) or none (4); the next run adopts the parts still staged
-(infer/resume.py), predicts the rest and republishes, so a rerun replaces rows and never duplicates them.
+(batch/resume.py), predicts the rest and republishes, so a rerun replaces rows and never duplicates them.
 Residual risk, documented in docs/cluster.md: a run frozen for longer than the TTL (a stalled VM) loses its
 lease to a newer run; it checks its lease again before step 4 and fails instead of publishing, but a freeze
 between that check and step 5 is not detected.
@@ -207,6 +207,6 @@ def prediction_files(out: PathLike) -> list[Location]:
 
 @contextmanager
 def exclusive(out: Location, run_id: str) -> Iterator[Lease]:
-    """Hold OUT for this run (the lease); what to do with dead runs' staging is `infer/resume.py`'s call."""
+    """Hold OUT for this run (the lease); what to do with dead runs' staging is `batch/resume.py`'s call."""
     with Lease(out, run_id) as lease:
         yield lease

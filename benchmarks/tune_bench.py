@@ -4,13 +4,11 @@ Cost is counted in trial-epochs actually trained (every epoch in each trial's Tr
 an epoch a stopped trial finished before its stop took effect); quality is each search's best
 validation accuracy. Wall time is reported too, but on a shared machine it is the noisier number.
 
-    python -m imgcls_dist.tune.asha_saving --config configs/tune_digits.yaml [--set k=v ...]
+    python -m benchmarks tune --config configs/tune_digits.yaml [--set k=v ...]
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from typing import Any
 
 from imgcls_dist.config import ExperimentConfig, build_config
@@ -57,22 +55,3 @@ def format_saving_table(r: dict[str, Any]) -> str:
                  f"{r['wall_ratio']:.2f}x the wall time, best val_acc {r['best_val_acc_delta']:+.4f}"
                  + ("" if r["same_configs"] else "  (WARNING: the two searches sampled different configs)"))
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from imgcls_dist.config import add_config_args, load_config
-    from imgcls_dist.errors import JobFailed, UserError
-
-    ap = argparse.ArgumentParser(prog="asha_saving", description=__doc__.splitlines()[0])
-    add_config_args(ap)
-    a = ap.parse_args(argv)
-    try:
-        measure_asha_saving(load_config(a.config, a.overrides))
-    except (UserError, JobFailed) as e:
-        print(f"asha_saving: error: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,7 @@ import psutil
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from imgcls_dist.bench.common import machine, print_table
+from benchmarks.common import machine, print_table
 from imgcls_dist.data.augment import apply, build_train_transform, reseed
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.data.decode import decode_image
@@ -155,7 +155,7 @@ def ray_data_epoch(files: list[str], transform, *, image_size: int, batch_size: 
     heterogeneous cluster could place on CPU-only nodes); the trainer iterates batches."""
     import ray
 
-    from imgcls_dist.infer.ray_data_compat import read_parquet
+    from benchmarks.ray_data_compat import read_parquet
     from imgcls_dist.ray_utils import ensure_ray
     from imgcls_dist.storage import location
 
@@ -194,7 +194,7 @@ def _in_child(func: str, *args) -> Any:
     import subprocess
     import sys
 
-    code = ("import json, sys; import imgcls_dist.bench.train_ingest_bench as b; "
+    code = ("import json, sys; import benchmarks.train_ingest_bench as b; "
             f"print(json.dumps(b.{func}(*json.loads(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, json.dumps(args)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

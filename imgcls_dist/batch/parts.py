@@ -32,8 +32,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, ReadTask
 
 from imgcls_dist.data.schema import _FOOTER_THREADS, ID
-from imgcls_dist.infer import publish
-from imgcls_dist.infer.stages import DevicePredictActor, PredictActor, decode_batch
+from imgcls_dist.batch import publish
+from imgcls_dist.batch.stages import DevicePredictActor, PredictActor, decode_batch
 from imgcls_dist.storage import Location, location
 
 POS_FILE, POS_ROW = "_pos_file", "_pos_row"

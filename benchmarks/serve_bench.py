@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 import torch
 
-from imgcls_dist.bench.common import items_per_second, machine, print_table
-from imgcls_dist.bench.infer_bench import make_bench_model
+from benchmarks.common import items_per_second, machine, print_table
+from benchmarks.infer_bench import make_bench_model
 from imgcls_dist.ports import free_port
 
 
@@ -90,7 +90,7 @@ def in_process_latency(model_path: Path, image: Path, *, threads: int, repeats: 
     the forward alone at batch 1 and `batch`: how much batching can gain before HTTP's share is counted."""
     import numpy as np
 
-    from imgcls_dist.infer.predict import load_predictor, predict_with
+    from imgcls_dist.predictor.predict import load_predictor, predict_with
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
