@@ -6,7 +6,7 @@ the thread dies with a traceback on the job's console, intermittently (seen in `
 runs printed "Exception in thread pool-2/completion-signaler ... InterruptedError" from
 ray/data/_internal/dynamic_work_queue.py). `DataContext.use_datasource_v2` is the documented switch
 (also `RAY_DATA_USE_DATASOURCE_V2=0`). Drop this module when a Ray release joins that thread before
-interrupting its queue; tests/test_ray_compat.py fails loudly if the switch itself disappears.
+interrupting its queue; tests/ray/test_ray_compat.py fails loudly if the switch itself disappears.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from helpers.servers import start_moto, stop
 from imgcls_dist.ports import free_port, wait_listening
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests import image_fixtures as a plain module
 
 # Tests run on the 2-CPU CI machine: cap every torch/BLAS pool so parallel pieces don't oversubscribe.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,27 +25,6 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 # Train's controller polls its workers every 2 s by default; each tiny test run waits up to one poll to see
 # its start, each checkpoint and its end. Polling faster changes no result, only the waiting.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
-
-
-def start_moto(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """moto_server on a free loopback port; returns (process, endpoint URL) once it answers."""
-    port = free_port()
-    exe = Path(sys.executable).with_name("moto_server")
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-    wait_listening(port, proc, "moto_server")
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process this test session started, by its own pid."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def restore_env(saved: dict[str, str | None]) -> None:
@@ -159,59 +138,42 @@ def digit_photo_classifier():
     return fit_digits_lenet(), photos, labels
 
 
-# Modules whose tests start no Ray process (no shared instance, no CLI job, no cluster): under
-# `make test`'s `-n 2 --dist loadgroup` they run in the second pytest process, beside the rest. Every other
-# module - including any new one - stays in the "ray" group, all in one process, so the suite keeps a single
-# 2-CPU Ray and the 2-CPU sizing tests see exactly that. A list, not a guess from fixtures: a test can start
-# Ray through a subprocess or a helper that no fixture name reveals.
-NO_RAY_MODULES = frozenset({
-    "test_augment", "test_decode", "test_decode_reduced", "test_device_decode", "test_errors", "test_gpu_bench",
-    "test_imports", "test_infer_device_feed", "test_infer_predictor", "test_infer_tta", "test_models",
-    "test_schedulers", "test_train_compile", "test_train_data", "test_train_memory", "test_train_progress",
-    "test_train_stream",
-})
-# Tests that start Ray processes of their own (a CLI job with its own local Ray, a 2-node cluster) and never
-# use the shared one: they run in the second process ("own_ray"), beside the shared Ray's tests. Their Rays
-# are separate instances with their own ports and GCS, so the shared Ray still has its 2 CPUs to itself.
-# Measured: the "ray" group held 1,062 of the suite's 1,189 test-seconds, so one process set its length.
-OWN_RAY_TESTS = frozenset({
-    "test_node_failure.py::test_losing_a_whole_node_resumes_on_a_replacement",
-    "test_tune_campaign.py::test_killed_campaign_resumes_without_rerunning_finished_trials",
-    "test_train_e2e.py::test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_progressively",
-})
-# These two share the session's digit_photo_classifier (~20 s to build): one process builds it once.
-PHOTO_MODULES = frozenset({"test_decode_reduced", "test_device_decode"})
+# Which pytest process runs what, under `make test`'s `-n 2 --dist loadgroup`, by convention:
+# - tests/unit/: tests that start no Ray (tests/unit/conftest.py fails one that does). No group: they fill the
+#   second process, beside the shared Ray's.
+# - @pytest.mark.own_ray: tests that start Rays of their own (a CLI job's local Ray, a multi-node cluster)
+#   and never use the shared one; their Rays have their own ports and GCS. Group "own_ray", beside the rest.
+# - every other test: group "ray", all in one process, so the suite keeps one 2-CPU Ray and the 2-CPU sizing
+#   tests see exactly that. A new module is there unless its author says otherwise: the safe default.
+# Tests sharing the digit-photo classifier fixture (seconds to build) share one process: group "photos".
+UNIT_DIR = Path(__file__).parent / "unit"
+
+
+def xdist_group(item: pytest.Item) -> str | None:
+    if item.get_closest_marker("own_ray"):
+        if "ray_session" in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid} is marked own_ray but uses the shared ray_session")
+        return "own_ray"
+    if UNIT_DIR in item.path.parents:
+        return "photos" if "digit_photo_classifier" in item.fixturenames else None
+    return "ray"
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
-    seen = set()
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        key = f"{item.path.name}::{item.originalname}"
-        seen.add(key)
-        own = key in OWN_RAY_TESTS
-        if own and "ray_session" in item.fixturenames:
-            raise pytest.UsageError(f"{item.nodeid} is in OWN_RAY_TESTS but uses the shared ray_session")
-        if own:
-            item.add_marker(pytest.mark.xdist_group("own_ray"))
-        elif module in PHOTO_MODULES:
-            item.add_marker(pytest.mark.xdist_group("photos"))
-        elif module not in NO_RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
-    collected = {i.path.name for i in items}
-    if stale := sorted(t for t in OWN_RAY_TESTS - seen if t.split("::")[0] in collected):
-        raise pytest.UsageError(f"OWN_RAY_TESTS names a test that is not there: {stale[0]} (tests/conftest.py)")
+        if group := xdist_group(item):
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
-@pytest.hookimpl(optionalhook=True)  # any pytest without pytest-xdist must still collect (tools/gpu_check.sh)
+@pytest.hookimpl(optionalhook=True)  # a pytest without pytest-xdist must still collect this suite
 def pytest_xdist_node_collection_finished(node, ids):
     """In the xdist controller, with each worker's collected node ids: under `--dist loadgroup` xdist appends
-    the group to every grouped test's id. Ids of Ray modules without it (pytest 9.2 with xdist 3.8) would spread
-    the Ray tests over both processes, each with its own Ray: stop instead of running that way."""
+    the group to every grouped test's id. Ray tests' ids without it (pytest 9.2 with xdist 3.8) would spread
+    them over both processes, each with its own Ray: stop instead of running that way."""
     if node.config.getvalue("dist") != "loadgroup":
         return
-    ungrouped = [i for i in ids if "@" not in i and Path(i.split("::")[0]).stem not in NO_RAY_MODULES]
+    ungrouped = [i for i in ids if "@" not in i and not i.startswith("unit/") and "/unit/" not in i]
     if ungrouped:
         raise pytest.UsageError(f"pytest-xdist ignored the xdist_group mark of {ungrouped[0]} (tests/conftest.py); "
                                 "see the pytest pin in pyproject.toml")

@@ -18,7 +18,7 @@ fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
   python3 -c 'import torch, torchvision, PIL; print("torch", torch.__version__, "torchvision", torchvision.__version__, "pillow", PIL.__version__, "cuda", torch.version.cuda)'
 } 2>&1 | tee "$OUT/versions.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_device_decode.py \
-  tests/test_infer_device_feed.py "tests/test_infer_predictor.py::test_cuda_predictor_gives_the_cpu_predictors_probabilities_within_bf16" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_device_decode.py \
+  tests/unit/test_infer_device_feed.py "tests/unit/test_infer_predictor.py::test_cuda_predictor_gives_the_cpu_predictors_probabilities_within_bf16" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
 python3 -m benchmarks.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
   | tee "$OUT/gpu_bench.txt"

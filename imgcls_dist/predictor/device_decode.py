@@ -17,7 +17,7 @@ taken upright lying on their side. The resize matches the eval transform's op (`
 average when shrinking (cv2's INTER_AREA, `_area_weights`), bilinear with half-pixel centres when
 enlarging (cv2's INTER_LINEAR); 1-channel members get ITU-R 601 luma, as PIL's "L" conversion. The full
 image is decoded (nvJPEG has no DCT scaling), so inputs differ from the CPU path's reduced decode by about
-what the reduced decode differs from a full one (tests/test_device_decode.py measures both).
+what the reduced decode differs from a full one (tests/unit/test_device_decode.py measures both).
 """
 
 from __future__ import annotations

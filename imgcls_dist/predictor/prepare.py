@@ -4,7 +4,7 @@ An input key is (image_size, channels). Training decodes with
 `decode_image(channels=in_channels, min_size=image_size)` and resizes with `build_eval_transform(image_size)`;
 here each row is decoded to RGB and, for 1-channel members, converted with PIL's "L" — which is what
 decode_image(channels=1) does after its own RGB step, so both give identical pixels
-(tests/test_infer_predictor.py checks it).
+(tests/unit/test_infer_predictor.py checks it).
 
 A JPEG is decoded at a reduced DCT scale chosen for the size it is resized to (`decode_image`'s `min_size`),
 and two sizes may get different scales (500x375 gets 1/1 for 224 px, 1/8 for 32 px), so an ensemble whose

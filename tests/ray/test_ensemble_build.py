@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from test_infer_helpers import save_model
+from helpers.model_files import save_model, train_digits_model
 
 from imgcls_dist.cli import main as cli_main
 from imgcls_dist.data.schema import split_files
@@ -22,7 +21,6 @@ from imgcls_dist.evaluate.metrics import expected_calibration_error
 from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.prepare import labelled_batches
 from imgcls_dist.models.checkpoint import load_model_file, save_model_file
-from imgcls_dist.models.preprocess import normalize
 
 # ------------------------------------------------------------------ synthetic logits (known answers)
 
@@ -129,34 +127,6 @@ def test_a_view_that_hurts_is_never_chosen():
 
 
 # ------------------------------------------------------------------ real model files on digits
-
-
-def train_digits_model(path: Path, data: Path, epochs: int, seed: int, limit: int | None = None) -> Path:
-    """A lenet5 at 16px trained in-process with plain torch (seconds), saved as a model file whose training
-    config allows the standard preset's shift and zoom views."""
-    torch.manual_seed(seed)
-    model_path = save_model(path, "lenet5", 16, seed=seed)
-    payload = load_model_file(model_path)
-    from imgcls_dist.models.registry import build_model_from_file
-
-    model, meta = build_model_from_file(model_path)
-    xs, ys = [], []
-    for y, arrays in labelled_batches(split_files(data, "train"), [(16, 3)], 256, max_rows=limit):
-        xs.append(torch.from_numpy(arrays[(16, 3)]).permute(0, 3, 1, 2))
-        ys.append(torch.from_numpy(y))
-    x, y = torch.cat(xs), torch.cat(ys)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(normalize(x[idx], meta["mean"], meta["std"])), y[idx])
-            loss.backward()
-            opt.step()
-    config = {"augment": {"preset": "standard", "strength": 0.5}}
-    return save_model_file(path, model=model, arch="lenet5", classes=payload["classes"], in_channels=3, image_size=16,
-                           mean=payload["mean"], std=payload["std"], hflip=False, config=config,
-                           metrics={"val_acc": 0.0})
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from image_fixtures import write_image_fixtures
-from test_infer_helpers import digit_rows, save_model, write_input
+from helpers.image_fixtures import write_image_fixtures
+from helpers.model_files import digit_rows, save_model, write_input
 
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
@@ -25,7 +25,7 @@ from imgcls_dist.batch.publish import read_manifest
 from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.prepare import prepare_encoded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # design.md's output contract, spelled out here (not imported) so a drift in the code fails the test.
 EXPECTED_SCHEMA = [
@@ -179,7 +179,7 @@ def test_failed_runs_never_publish_partial_output_and_rerun_completes(
     before = read_manifest(clean_out)
 
     # 1. another job into the same OUT crashes after writing its parts, before publishing: the previous output
-    #    stays complete. (SIGKILLed drivers: tests/test_infer_resume.py locally, tests/test_s3_e2e.py on S3.)
+    #    stays complete. (SIGKILLed drivers: tests/ray/test_infer_resume.py locally, tests/ray/test_s3_e2e.py on S3.)
     other_model = save_model(tmp_path / "other", "lenet5", 16, seed=4)
     write_synthetic_shards(tmp_path / "big", 300, size=32, rows_per_shard=100)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from local_train import fit_in_process
-from ray_procs import ray_worker_processes
-from test_infer_helpers import save_model, save_nan_model
+from helpers.local_train import fit_in_process
+from helpers.ray_procs import ray_worker_processes
+from helpers.model_files import save_model, save_nan_model
 
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import JobFailed
@@ -29,7 +29,7 @@ from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.train.job import build_trainer, resolve_dataset, run_training
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def tiny_cfg(data_dir, tmp_path, name="t", arch="lenet5", extra=()):
@@ -61,6 +61,7 @@ def no_test_split(tmp_path_factory) -> Path:
     return data
 
 
+@pytest.mark.own_ray
 def test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_progressively(no_test_split, tmp_path):
     """`imgcls-dist train` as a user runs it (its own local Ray, nothing shared with the suite): our lines,
     no Train placement-group-cleaner warnings, no token-auth notice, no traceback; every artifact, the LR

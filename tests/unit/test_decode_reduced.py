@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from image_fixtures import LARGE_H, LARGE_W, write_image_fixtures
+from helpers.image_fixtures import LARGE_H, LARGE_W, write_image_fixtures
 from benchmarks.decode_bench import agreement, full_input, mean_abs_diff, reduced_input
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.decode import decode_image, is_jpeg

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 from imgcls_dist.ports import free_port
-from image_fixtures import damaged, write_image_fixtures
-from test_ensemble_build import train_digits_model
+from helpers.image_fixtures import damaged, write_image_fixtures
+from helpers.model_files import train_digits_model
 
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.serve.settings import ServeSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 4 * 1024 * 1024  # above the large damaged fixtures (~0.3 MB)
 
 

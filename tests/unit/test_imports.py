@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "imgcls_dist"
+ROOT = Path(__file__).resolve().parents[2]
+PKG = ROOT / "imgcls_dist"
+TESTS = ROOT / "tests"
 
 
 def module_name(path: Path) -> str:
@@ -132,7 +134,7 @@ def layering_violations(graph: dict[str, set[str]], layers: list[set[str]]) -> l
             if ua == ub or "__init__" in (ua, ub):
                 continue
             if ua not in rank or ub not in rank:
-                bad.append(f"{a} -> {b}: {ua if ua not in rank else ub} is in no layer (tests/test_imports.py)")
+                bad.append(f"{a} -> {b}: {ua if ua not in rank else ub} is in no layer (tests/unit/test_imports.py)")
             elif rank[ub] >= rank[ua]:
                 bad.append(f"{a} -> {b}: {ua} may not import {ub}")
     return bad
@@ -214,10 +216,24 @@ def test_the_gpu_checks_tests_collect_without_pytest_xdist():
     """tools/gpu_check.sh runs pytest on a machine whose plugins are not ours: the suite's xdist hooks must be
     optional for a pytest without xdist (pytest refuses an unknown hook at collection, and the check would
     lose its test run)."""
-    modules = sorted(set(re.findall(r"tests/\w+\.py", (PKG.parent / "tools" / "gpu_check.sh").read_text())))
-    assert "tests/test_device_decode.py" in modules, modules
+    modules = sorted(set(re.findall(r"tests/[\w/]+\.py", (ROOT / "tools" / "gpu_check.sh").read_text())))
+    assert "tests/unit/test_device_decode.py" in modules, modules
     out = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "-p", "no:cacheprovider", "-o", "addopts=",
-                          "--collect-only", "-q", *modules], cwd=PKG.parent, capture_output=True, text=True,
+                          "--collect-only", "-q", *modules], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "tests collected" in out.stdout
+
+
+def test_no_test_module_imports_another_test_module_or_conftest():
+    """Shared test code lives in tests/helpers/; a test module importing another would run that module's
+    fixtures and module-level code twice, under two names."""
+    bad = []
+    for path in sorted(TESTS.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(ROOT)}: {n}" for n in names
+                    if n.split(".")[-1].startswith("test_") or n.split(".")[-1] == "conftest"]
+    assert bad == []

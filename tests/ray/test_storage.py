@@ -7,7 +7,7 @@ import pickle
 import time
 
 import pytest
-from conftest import start_moto, stop
+from helpers.servers import start_moto, stop
 
 from imgcls_dist.cli import main
 from imgcls_dist.storage import StorageError, is_uri, location

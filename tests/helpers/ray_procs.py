@@ -1,6 +1,9 @@
-"""Test helper (no tests here): the worker processes of *our* Ray node, to kill one from outside as a crash would."""
+"""Test helper (no tests here): the worker processes of *our* Ray node, to kill one from outside as a crash would,
+and waiting for a Ray's CPUs to be free again."""
 
 from __future__ import annotations
+
+import time
 
 import psutil
 
@@ -22,3 +25,13 @@ def ray_worker_processes(title: str) -> list[psutil.Process]:
             except psutil.Error:
                 continue
     return found
+
+
+def wait_all_cpus_free(ray, timeout=30.0) -> float:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        free = ray.available_resources().get("CPU", 0.0)
+        if free >= ray.cluster_resources().get("CPU", 0.0):
+            return free
+        time.sleep(0.5)
+    return ray.available_resources().get("CPU", 0.0)

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ray_cluster import Job, RayHead, job_server_missing, kill_group, run_cmd
+from helpers.ray_cluster import Job, RayHead, job_server_missing, kill_group, run_cmd
 
 from imgcls_dist.data.ingest import ingest
 from imgcls_dist.errors import JobFailed
@@ -29,7 +29,7 @@ from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.storage import location
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -119,6 +119,7 @@ def _cluster_env() -> dict[str, str]:
     }
 
 
+@pytest.mark.own_ray
 def test_losing_a_whole_node_resumes_on_a_replacement(s3, tmp_path):
     if why := job_server_missing():
         pytest.fail(why)

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from ray_cluster import kill_group
+from helpers.ray_cluster import kill_group
+
+from helpers.ray_procs import wait_all_cpus_free
 
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import UserError
@@ -21,7 +23,7 @@ from imgcls_dist.tune.campaign import run_campaign
 from imgcls_dist.tune.results import read_results_csv
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 TINY = ROOT / "configs" / "tune_digits_tiny.yaml"
 # Grid order is launch order: the two learners reach ASHA's first rung before the weak trial starts,
 # so it is below the rung's median and stopped.
@@ -36,15 +38,6 @@ def lr_space(values):
     return "tune.space=" + json.dumps({"train.lr": {"type": "loguniform", "lower": 1e-5, "upper": 0.1,
                                                    "grid": list(values)}})
 
-
-def wait_all_cpus_free(ray, timeout=30.0) -> float:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        free = ray.available_resources().get("CPU", 0.0)
-        if free >= ray.cluster_resources().get("CPU", 0.0):
-            return free
-        time.sleep(0.5)
-    return ray.available_resources().get("CPU", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +172,10 @@ def _died_starting_ray(proc: subprocess.Popen, log: Path) -> bool:
     return True
 
 
+@pytest.mark.own_ray
 def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_dir, tmp_path):
     """Driver and resume are `imgcls-dist tune` processes with their own local Ray, as a user runs them (and
-    so the test runs beside the shared Ray's tests: tests/conftest.py OWN_RAY_TESTS)."""
+    so the test runs beside the shared Ray's tests: marked own_ray)."""
     storage, long_epochs = tmp_path / "runs", 12
     # Two FIFO trials, run side by side: a short one, and a long one that is mid-run when the driver is killed.
     space = json.dumps({"train.epochs": {"type": "choice", "values": [2, long_epochs]}})

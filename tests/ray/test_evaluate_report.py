@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from image_fixtures import damaged, write_image_fixtures
+from helpers.image_fixtures import damaged, write_image_fixtures
 from sklearn.metrics import accuracy_score
-from test_infer_helpers import digit_rows, save_model, write_input
+from helpers.model_files import digit_rows, save_model, write_input
 
 from imgcls_dist.cli import main
 from imgcls_dist.evaluate.metrics import expected_calibration_error

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from image_fixtures import good, write_image_fixtures
-from test_infer_helpers import DIGITS, save_model
+from helpers.image_fixtures import good, write_image_fixtures
+from helpers.model_files import DIGITS, save_model
 
 from imgcls_dist.data.augment import apply, build_eval_transform
 from imgcls_dist.data.builtin import digits_images

@@ -7,8 +7,8 @@ from imgcls_dist.cli import main
 from imgcls_dist.config import ExperimentConfig, load_config, parse_override, write_config
 from imgcls_dist.errors import UserError
 
-# serve.yaml is a Ray Serve config file (validated in tests/test_serve.py), not an experiment config.
-CONFIGS = sorted(p for p in (Path(__file__).parents[1] / "configs").glob("*.yaml") if p.name != "serve.yaml")
+# serve.yaml is a Ray Serve config file (validated in tests/ray/test_serve.py), not an experiment config.
+CONFIGS = sorted(p for p in (Path(__file__).parents[2] / "configs").glob("*.yaml") if p.name != "serve.yaml")
 
 
 def _write(tmp_path, data) -> Path:

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from ray_procs import ray_worker_processes
-from test_infer_helpers import digit_rows, save_model, write_input
-from test_tune_campaign import wait_all_cpus_free
+from helpers.ray_procs import ray_worker_processes
+from helpers.model_files import digit_rows, save_model, write_input
+from helpers.ray_procs import wait_all_cpus_free
 
 from imgcls_dist.cli import main
 from imgcls_dist.errors import JobFailed
@@ -29,7 +29,7 @@ from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.storage import location
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = 3000
 
 

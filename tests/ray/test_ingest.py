@@ -4,11 +4,12 @@ progress on the console, and s3:// in and out."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from helpers.digit_trees import image_tree
 
 from imgcls_dist.cli import main
 from imgcls_dist.data.builtin import digits_images
@@ -17,27 +18,6 @@ from imgcls_dist.data.schema import SPLITS, validate_dataset
 from imgcls_dist.data.shards import read_rows
 from imgcls_dist.errors import UserError
 from imgcls_dist.storage import location
-
-
-def image_tree(root: Path, per_class: int, splits: dict[str, str] | None = None, size: int = 12,
-               classes=("0", "1", "2")) -> int:
-    """Digit PNGs in root/<class>/ (or root/<split folder>/<class>/ with `splits`: folder -> share of
-    the images). Returns the number of files written."""
-    images, labels, _ = digits_images(size)
-    n = 0
-    for c in classes:
-        picks = [img for img, lbl in zip(images, labels) if str(lbl) == c][:per_class]
-        folders = list(splits.items()) if splits else [("", 1.0)]
-        start = 0
-        for k, (folder, share) in enumerate(folders):
-            stop = len(picks) if k == len(folders) - 1 else start + int(round(share * len(picks)))
-            d = root / folder / c if folder else root / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i, img in enumerate(picks[start:stop]):
-                Image.fromarray(img).save(d / f"{c}_{start + i:04d}.png")
-                n += 1
-            start = stop
-    return n
 
 
 def test_a_few_thousand_files_ingest_in_parallel_ray_tasks(ray_session, tmp_path, capsys):

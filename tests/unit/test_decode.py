@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from image_fixtures import W, H, fixture_names, write_image_fixtures
+from helpers.image_fixtures import W, H, fixture_names, write_image_fixtures
 from imgcls_dist.data import decode as decode_mod
 from imgcls_dist.data.decode import ALLOWED_FORMATS, DEFAULT_MAX_PIXELS, DecodeResult, decode_file, decode_image
 from imgcls_dist.errors import UserError

@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 import pytest
-from test_infer_helpers import save_model
+from helpers.model_files import save_model
 
 from imgcls_dist.cli import main
 from imgcls_dist.data.builtin import digits_images, encode_png

@@ -28,7 +28,7 @@ import yaml
 
 from imgcls_dist.ports import free_ports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 

@@ -16,7 +16,7 @@ from imgcls_dist.tune.space import trial_config
 from imgcls_dist.tune.space import (apply_sampled, grid_values, num_trials, probe_values, to_tune_space,
                                     validate_space)
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 
 def _noop_trainable(config):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from image_fixtures import write_image_fixtures
+from helpers.image_fixtures import write_image_fixtures
 from imgcls_dist.data.augment import apply
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.errors import UserError
@@ -61,7 +61,7 @@ def test_exif_orientation_is_applied_on_the_device_path(fixtures):
     assert device_row(fx.path.read_bytes()) == (6, 3000 * 2000)
     dev, _ = prepare_on_device([fx.path.read_bytes()], [(64, 3)], "cpu")
     img = hwc(dev[(64, 3)][0]).astype(int)
-    assert img[0, 32, 0] > 230 and img[0, 32, 2] < 40  # red on top, as displayed (tests/image_fixtures.py)
+    assert img[0, 32, 0] > 230 and img[0, 32, 2] < 40  # red on top, as displayed (tests/helpers/image_fixtures.py)
     assert img[-1, 32, 2] > 230 and img[-1, 32, 0] < 40
 
 

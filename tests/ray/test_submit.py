@@ -6,8 +6,8 @@
   Ray does by default) holds the whole package and none of .venv/runs/data.
 * The e2e part - `ray start --head`, `ray job submit --working-dir <repo> -- python jobs/train.py ...`, then
   jobs/batch_infer.py on the run's model, `ray job status` SUCCEEDED, artifacts where docs/cluster.md says -
-  runs in tests/test_node_failure.py, on its 2-node cluster: its training and batch-inference jobs are the
-  submitted ones (one cluster and two jobs fewer for the suite; helpers in tests/ray_cluster.py).
+  runs in tests/ray/test_node_failure.py, on its 2-node cluster: its training and batch-inference jobs are the
+  submitted ones (one cluster and two jobs fewer for the suite; helpers in tests/helpers/ray_cluster.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 JOB_SCRIPTS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "infer": "jobs/batch_infer.py"}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from test_infer_helpers import save_model, save_nan_model
-from test_ingest import image_tree
+from helpers.model_files import save_model, save_nan_model
+from helpers.digit_trees import image_tree
 
 from imgcls_dist.cli import main
 from imgcls_dist.data.synthetic import write_synthetic_shards
@@ -26,7 +26,7 @@ from imgcls_dist.batch.publish import LEASES, MANIFEST, STAGING_PREFIX, predicti
 from imgcls_dist.storage import location
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     "data": {"image_size": 16, "batch_size": 32, "loader_workers": 0},
