@@ -11,10 +11,10 @@ venv: $(STAMP)
 
 # torch/torchvision are pinned in their own pip call: pip takes them from the local wheel cache
 # (uv/poetry would download several GB); pyproject's ranges accept them.
-# Bytecode: this machine and CI set PYTHONDONTWRITEBYTECODE=1, so every process (each Ray worker) would compile
-# torch & co from source again (the fresh-clone suite took 3122 s that way vs 961 s compiled). Instead of
-# compiling all of the venv up front (69 s), demo and test write bytecode as modules are first imported, into
-# .venv/pycache only (PYTHONPYCACHEPREFIX), so the source tree stays clean.
+# Bytecode: where PYTHONDONTWRITEBYTECODE=1 is set (as on CI), every process (each Ray worker) would compile
+# torch & co from source again, which makes a fresh-clone suite several times slower (docs/benchmarks.md,
+# "Test suite"). Instead of compiling all of the venv up front, demo and test write bytecode as modules are
+# first imported, into .venv/pycache only (PYTHONPYCACHEPREFIX), so the source tree stays clean.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

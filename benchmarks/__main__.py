@@ -1,90 +1,112 @@
-"""`imgcls-dist bench {train,infer,augment,decode,serve,tune,gpu,ingest,storage,train-ingest,checkpoint,
-ensemble}`: each prints ratios measured in one run."""
+"""`python -m benchmarks NAME`: each benchmark prints ratios measured in one run (ours vs a baseline), and
+`--out` writes its result as JSON. Results and their commands are recorded in docs/benchmarks.md. The GPU
+benchmark has an entry point of its own, free of Ray: `python -m benchmarks.gpu_bench`."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from imgcls_dist.config import add_config_args
+from imgcls_dist.errors import JobFailed, UserError
 
 DIGITS = "data/digits"  # `imgcls-dist ingest builtin:digits data/digits`
 
 
-def _save(result: dict, path: str | None) -> None:
-    if path:
-        Path(path).write_text(json.dumps(result, indent=2, default=str))
-        print(f"wrote {path}")
+def _ints(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.split(",") if x.strip())
 
 
-def cmd_bench(a: argparse.Namespace) -> int:
-    if a.what == "train":
-        from benchmarks.train_bench import bench_train
+def _train(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.train_bench import bench_train
 
-        r = bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
-                        overrides=tuple(a.overrides))
-    elif a.what == "checkpoint":
-        from benchmarks.train_bench import bench_checkpoint_cost
-
-        r = bench_checkpoint_cost(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
-                                  overrides=tuple(a.overrides))
-    elif a.what == "infer":
-        from benchmarks.infer_bench import bench_infer, bench_infer_photos, bench_predict_latency
-
-        r = bench_infer(rows=tuple(int(x) for x in a.rows.split(",")), arch=a.arch, batch_size=a.batch_size)
-        r["predict_latency"] = bench_predict_latency()
-        if a.photo_rows:
-            r["photos"] = bench_infer_photos(rows=tuple(int(x) for x in a.photo_rows.split(",")))
-    elif a.what == "ingest":
-        from benchmarks.ingest_bench import bench_ingest
-
-        r = bench_ingest(files=tuple(int(x) for x in a.files.split(",")))
-    elif a.what == "train-ingest":
-        from benchmarks.train_ingest_bench import bench_train_ingest
-
-        r = bench_train_ingest(gigabytes=tuple(float(x) for x in a.gigabytes.split(",")))
-    elif a.what == "storage":
-        from benchmarks.ingest_bench import bench_storage
-
-        r = bench_storage()
-    elif a.what == "ensemble":
-        from benchmarks.ensemble_bench import bench_ensemble
-
-        r = bench_ensemble(data=a.data or "data/digits-test30")
-    elif a.what == "augment":
-        from benchmarks.augment_bench import bench_augment
-
-        r = bench_augment(image_size=a.image_size)
-    elif a.what == "decode":
-        from benchmarks.decode_bench import bench_decode
-
-        r = bench_decode()
-    elif a.what == "serve":
-        from benchmarks.serve_bench import bench_serve
-
-        r = bench_serve(concurrency=tuple(int(x) for x in a.concurrency.split(",")), requests=a.requests,
-                        time_limit_s=a.time_limit)
-    elif a.what == "tune":
-        from imgcls_dist.config import load_config
-        from imgcls_dist.tune.asha_saving import format_saving_table, measure_asha_saving
-
-        cfg = load_config(a.config or "configs/tune_digits.yaml", [f"data.path={a.data or DIGITS}", *a.overrides])
-        r = measure_asha_saving(cfg)
-        print(format_saving_table(r))
-    else:
-        from benchmarks.gpu_bench import run
-
-        r = run(out=a.out or "gpu_bench.json")
-    _save(r, a.out if a.what != "gpu" else None)
-    return 0
+    return bench_train(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS, epochs=a.epochs,
+                       overrides=tuple(a.overrides))
 
 
-def register_bench_commands(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print ratios measured in one run (see docs/benchmarks.md)")
-    p.add_argument("what", choices=["train", "infer", "augment", "decode", "serve", "tune", "gpu", "ingest",
-                                     "storage", "train-ingest", "checkpoint", "ensemble"])
-    add_config_args(p, required=False)  # train/tune: experiment config and overrides
+def _checkpoint(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.train_bench import bench_checkpoint_cost
+
+    return bench_checkpoint_cost(a.config or "configs/resnet18_digits.yaml", data=a.data or DIGITS,
+                                 epochs=a.epochs, overrides=tuple(a.overrides))
+
+
+def _infer(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.infer_bench import bench_infer, bench_infer_photos, bench_predict_latency
+
+    r = bench_infer(rows=_ints(a.rows), arch=a.arch, batch_size=a.batch_size)
+    r["predict_latency"] = bench_predict_latency()
+    if a.photo_rows:
+        r["photos"] = bench_infer_photos(rows=_ints(a.photo_rows))
+    return r
+
+
+def _ingest(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.ingest_bench import bench_ingest
+
+    return bench_ingest(files=_ints(a.files))
+
+
+def _train_ingest(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.train_ingest_bench import bench_train_ingest
+
+    return bench_train_ingest(gigabytes=tuple(float(x) for x in a.gigabytes.split(",")))
+
+
+def _storage(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.ingest_bench import bench_storage
+
+    return bench_storage()
+
+
+def _ensemble(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.ensemble_bench import bench_ensemble
+
+    return bench_ensemble(data=a.data or "data/digits-test30")
+
+
+def _augment(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.augment_bench import bench_augment
+
+    return bench_augment(image_size=a.image_size)
+
+
+def _decode(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.decode_bench import bench_decode
+
+    return bench_decode()
+
+
+def _serve(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.serve_bench import bench_serve
+
+    return bench_serve(concurrency=_ints(a.concurrency), requests=a.requests, time_limit_s=a.time_limit)
+
+
+def _tune(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.tune_bench import format_saving_table, measure_asha_saving
+    from imgcls_dist.config import load_config
+
+    cfg = load_config(a.config or "configs/tune_digits.yaml", [f"data.path={a.data or DIGITS}", *a.overrides])
+    r = measure_asha_saving(cfg)
+    print(format_saving_table(r))
+    return r
+
+
+BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
+    "storage": _storage, "ensemble": _ensemble, "augment": _augment, "decode": _decode, "serve": _serve,
+    "tune": _tune,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=sorted(BENCHMARKS))
+    add_config_args(p, required=False)  # train/tune/checkpoint: experiment config and overrides
     p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
                    "ensemble: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
@@ -100,4 +122,21 @@ def register_bench_commands(sub) -> None:
     p.add_argument("--requests", type=int, default=200, help="serve: requests per load level")
     p.add_argument("--time-limit", type=float, default=60.0, help="serve: seconds per load level at most")
     p.add_argument("--out", default=None, help="write the result as JSON")
-    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        result = BENCHMARKS[a.what](a)
+    except (UserError, JobFailed) as e:
+        print(f"benchmarks {a.what}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=2, default=str))
+        print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

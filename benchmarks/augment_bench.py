@@ -1,4 +1,4 @@
-"""`imgcls-dist bench augment`: decode + augment images/s on one core, albumentations vs torchvision v2.
+"""`python -m benchmarks augment`: decode + augment images/s on one core, albumentations vs torchvision v2.
 
 Both sides decode the same PNG bytes with our safe decoder (a shared cost) and then apply the closest
 equivalent pipeline of each library; the ratio is albumentations / torchvision.

@@ -7,6 +7,8 @@ import platform
 import time
 from typing import Any, Callable, Sequence
 
+from imgcls_dist.table import format_table
+
 
 def machine() -> str:
     import torch
@@ -29,10 +31,7 @@ def items_per_second(fn: Callable[[Any], object], items: Sequence[Any], min_seco
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in columns))
+    print(format_table(columns, [[_fmt(r.get(c)) for c in columns] for r in rows]))
 
 
 def _fmt(v) -> str:

@@ -1,12 +1,12 @@
-"""`imgcls-dist bench decode`: JPEG bytes -> a model's uint8 input, full decode vs reduced-size decode.
+"""`python -m benchmarks decode`: JPEG bytes -> a model's uint8 input, full decode vs reduced-size decode.
 
 - rate: img/s on one core (one process, torch and cv2 at 1 thread: one decode task's view) of
-  `infer.prepare.prepare_image` for one 224-px input key (the reduced path: `decode_image(min_size=224)`,
+  `predictor.prepare.prepare_image` for one 224-px input key (the reduced path: `decode_image(min_size=224)`,
   libjpeg's DCT scaling) / the same bytes decoded whole and resized by the same eval transform (what every
   job did before); the arms alternate for 5 rounds and each keeps its best (see `best_rates`). Photos from
   `data.synthetic.photo_jpeg`: 12 MP at three noise levels (~0.4, ~1.3 and ~2.5 MB: entropy decoding, which no
   DCT scale shortens, grows with the file) and progressive, 3 MP, and 500x375 (ImageNet-size, where no scale
-  applies). Goals (issue 12): 12 MP >= 15x, 500x375 not slower. With `simplejpeg` importable (not a
+  applies). Goals: 12 MP >= 15x, 500x375 not slower. With `simplejpeg` importable (not a
   dependency) its reduced decode (min_height/min_width = 224, libjpeg-turbo's scaling too) gets a column.
 - fidelity: mean absolute difference of the uint8 224-px and 32-px inputs, reduced vs full, on those photos;
   top-1 agreement, reduced vs full, of a LeNet-5 trained here on digit photos at 32 px, over 1000 held-out
@@ -44,7 +44,7 @@ TRAIN_DIGITS = 1297  # digits 0..1296 train the classifier, the remaining 500 ar
 
 
 def full_input(data: bytes, size: int) -> np.ndarray:
-    """Before issue 12: the whole image decoded, then the eval transform."""
+    """The full path, before reduced-size decoding: the whole image decoded, then the eval transform."""
     return apply(eval_transform(size), decode_image(data).array)
 
 

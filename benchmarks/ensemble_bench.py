@@ -1,11 +1,11 @@
-"""`imgcls-dist bench ensemble`: the ensemble built on validation data against its members and the plain mean.
+"""`python -m benchmarks ensemble`: the ensemble built on validation data against its members and the plain mean.
 
 For each training seed, the shipped configs are trained on the same dataset (`train.seed` = the seed), an
 ensemble is built from them on the validation split (`ensemble build`), and every candidate is scored on
 the test split — which nothing was fitted on — by test accuracy and NLL: each member alone (no TTA), also
 with the temperature the builder fitted for it (`test_nll_T`: how much of the built ensemble's gain is
 calibration alone), the plain mean of all members (no TTA, temperature 1), and the built ensemble (its
-weights, temperatures and views). Goals (issue 14): built accuracy >= the best member's for every seed, and
+weights, temperatures and views). Goals: built accuracy >= the best member's for every seed, and
 NLL below the best member's.
 """
 

@@ -1,7 +1,7 @@
 """`python -m benchmarks.gpu_bench`: the GPU check, without Ray.
 
-Needs torch, torchvision and this package's decode/predictor modules (what tools/gpu_check.sh runs on a lent GPU
-machine). In this order, each row printed and written to the JSON as it is measured: (1) the batch predictor's
+Needs torch, torchvision and this package's decode/predictor modules (tools/gpu_check.sh runs it on a machine
+with a CUDA GPU). In this order, each row printed and written to the JSON as it is measured: (1) the batch predictor's
 path for resnet50 — uint8 on host -> device -> normalize on device -> 1 or 4 TTA views in one batched
 forward, also with 4 micro-batches per call (copies overlapping compute) and torch.compile (`infer --compile`)
 on CUDA — vs the pure forward on a ready float batch; (2) 12 MP photo JPEGs to 224-px inputs, the CPU path on
@@ -71,8 +71,8 @@ def predictor_rates(device: torch.device, batch: int, size: int, warmup: int, it
                     compile: bool = False) -> dict[str, float]:
     """The real `EnsemblePredictor` (one resnet50 model file, written here with random weights) vs the
     pure forward on a ready, normalized device batch at the same dtype/layout. A call of 4 micro-batches is
-    what GPU actors get in the batch job (`infer.pipeline.MICRO_BATCHES_PER_GPU_CALL`): its H2D copies overlap
-    the forwards before it (`infer.device_feed`)."""
+    what GPU actors get in the batch job (`batch.pipeline.MICRO_BATCHES_PER_GPU_CALL`): its H2D copies overlap
+    the forwards before it (`predictor.device_feed`)."""
     import tempfile
 
     from imgcls_dist.predictor.predictor import EnsemblePredictor
@@ -132,7 +132,7 @@ def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], p
     keys = [(size, 3)]
     threads = os.cpu_count() or 1
     with ThreadPoolExecutor(threads) as pool:
-        # Made on every core too (0.5 s per 12 MP photo on one): device time is lent by the minute.
+        # Made on every core too (0.5 s per 12 MP photo on one), so the run does not wait on one core for them.
         data = list(pool.map(lambda i: photo_jpeg(digits[i % len(digits)], *photo_size, seed=i), range(photos)))
 
         def cpu() -> None:
@@ -147,8 +147,8 @@ def decode_rates(device: torch.device, size: int, photo_size: tuple[int, int], p
 
 
 class Table:
-    """The bench's rows, printed and written to `out` as each one is measured: the lent GPU machine's command
-    has a time limit, and a run cut short still hands back every row it finished."""
+    """The bench's rows, printed and written to `out` as each one is measured, so a run cut short (by
+    `max_seconds`, a time limit or an interrupt) still leaves every row it finished."""
 
     def __init__(self, out: str | Path, head: dict, max_seconds: float | None):
         self.out, self.head, self.rows, self.skipped = Path(out), head, [], []
@@ -183,8 +183,8 @@ def run(device: str | None = None, batch: int = 256, size: int = 224, warmup: in
         max_seconds: float | None = None) -> dict:
     """`compile` None: compiled steps are measured on CUDA only (inductor's CPU compile of a resnet50 takes
     minutes and is not what train.compile is for). Sections run in the order of what is least often measured
-    (the predictor, device decode, then training, which issue 6 measured); after `max_seconds` no new section
-    starts."""
+    (the predictor, device decode, then training, whose rows docs/benchmarks.md already holds); after
+    `max_seconds` no new section starts."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compile = dev.type == "cuda" if compile is None else compile
     torch.backends.cudnn.benchmark = True

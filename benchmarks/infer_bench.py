@@ -10,7 +10,7 @@
   count / at the smallest. Goal <= 1.2: streaming means memory does not grow with rows. PSS is reported
   beside it (see PeakMemory): the RSS sum also moves with how many worker processes are alive.
 - `bench_infer_photos`: steady-state (marginal) job img/s on 12 MP photo JPEGs / the same job on 32-px
-  thumbnails: what full-size photos cost the job, now that they are decoded at a reduced size (issue 12).
+  thumbnails: what full-size photos cost the job, now that they are decoded at a reduced size.
 - `bench_predict_latency`: single-image `predict` latency after the model is loaded (goal < 100 ms).
 """
 

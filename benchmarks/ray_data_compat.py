@@ -1,4 +1,6 @@
-"""The one place that steers Ray Data away from a Ray 2.60 bug: Parquet reads go through the V1 datasource.
+"""Parquet reads through Ray Data's V1 datasource, steering clear of a Ray 2.60 bug. Only a benchmark reads
+shards this way (the Ray Data arm of `python -m benchmarks train-ingest`); the batch job reads through its
+own Datasource (`imgcls_dist/batch/parts.py::ShardRows`).
 
 Ray 2.60's default Parquet path (DataSourceV2: ListFiles -> ReadFiles) lists files with a threaded work
 queue whose completion thread is interrupted when the driver stops iterating early (schema sampling), and

@@ -1,4 +1,4 @@
-"""`bench serve`: the online API under a bounded load on loopback, against in-process `predict`.
+"""`python -m benchmarks serve`: the online API under a bounded load on loopback, against in-process `predict`.
 
 One run starts the Serve app (`serve/local.py::start_app`, one replica of `--cpus` CPUs, the way
 `imgcls-dist serve` starts it) on a random-init resnet18 at 224 px, then for each concurrency level sends a

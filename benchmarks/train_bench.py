@@ -1,4 +1,4 @@
-"""`imgcls-dist bench train`: what Ray Train + accelerate cost over a plain PyTorch loop, measured in one run.
+"""`python -m benchmarks train`: what Ray Train + accelerate cost over a plain PyTorch loop, measured in one run.
 
 Baseline: a single-process loop over the same rows, the same augmentation, DataLoader settings,
 model, optimizer, batch size and number of steps. Ours: the real `imgcls-dist train` job. Epoch time is

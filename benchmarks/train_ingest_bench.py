@@ -1,4 +1,4 @@
-"""`imgcls-dist bench train-ingest`: the streaming training input against the in-memory one it replaced.
+"""`python -m benchmarks train-ingest`: the streaming training input against the in-memory one it replaced.
 
 Same shards, same transforms, same DataLoader processes, no model (the input pipeline alone, as fast as it
 can go):

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from imgcls_dist.config import ExperimentConfig, build_config
+from imgcls_dist.table import format_table
 
 
 def _variant(cfg: ExperimentConfig, suffix: str) -> ExperimentConfig:
@@ -43,14 +44,13 @@ def measure_asha_saving(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def format_saving_table(r: dict[str, Any]) -> str:
-    rows = [("search", "trials", "stopped early", "trial-epochs", "best val_acc", "wall s")]
+    header = ("search", "trials", "stopped early", "trial-epochs", "best val_acc", "wall s")
+    rows = []
     for mode in ("asha", "fifo"):
         m = r[mode]
         rows.append((mode.upper(), str(m["trials"]), str(m["stopped_early"]), str(m["trial_epochs"]),
                      f"{m['best_val_acc']:.4f}", f"{m['wall_s']:.0f}"))
-    w = [max(len(x[i]) for x in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows]
-    lines.insert(1, "  ".join("-" * x for x in w))
+    lines = [format_table(header, rows)]
     lines.append(f"ASHA / FIFO: {r['epoch_ratio']:.2f}x the trial-epochs ({1 - r['epoch_ratio']:.0%} saved), "
                  f"{r['wall_ratio']:.2f}x the wall time, best val_acc {r['best_val_acc_delta']:+.4f}"
                  + ("" if r["same_configs"] else "  (WARNING: the two searches sampled different configs)"))

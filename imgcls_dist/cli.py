@@ -1,6 +1,7 @@
 """`imgcls-dist` console script. Each subcommand parses arguments and calls one library function.
 
 Imports are lazy so `imgcls-dist models` or a config error answers without importing Ray.
+What `imgcls-dist --help` tells a user is DESCRIPTION and EPILOG below, not this docstring.
 """
 
 from __future__ import annotations
@@ -57,9 +58,25 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Image classification on Ray: turn image folders into Parquet shards, fine-tune
+CNNs, search hyperparameters, build ensembles on validation data, and classify
+images in batch, one at a time or over HTTP. Runs on one machine (a local Ray)
+or unchanged on a Ray cluster."""
+
+EPILOG = """\
+usual order: ingest -> train (or tune) -> ensemble build -> infer -> evaluate;
+             predict and serve answer for single images
+try it:      make demo    (every step on the built-in digits, a few minutes)
+more:        imgcls-dist VERB --help, e.g. imgcls-dist train --help;
+             README.md and the guides in docs/guide/"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="imgcls-dist", description=__doc__.splitlines()[0])
-    sub = ap.add_subparsers(dest="command", required=True)
+    ap = argparse.ArgumentParser(prog="imgcls-dist", description=DESCRIPTION, epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, title="verbs", metavar="VERB",
+                            help="one of:")
 
     p = sub.add_parser("ingest", help="image tree (local, s3://, gs://) or builtin:digits -> Parquet shards + dataset.json")
     p.add_argument("src", help="SRC/<class>/<image> or SRC/<split>/<class>/<image> (local, s3:// or gs://), "
@@ -68,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=32, help="builtin datasets: side length to upscale to")
     p.add_argument("--splits", type=_fractions, default=(0.7, 0.15, 0.15),
                    help="train,val,test fractions (ignored for a pre-split tree, which keeps its splits)")
-    p.add_argument("--rows-per-shard", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--rows-per-shard", type=int, default=500, help="images per Parquet shard (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("models", help="list registered architectures")
@@ -99,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_ensemble_commands(sub)  # ensemble build
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits")
-    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--workdir", default="runs/demo", help="where the data, runs, predictions and report go "
+                   "(default runs/demo)")
     p.add_argument("--quick", action="store_true", help="tiny epochs (smoke run)")
     p.set_defaults(func=cmd_demo)
     return ap

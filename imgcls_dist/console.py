@@ -1,23 +1,8 @@
 """What a job's console shows beside our own lines: Ray's pure noise filtered here, in one place.
 
-Every other warning stays: it may tell the user something. Filtered, with the reason (filters sit on the
-emitting loggers, so they hold however Ray sets up its handlers; a renamed logger only lets its line back in):
-
-* Ray's token-auth notice ("Token authentication is enabled for this Ray cluster"): printed on every
-  `ray.init` of Ray 2.60 when a token exists; for the private local instance a job starts, token auth
-  is simply on.
-* Ray Data's "Progress bars disabled" (our choice when stderr is not a terminal) and its "cluster currently
-  does not have any available CPUs" check, which samples a resource view that lags the shutdown of the
-  previous job's actors; our pool sizing guarantees CPUs for the tasks (`infer.pipeline.plan_actors`).
-
-Tracebacks kept off the console, the warning line kept (`quiet_ray_workers`, in every process of the job):
-
-* Train's "Failed to send/cancel resource request" to its AutoscalingCoordinator actor: the call times out
-  after 5 s when the 2-CPU machine is busy (the actor is a fresh process), Ray's own message says it is
-  safe to ignore when transient, and it logs a 20-line Ray-internal traceback with it (seen in CI).
-
-Causes are removed where we can: Train's PlacementGroupCleaner warned once a second when the State API
-was missing, so the local Ray starts with it (`ray_utils.ensure_ray`).
+Every other warning stays. `quiet_ray_console` installs the driver's filters, `quiet_ray_workers` those of every
+process of the job; filters sit on the emitting loggers. What is filtered and why: docs/design.md,
+"Console output".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 from imgcls_dist.config import load_config
 from imgcls_dist.data.schema import DATASET_FILE
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped configs: package data (pyproject.toml)
 DEMO_MODELS = ("resnet18_digits", "lenet5_digits")
 # 30% test split (540 rows) instead of ingest's 15% (270): at ~99.5% accuracy one image is 0.37 points of a
 # 270-row split, too coarse to compare an ensemble with its members.

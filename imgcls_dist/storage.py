@@ -1,35 +1,20 @@
 """One filesystem layer for every path a job takes: a local path, `s3://bucket/prefix` or `gs://bucket/prefix`.
 
-Built on `pyarrow.fs`, the layer Ray Train (`storage_filesystem`) and Ray Data (`filesystem=`) use, so the
-filesystem object made here is the one handed to them: credentials and endpoints are read once, from the
-standard environment, and nothing is configured twice.
-
-* S3 and S3-compatible stores (MinIO, Ceph, moto): the AWS SDK's default credential chain
-  (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, `AWS_PROFILE`, web identity, instance
-  and pod roles); the endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; the region from
-  `AWS_REGION`/`AWS_DEFAULT_REGION` (else looked up for the bucket on AWS itself). `pyarrow.fs.S3FileSystem()`
-  built directly ignores `AWS_ENDPOINT_URL` (only `FileSystem.from_uri` reads it, and that one takes no
-  timeouts), hence the explicit construction below.
-* GCS: Application Default Credentials (`GOOGLE_APPLICATION_CREDENTIALS`, workload identity);
-  `STORAGE_EMULATOR_HOST` for an emulator.
-
-Why `Location` is written here: pyarrow.fs has filesystems but no path object, and fsspec's UPath would be a
-second filesystem stack beside the one Ray uses. A Location is (filesystem, path) with the few operations the
-jobs need; it pickles as its URI, so a Ray task on another node rebuilds the filesystem from *its* environment;
-and it turns pyarrow's OSErrors into one-line `StorageError`s that name the URI and say what is wrong.
+Built on `pyarrow.fs`, the layer Ray Train and Ray Data use: `location()` makes a `Location` (filesystem,
+path) with the operations the jobs need, `ray_storage` hands the same filesystem to Ray. Credentials and
+endpoints come from the standard environment. Design: docs/design.md, "Storage".
 """
 
 from __future__ import annotations
 
 import fnmatch
 import functools
-import io
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import IO, Iterator, Union
+from typing import IO, Union
 
 import pyarrow.fs as pafs
 
@@ -185,11 +170,6 @@ class Location:
     def relative_to(self, other: Location) -> str:
         return str(PurePosixPath(self.path).relative_to(PurePosixPath(other.path)))
 
-    def local_path(self) -> Path:
-        if not self.is_local:
-            raise ValueError(f"{self.uri} is not on the local filesystem")
-        return Path(self.path)
-
     # ---------------------------------------------------------------- errors
     def error(self, e: BaseException) -> StorageError:
         return StorageError(describe_error(self.uri, e, self.scheme))
@@ -251,13 +231,6 @@ class Location:
         return [f for f in self.files() if regex.match(f.relative_to(self))]
 
     # ---------------------------------------------------------------- reading
-    def open_input(self):
-        """A random-access file (what pyarrow.parquet wants)."""
-        try:
-            return self.fs.open_input_file(self.path)
-        except OSError as e:
-            raise self.error(e) from None
-
     def read_bytes(self) -> bytes:
         try:
             with self.fs.open_input_stream(self.path) as f:
@@ -448,19 +421,3 @@ def ray_storage(path: PathLike) -> tuple[str, pafs.FileSystem | None]:
     (so Ray uses the same endpoint and credentials), local ones as absolute paths."""
     loc = location(path)
     return (loc.path, None) if loc.is_local else (loc.path, loc.fs)
-
-
-def temporary_local_copy(loc: Location, directory: str | os.PathLike) -> Path:
-    """A local file with `loc`'s bytes (for libraries that need a real path); the file itself when local."""
-    if loc.is_local:
-        return Path(loc.path)
-    return loc.download(Path(directory) / loc.name)
-
-
-def iter_bytes(locs: list[Location]) -> Iterator[bytes]:
-    for loc in locs:
-        yield loc.read_bytes()
-
-
-def bytes_io(loc: Location) -> io.BytesIO:
-    return io.BytesIO(loc.read_bytes())

@@ -130,7 +130,7 @@ def tiny_digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digit_photo_classifier():
-    """(predict, photos, labels): the bench's LeNet-5 trained on digit photos (~5 s) and 1,000 held-out digit
+    """(predict, photos, labels): the bench's LeNet-5 trained on digit photos (seconds) and 1,000 held-out digit
     photo JPEGs, shared by the reduced-decode and device-decode agreement tests."""
     from benchmarks.decode_bench import digit_photos, fit_digits_lenet
 

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine, from the repo root, with `.whl` carried (tools/gpu_wheels.sh makes it):
-#   run(command="bash tools/gpu_check.sh", carry=[".whl"], timeout_s=540)
-# The device-path tests first (device decode, pinned copies, the predictor; their CUDA-only tests run there), then
-# `bench gpu`, which starts no new section after BENCH_SECONDS and has written every row it measured to
-# $OUT/gpu_bench.json.
-# Arguments go to the bench (a CPU dry run here: PATH=.venv/bin:$PATH bash tools/gpu_check.sh --device cpu
-# --batch 2 --size 32 --warmup 0 --iters 1, with .whl moved aside: its wheels are for the machine's Python 3.12).
+# The GPU check: the device-path tests and the GPU benchmark (docs/benchmarks.md, "GPU check").
+#
+# Needs: an NVIDIA GPU with its driver (nvidia-smi), torch and torchvision built with CUDA, and this project
+# installed (`make venv`, or `pip install -e .[dev]`); Ray is not used. Uses .venv/bin/python when there is
+# one, else python3. Run from the repository root:
+#   bash tools/gpu_check.sh [arguments for python -m benchmarks.gpu_bench ...]
+#
+# Writes, under $OUT (default ./gpu_check_out):
+#   versions.txt     GPU, memory, driver, CPU count, torch / torchvision / Pillow / CUDA versions
+#   pytest_cuda.txt  the device-path tests: device decode (nvJPEG vs the CPU decoder), pinned double-buffered
+#                    copies, the predictor on CUDA vs CPU (the CUDA-only tests skip where there is no GPU)
+#   gpu_bench.json   every row of the bench, written as soon as it is measured
+#   gpu_bench.txt    the bench's printed output
+# The bench starts no new section after BENCH_SECONDS (default 300). A CPU dry run of the whole script:
+#   bash tools/gpu_check.sh --device cpu --batch 2 --size 32 --warmup 0 --iters 1
 set -uo pipefail
-export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1 PYTHONDONTWRITEBYTECODE=1
-OUT=${OUT:-/tmp/gpu_check}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+[ -f tools/gpu_check.sh ] || { echo "run this from the repository root" >&2; exit 2; }
+export PYTHONUNBUFFERED=1 NO_ALBUMENTATIONS_UPDATE=1
+PY=python3; [ -x .venv/bin/python ] && PY=.venv/bin/python
+OUT=${OUT:-gpu_check_out}; mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
-  python3 -c 'import torch, torchvision, PIL; print("torch", torch.__version__, "torchvision", torchvision.__version__, "pillow", PIL.__version__, "cuda", torch.version.cuda)'
+  "$PY" -c 'import torch, torchvision, PIL; print("torch", torch.__version__, "torchvision", torchvision.__version__, "pillow", PIL.__version__, "cuda", torch.version.cuda)'
 } 2>&1 | tee "$OUT/versions.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_device_decode.py \
+"$PY" -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_device_decode.py \
   tests/unit/test_infer_device_feed.py "tests/unit/test_infer_predictor.py::test_cuda_predictor_gives_the_cpu_predictors_probabilities_within_bf16" 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
-python3 -m benchmarks.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
+tests=$?
+"$PY" -m benchmarks.gpu_bench --out "$OUT/gpu_bench.json" --max-seconds "${BENCH_SECONDS:-300}" "$@" 2>&1 \
   | tee "$OUT/gpu_bench.txt"
+bench=$?
+echo "wrote $OUT/versions.txt, pytest_cuda.txt, gpu_bench.json, gpu_bench.txt (tests: exit $tests, bench: exit $bench)"
+[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

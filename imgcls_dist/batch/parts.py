@@ -1,18 +1,9 @@
 """Staged parts: the unit of durable progress of a batch-inference job, and the Ray Data read/write ends that
 make them.
 
-Every row carries its position in the job's input, (input file index, row index in that file), from the read
-to the write: the read stage adds two position columns (`ShardRows`), the decode and predict stages keep them
-beside their output (`decode_positioned`, `PositionedPredictActor`), and the write stage (`PartsDatasink`)
-drops them from the rows and records them, as sorted row ranges, in the key-value metadata of the Parquet
-footer of the part it writes. A part on storage is therefore self-describing: reading its footer says exactly
-which input rows it holds, with no index file to keep consistent beside it. Positions, not ids, are the key:
-they need no id uniqueness and compress to a few ranges per part.
-
-A part is written atomically (`Location.write_bytes`: temp file + rename locally, one PUT on object stores),
-so a part that exists is complete, and a killed writer leaves either the whole part or none of it. Its name
-is `<run id>_<digest of its ranges>.parquet`: which run wrote it (so a run can tell its own parts from those
-it adopted or a dead run's late writes), and the same name when Ray retries a write task with the same rows.
+A part is a Parquet file whose footer records which input rows it holds, as ranges of (input file, row)
+positions. `plan_units` and `ShardRows` read the rows still to predict with their positions, `PartsDatasink`
+writes the parts, `read_parts` reads them back from their footers alone. Design: docs/design.md, "Staged parts".
 """
 
 from __future__ import annotations
@@ -20,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -31,7 +21,7 @@ from ray.data import Datasource
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, ReadTask
 
-from imgcls_dist.data.schema import _FOOTER_THREADS, ID
+from imgcls_dist.data.schema import ID, map_files
 from imgcls_dist.batch import publish
 from imgcls_dist.batch.stages import DevicePredictActor, PredictActor, decode_batch
 from imgcls_dist.storage import Location, location
@@ -120,10 +110,7 @@ def read_part(loc: Location) -> Part | None:
 
 
 def read_parts(locs: list[Location]) -> list[Part]:
-    if not locs:
-        return []
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, len(locs))) as pool:
-        return [p for p in pool.map(read_part, locs) if p is not None]
+    return [p for p in map_files(read_part, locs) if p is not None]
 
 
 def staged_parts(staging: Location) -> list[Location]:
@@ -156,8 +143,7 @@ def _layout(f: Location) -> FileLayout:
 
 
 def input_layout(files: list[Location]) -> list[FileLayout]:
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(files)))) as pool:
-        return list(pool.map(_layout, files))
+    return map_files(_layout, files)
 
 
 @dataclass(frozen=True)

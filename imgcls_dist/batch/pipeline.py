@@ -1,25 +1,9 @@
-"""Batch inference with Ray Data: Parquet shards in, design.md predictions out, every row accounted for.
+"""Batch inference with Ray Data: Parquet shards in, predictions out (docs/design.md, "Predictions"), every
+row accounted for.
 
-Stages (`batch/stages.py`, `batch/parts.py`): read the input's row groups (only id/image/label, plus each
-row's position in the input) -> decode+resize in CPU tasks (a row that cannot be decoded gets zeros and an
-`error` string; nothing is raised per row) -> ensembled TTA on a fixed actor pool (GPU when the cluster has
-one) -> write self-describing parts into a staging directory. Nothing is materialized in the driver: memory
-depends on block and batch sizes, not on the number of input rows.
-Inputs, models and OUT may each be a local path, s3:// or gs:// (`imgcls_dist.storage`); Ray Data reads
-and writes through the same pyarrow filesystem.
-
-Actor-pool sizing (see `plan_actors`): Ray Data needs CPUs for read/decode and write tasks while the pool
-holds its own; a pool that takes every CPU hangs forever, silently (seen on 2 CPUs: 2 one-CPU actors +
-read tasks). So a quarter of the CPUs (at least 1) is kept for 0.5-CPU tasks and the pool shares the
-rest: on 2 CPUs, 1 actor x 1 CPU beside two 0.5-CPU decode tasks; on 16, 12 actors and 4 CPUs of tasks.
-
-Output protocol: `batch/publish.py` (a lease instead of a lock, staging, the manifest as commit point).
-Resuming a killed run (the default when OUT holds an unfinished run of the same job): `batch/resume.py`.
-
-The job is five named steps: `validate_job` (inputs, models, OUT; before any Ray work), `resume.take_over`
-(with the lease: adopt the unfinished run's parts, refuse another job's, or start a new staging),
-`plan_job` (actors from what the cluster has free), `execute` (the Ray Data pipeline, over the rows no
-adopted part holds, into staging) and `publish_job` (check, publish, commit).
+`run_batch_inference` runs five steps: `validate_job`, `resume.take_over`, `plan_job` (the actor pool sized by
+`plan_actors`), `execute` (read -> decode tasks -> predictor actor pool -> staged parts) and `publish_job`.
+Stages and actor-pool sizing: docs/design.md, "Batch inference pipeline".
 """
 
 from __future__ import annotations
@@ -63,9 +47,9 @@ def plan_actors(available_cpus: float, gpus: float, requested: int | None = None
     """Size the predictor pool so read/decode/write tasks always have CPUs left beside it.
 
     A quarter of the CPUs, at least 1 (half of them below 2), is kept out of the pool for tasks:
-    decoding + resizing a digit PNG costs ~0.35 ms on one core vs ~2.6 ms for the lenet5 forward over
-    the 6 default views (measured on the 2-CPU CI box), and the ratio is far smaller for bigger models,
-    so a quarter keeps decode off the critical path. Tasks ask for 0.5 CPU: two run per reserved core,
+    on one core, decoding + resizing a digit PNG costs a small fraction of the lenet5 forward over the 6
+    default views (docs/benchmarks.md, "Batch inference"), and the fraction is far smaller for bigger
+    models, so a quarter keeps decode off the critical path. Tasks ask for 0.5 CPU: two run per reserved core,
     and because their resource shape then differs from the actors', Ray Data does not fuse decoding
     into the predictor actors (it fuses map stages with identical remote args), which would serialize
     decode and forward in one process.
@@ -248,13 +232,15 @@ def run_batch_inference(
     compile: bool = False,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Predict every row of `input` with the ensemble `models`, write OUT per design.md; returns the manifest.
+    """Predict every row of `input` with the ensemble `models`, write OUT as docs/design.md, "Predictions"
+    describes; returns the manifest.
 
     `models`: one ensemble.json, or model files/dirs. `weights`/`combine` override the manifest's;
     combine None -> the manifest's, else "weighted" with weights, else "mean". An unfinished run of the same
     job in OUT is resumed, one of another job refused; `fresh` discards it instead (batch/resume.py).
     `decode`: "auto" (on the actors' GPUs when they have them, else in CPU tasks), "cpu" or "device".
-    `compile`: torch.compile each member in the actors (worth it for long jobs on GPUs: see bench gpu).
+    `compile`: torch.compile each member in the actors (worth it for long jobs on GPUs; measured by
+    `python -m benchmarks.gpu_bench`).
     """
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()

@@ -1,33 +1,9 @@
 """The predictions directory protocol: one writer at a time, staged output, the manifest as commit point.
 
-Designed for object stores, which have no rename and no lock, and used unchanged on local disk:
-
-1. **Lease.** A run writes `OUT/.leases/<run_id>.json`, then lists `.leases/`. Any other live lease is a
-   concurrent run: this one deletes its lease and stops with a clear error. Because each run writes before
-   it lists and listings are strongly consistent (S3 since 2020, GCS, POSIX), of two runs starting together
-   at least the later one sees the other; both may stop, never both proceed. A lease stays live while its
-   run rewrites it every `LEASE_HEARTBEAT_S`; it is stale when its last write is more than `LEASE_TTL_S`
-   older than ours (both times from the store's clock, so client clocks never matter), or at once when it
-   names a process on this host that no longer exists (a killed run, rerun on the same machine).
-2. **Staging.** Ray Data writes into `OUT/.staging-<run_id>/`: dot-prefixed, so pyarrow/Ray Data dataset
-   discovery and `list_parquet` skip it; the previous complete output stays valid meanwhile. Staging left by
-   runs that no longer hold a lease is either resumed (same inputs and models) or refused; `batch/resume.py`
-   decides, with the lease held.
-3. **Count.** Rows from the staged files' Parquet footers (`footer_counts`); rows out != rows in, or any input
-   row not held exactly once, publishes nothing (`batch/resume.py::check_exact`).
-4. **Publish.** Delete `OUT/_manifest.json` (from here OUT claims nothing), delete the old top-level
-   `*.parquet`, move the staged files to `OUT/part-<run_id>-NNNNN.parquet` (a rename on local disk, a
-   server-side copy + delete on object stores), delete the staging dir.
-5. **Commit.** Write `OUT/_manifest.json` last, in one atomic write (local: temp file + rename; object
-   stores: one PUT). It lists every file with its row count and size.
-
-Readers go through the manifest (`prediction_files`): no manifest means incomplete, and a listed file that
-is missing or has another size means OUT was changed after the commit; both are refused. A crash at any step
-leaves either the previous manifest (steps 1-3) or none (4); the next run adopts the parts still staged
-(batch/resume.py), predicts the rest and republishes, so a rerun replaces rows and never duplicates them.
-Residual risk, documented in docs/cluster.md: a run frozen for longer than the TTL (a stalled VM) loses its
-lease to a newer run; it checks its lease again before step 4 and fails instead of publishing, but a freeze
-between that check and step 5 is not detected.
+Steps: 1 lease (`Lease`, `exclusive`: `OUT/.leases/<run_id>.json`, kept alive by a heartbeat), 2 staging
+(`OUT/.staging-<run_id>/`), 3 count (`footer_counts`), 4 publish (`publish`), 5 commit (`commit`:
+`_manifest.json`, last). Readers go through the manifest: `read_manifest`, `prediction_files`. Design, and why
+it holds on object stores: docs/design.md, "Publishing predictions"; the contract: docs/design.md, "Predictions".
 """
 
 from __future__ import annotations
@@ -67,7 +43,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    """This run's claim on OUT (see module docstring, step 1); `with lease:` holds it with a heartbeat."""
+    """This run's claim on OUT (docs/design.md, "Publishing predictions", step 1); `with lease:` holds it with a heartbeat."""
 
     def __init__(self, out: Location, run_id: str):
         self.out, self.run_id = out, run_id

@@ -1,50 +1,10 @@
 """Resuming an interrupted batch-inference run: adopt what it durably wrote, predict only the rest.
 
-A run's staging directory (`OUT/.staging-<first run id>/`) holds `_resume.json`, the job's fingerprint
-(written before any prediction), and the parts written so far (`batch/parts.py`: each part's footer lists
-the input rows it holds as ranges of (input file, row)). A later run into the same OUT, once it holds the
-lease (so the writer of that staging is dead, `batch/publish.py` step 1):
-
-* same fingerprint -> it adopts the parts (greedily, in name order, skipping any that overlap one already
-  adopted: a dead run's write task can land a part late, after a resumer listed the directory), reads only
-  the row groups that hold rows no adopted part covers, filters those rows in the read task, writes its own
-  parts into the same staging, and publishes adopted + own parts once they hold every input row exactly once
-  (`check_exact`). Rows re-predicted = rows in, minus rows in adopted parts: nothing durable is redone.
-* another fingerprint with parts -> refused with one line naming what differs (input files, models, TTA
-  views, weights, temperatures, combine, classes, label passthrough, decode) and how to start over (`--fresh`, or
-  delete the staging directory): results of two configurations are never mixed.
-* no parts (killed before the first part) or no fingerprint (not ours) -> deleted, nothing was lost.
-
-Resuming is the default, not a flag: under `ray job submit` / a KubeRay RayJob a failed job is retried with
-the same entrypoint, and resuming it gives the same predictions as a clean run (same fingerprint), only
-sooner; discarding hours of predictions must be asked for (`--fresh`).
-
-The fingerprint: each input file's URI, size, mtime and row count (a file rewritten in place changes its
-mtime on every store); each member's sha256 of its model file (the file's content, so a copy at another path
-is the same model and a retrained file at the same path is not; costs one extra read of each model file per
-run); the views, normalized weights, temperatures, combine rule, classes and label passthrough (the output
-schema) and where JPEGs are decoded. Batch size and actor count are not in it: they do not change predictions.
-
-Why not Ray Data's own checkpointing (`DataContext.checkpoint_config = CheckpointConfig(id_column=...)`,
-read in ray/data/checkpoint/ and _internal/planner/checkpoint/ of Ray 2.60): its mechanics are sound for a
-plain write (a pending checkpoint of each write task's ids before the data file, committed after it;
-pending ones and their data files are deleted on restart), but for this job:
-
-1. It deadlocks on small machines: on restart it inserts a `CheckpointFilter` actor pool whose actors ask
-   1 CPU each (no num_cpus is passed, Ray Data's default applies) plus 1 GiB; beside our predictor pool on
-   2 CPUs nothing is left for read tasks. Measured with Ray 2.60 on the 2-CPU CI box: a resumed
-   read -> 1-CPU actor pool -> write job hung for 90 s at "3/2 CPU" until killed.
-2. It reads everything again: the filter drops done rows after the read, so a run resumed at 95% of 10^12
-   bytes of images reads 0.95 * 10^12 bytes to throw them away; work units here skip done row groups unread.
-3. It holds every done id in one place: all checkpointed ids are repartitioned into one block, sorted in one
-   task and copied into every filter actor as a numpy object array (~80 bytes per string id: ~0.8 GB per
-   actor at 10^7 rows); design.md says nothing a job needs is held whole in one process. Ranges of positions
-   here are a few per part, whatever the row count.
-4. It keys on the id column, so ids must be unique for rows out == rows in; positions need no such promise.
-5. It knows nothing of what changed between runs (models, views), so the fingerprint would be ours anyway,
-   and its data files still land in one directory that our publish step must count and move.
-It is also beta (CheckpointConfig) on DeveloperAPI internals. What is used from Ray Data here is public or
-developer API: a Datasource (read tasks), map_batches and a Datasink (write tasks).
+`fingerprint` identifies the job (written to `_resume.json` in the staging directory before any prediction);
+`take_over`, with the lease held, adopts the parts of an unfinished run of the same job, refuses another job's
+or starts a new staging; `check_exact` lets nothing be published unless every input row is in exactly one part.
+Resuming is the default, `--fresh` discards. Design (the fingerprint, why not Ray Data's checkpointing):
+docs/design.md, "Resuming a batch job".
 """
 
 from __future__ import annotations

@@ -32,8 +32,8 @@ OUTPUT_FIELDS = [
 
 
 def output_schema(with_label: bool) -> pa.Schema:
-    """design.md's predictions schema; `label` only when the input has it. On error rows pred,
-    pred_name, confidence, probs and entropy are all null (not NaN), and `error` says why."""
+    """The predictions schema (docs/design.md, "Predictions"); `label` only when the input has it. On error
+    rows pred, pred_name, confidence, probs and entropy are all null (not NaN), and `error` says why."""
     return pa.schema([f for f in OUTPUT_FIELDS if with_label or f.name != LABEL])
 
 

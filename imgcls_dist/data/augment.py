@@ -1,21 +1,9 @@
-"""CPU-side image augmentation.
+"""CPU-side image augmentation: albumentations presets scaled by one `strength` knob, MixUp/CutMix.
 
-Convention: every transform here takes and returns uint8 HWC numpy arrays (C = 3 or 1) and
-outputs exactly ``image_size x image_size``. Float conversion and mean/std normalization
-happen later, on the device, so training and inference share one code path.
-
-Presets are tables of magnitudes *at strength 1*; every magnitude and every application
-probability is multiplied by ``strength`` in [0, 1]. Strength 0 therefore degenerates to the
-eval transform (plain resize), and Tune can search ``strength`` as a continuous knob.
-
-Randomness / reseeding: albumentations 2.x Compose draws from its own numpy/python RNGs,
-not torch's, and is *not* worker-aware. DataLoader workers are forked copies of the same
-transform, so without reseeding every worker (and, with non-persistent workers, every epoch)
-replays the same augmentation stream. The training loop must therefore call
-``reseed(transform, derive_seed(base_seed, epoch, rank, worker_id))`` (data/seeds.py) in each dataloader
-worker at the start of each epoch (``worker_init_fn`` runs once per epoch when
-``persistent_workers=False``; with persistent workers, once per worker is enough because the
-stream then continues across epochs).
+Every transform takes and returns uint8 HWC arrays of exactly image_size x image_size (normalization happens
+later, on the device); strength 0 is the eval transform. Entry points: `build_train_transform`,
+`build_eval_transform`, `build_batch_mix`, `reseed` (albumentations draws from its own RNGs: seeds come from
+`data/seeds.py`). Design: docs/design.md, "Augmentation and reseeding".
 """
 
 from __future__ import annotations
@@ -27,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 
 # albumentations asks pypi.org for a newer release at every import (an HTTPS request, 2 s timeout): every
 # Train worker, predictor actor and DataLoader process would phone out, and wait on clusters without internet.
-# Measured here (pypi reachable): import 1.15-1.25 s with the check, 0.83-0.98 s without. A user's setting wins.
+# The check also slows every import (docs/benchmarks.md, "Process start-up"). A user's setting wins.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A  # noqa: E402

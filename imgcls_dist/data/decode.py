@@ -57,15 +57,14 @@ def decode_image(
     `min_size`: the side the caller resizes to next. A JPEG is then decoded by libjpeg at the
     smallest DCT scale (1/2, 1/4 or 1/8; PIL's `Image.draft`) whose image is still at least
     `min_size` in both dimensions, so the array may be smaller than the file's size but never
-    smaller than `min_size` (unless the file itself is). Why: a 12 MP (4000x3000, 1.3 MB) JPEG
-    costs ~120 ms per core decoded whole and resized to 224 px, ~16 ms decoded at 1/8 (500x375)
-    and resized the same way; what is left is mostly entropy decoding, which no scale shortens,
-    so the gain shrinks as files grow (2.5 MB: 5.4x) and progressive files gain ~3.8x
-    (docs/benchmarks.md, "Reduced-size JPEG decode"). Below twice `min_size` no scale applies
-    and nothing changes. simplejpeg's scaled decode (libjpeg-turbo too) measured 1.03x this one
-    at 12 MP, without EXIF orientation or a header pixel limit, so PIL stays. The format
-    whitelist and `max_pixels` are checked on the file's own header size first. Other formats
-    decode whole.
+    smaller than `min_size` (unless the file itself is). Why: a 12 MP (4000x3000) JPEG decoded at
+    1/8 (500x375) and resized to 224 px costs a fraction of the whole decode and the same resize;
+    what is left is mostly entropy decoding, which no scale shortens, so the gain shrinks as files
+    grow and progressive files gain less (docs/benchmarks.md, "Reduced-size JPEG decode"). Below
+    twice `min_size` no scale applies and nothing changes. simplejpeg's scaled decode (libjpeg-turbo
+    too) was barely faster at 12 MP, without EXIF orientation or a header pixel limit, so PIL stays.
+    The format whitelist and `max_pixels` are checked on the file's own header size first. Other
+    formats decode whole.
     """
     try:
         return _decode(data, channels, max_pixels, background, min_size)

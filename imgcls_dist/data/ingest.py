@@ -32,7 +32,7 @@ from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.storage import Location, PathLike, location
 
 # Object-store reads overlap in threads (each is a round trip); local files are read in the task's thread:
-# measured on 2,000 96-px JPEGs, 8 threads made a task 2x slower (1,147 vs 2,345 files/s).
+# threads made a task reading local JPEGs slower (docs/benchmarks.md, "Ingest on Ray").
 READ_THREADS_REMOTE = 8
 PROGRESS_EVERY_S = 10.0
 

@@ -1,11 +1,12 @@
-"""The shard contract of design.md: which columns, which types, and validation before any work starts."""
+"""The shard contract (docs/design.md, "Dataset shards"): which columns, which types, and validation before
+any work starts."""
 
 from __future__ import annotations
 
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,7 +16,18 @@ from imgcls_dist.errors import UserError
 from imgcls_dist.storage import Location, PathLike, location
 
 # Footers of files on an object store are read in parallel: each costs a round trip or two.
-_FOOTER_THREADS = 16
+FOOTER_THREADS = 16
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def map_files(fn: Callable[[T], R], files: Sequence[T]) -> list[R]:
+    """`[fn(f) for f in files]`, FOOTER_THREADS at a time: for per-file metadata reads (footers, sizes), which
+    on an object store are round trips, not work. Results in the order of `files`; the first error raises."""
+    if not files:
+        return []
+    with ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
+        return list(pool.map(fn, files))
 
 SPLITS = ("train", "val", "test")
 DATASET_FILE = "dataset.json"
@@ -128,9 +140,7 @@ def validate_files(
     """Check every file's schema (and label range) before work starts; returns the total row count.
     The first bad file in the given order is the one reported."""
     locs = [location(f) for f in files]
-    with ThreadPoolExecutor(min(_FOOTER_THREADS, max(1, len(locs)))) as pool:
-        futures = [pool.submit(_check_file, f, require_id, require_label, num_classes) for f in locs]
-        return sum(fut.result() for fut in futures)
+    return sum(map_files(lambda f: _check_file(f, require_id, require_label, num_classes), locs))
 
 
 def hflip_allowed(dataset_meta: dict) -> bool:

@@ -39,15 +39,15 @@ def photo_image(digit: np.ndarray, width: int, height: int, seed: int = 0, noise
     """A photo-like RGB image of width x height: `digit` (a small uint8 image, e.g. from `digits_images`)
     upscaled to fill the frame, under a smooth colour cast that varies across the frame, plus per-pixel
     sensor noise (std `noise`). The digit is what a classifier keys on; the noise is the fine detail a
-    camera adds and a reduced-size decode averages away, and it sets the JPEG's size (12 MP at quality
-    90: ~0.4 MB without noise, ~1.3 MB at noise 3, ~2.5 MB at noise 6), which sets how much entropy
+    camera adds and a reduced-size decode averages away, and it sets the JPEG's size (the sizes at 12 MP and
+    each noise level: docs/benchmarks.md, "Reduced-size JPEG decode"), which sets how much entropy
     decoding, the part of a JPEG decode no DCT scale reduces, costs."""
     rng = np.random.default_rng(seed)
     base = np.asarray(Image.fromarray(digit.squeeze()).convert("RGB").resize((width, height), Image.BICUBIC))
     cast_small = rng.uniform(0.7, 1.0, (3, 4, 3)).astype(np.float32)  # a 4x3 grid of RGB gains
     cast = np.asarray(Image.fromarray((cast_small * 255).astype(np.uint8)).resize((width, height), Image.BILINEAR))
     pixels = base * (cast * np.float32(1 / 255))
-    # Uniform noise of std `noise` (half-width noise * sqrt(3)): 1.3 ms per 640x480x3 vs 8.1 ms for normal draws.
+    # Uniform noise of std `noise` (half-width noise * sqrt(3)): several times cheaper to draw than normal noise.
     pixels += (rng.random((height, width, 3), dtype=np.float32) - np.float32(0.5)) * np.float32(noise * 12**0.5)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 

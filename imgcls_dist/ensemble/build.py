@@ -1,18 +1,9 @@
 """`imgcls-dist ensemble build`: an ensemble fitted on the validation split, written as ensemble.json.
 
-1. Every candidate predicts the validation rows once, for each TTA view its training augmentation allows
-   (`infer.tta.training_views`), through the batch job's decode and predictor (`EnsemblePredictor`):
-   raw logits, [views, rows, classes] per candidate. Memory: candidates x views x rows x classes x 4 bytes
-   (5 x 6 x 50,000 x 1,000 would be 6 GB: use --max-rows on very large validation sets).
-2. A temperature per candidate (`calibrate.choose_temperature`, identity view).
-3. Members by greedy forward selection with replacement on validation log-loss (`select.select_members`).
-4. TTA views the same way (`select.select_views`), from the views every chosen member saw in training.
-5. ensemble.json (members with weight > 0, weights, temperatures, views; the validation metrics of every
-   candidate, of the plain mean and of the result), a reliability diagram before and after temperature
-   scaling, and a table on the console.
-
-Never the test split: the builder takes a dataset directory's `val/` split, or labelled shards given
-explicitly, and the split it read is recorded in the manifest.
+`build_ensemble`: every candidate's validation logits per TTA view, a temperature per candidate, members and
+views by greedy forward selection on validation log-loss, then ensemble.json, a reliability diagram and a table.
+Never the test split. Design: docs/design.md, "Building an ensemble"; the file: docs/design.md,
+"Ensemble manifest".
 """
 
 from __future__ import annotations
@@ -37,6 +28,7 @@ from imgcls_dist.predictor.tta import default_views
 from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.predictor.options import BATCH_SIZE
+from imgcls_dist.table import format_table
 
 CALIBRATION_PLOT = "ensemble_calibration.png"
 RULE = ("greedy forward selection with replacement on validation log-loss (Caruana et al., 2004), members "
@@ -201,8 +193,5 @@ def format_build_table(doc: dict[str, Any]) -> str:
     rows.append((f"built, views {'+'.join(doc['views'])}", "", "", v["result"]["acc"], v["result"]["nll"], "",
                  v["result"]["ece"], ""))
     head = ("member", "T", "weight", "val_acc", "val_nll", "nll_T", "ece", "ece_T")
-    cells = [head] + [tuple(f"{x:.4f}" if isinstance(x, float) else str(x) for x in r) for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return f"validation ({v['rows']} rows):\n" + "\n".join(lines)
+    cells = [tuple(f"{x:.4f}" if isinstance(x, float) else str(x) for x in r) for r in rows]
+    return f"validation ({v['rows']} rows):\n" + format_table(head, cells)

@@ -1,17 +1,8 @@
-"""Temperature scaling (Guo et al., 2017, "On Calibration of Modern Neural Networks"): one scalar T per model,
-fitted on validation logits by minimising the negative log-likelihood of softmax(logits / T).
+"""Temperature scaling: one scalar T per model, fitted on validation logits (`choose_temperature`).
 
-T is optimised as log T (so it stays positive) with torch.optim.LBFGS: a one-dimensional smooth problem with
-one minimum (NLL is convex in 1/T), solved in a handful of iterations. T does not change any argmax, so a
-member's accuracy is the same before and after; its NLL and expected calibration error are what move.
-
-When the NLL fit asks for sharpening (T < 1) on a validation split with few errors, it is not identified:
-with no errors NLL falls without bound as T -> 0. There T comes from expectation consistency instead
-(Clarté, Loureiro, Krzakala & Zdeborová, 2023, "Expectation consistency for calibration of neural networks"):
-the T at which the mean confidence equals the validation accuracy, here Laplace's rule-of-succession estimate
-(n - k + 1) / (n + 2) of it (k errors in n rows), which stays below 1 when k = 0. scipy/sklearn have no
-temperature or EC calibrator (sklearn's CalibratedClassifierCV fits sigmoid/isotonic maps per class, which
-change argmaxes and need many errors), hence these few lines.
+The NLL fit (`fit_temperature`, LBFGS on log T), or, when it asks for sharpening on a split with few errors,
+the expectation-consistent T (`consistent_temperature`). Why, and the references: docs/design.md,
+"Temperature scaling".
 """
 
 from __future__ import annotations
@@ -23,9 +14,9 @@ import torch.nn.functional as F
 # Bounds on T: beyond them the fit is chasing a degenerate validation set (all correct -> T -> 0).
 T_MIN, T_MAX = 0.05, 20.0
 # Below this many validation errors a sharpening fitted by NLL is replaced by the expectation-consistent T.
-# Measured (docs/benchmarks.md, issue 14): digits members with 0-1 errors on a 179-row val split fitted
-# T = 0.05-0.29 by NLL, and test NLL rose from 0.075-0.080 to 0.11-0.23 on the 540-row test split, whose few
-# errors then cost ~10 nats each; the expectation-consistent T (0.20-0.66) lowered it to 0.021-0.031.
+# With almost no validation errors the NLL fit sharpens towards T_MIN, and the few errors of unseen data then
+# cost many nats each: the digits members' test NLL rose above its value at T = 1, and the expectation-consistent
+# T lowered it (docs/benchmarks.md, "Ensembles built on validation data").
 # Softening (T > 1, the usual correction for over-confident CNNs) is always the NLL fit.
 MIN_ERRORS_TO_SHARPEN = 20
 
@@ -75,7 +66,7 @@ def consistent_temperature(logits: np.ndarray, target: float) -> float:
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
     """(T, how it was chosen): `fit_temperature`, except that a sharpening fitted on fewer than
-    MIN_ERRORS_TO_SHARPEN validation errors becomes the expectation-consistent T (see the module docstring),
+    MIN_ERRORS_TO_SHARPEN validation errors becomes the expectation-consistent T (docs/design.md, "Temperature scaling"),
     kept between the NLL fit and 1: NLL is convex in 1/T with its minimum at the fit, so there validation NLL
     is never above T = 1's."""
     t = fit_temperature(logits, labels)

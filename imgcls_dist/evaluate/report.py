@@ -24,6 +24,7 @@ from imgcls_dist.evaluate.metrics import ECE_BINS, ReliabilityBins, write_classi
 from imgcls_dist.evaluate.plots import plot_reliability
 from imgcls_dist.batch.publish import ERROR, prediction_files, read_manifest
 from imgcls_dist.storage import PathLike, location
+from imgcls_dist import table
 
 
 RELIABILITY_PLOT = "reliability.png"
@@ -150,10 +151,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     def cell(k: str, v: Any) -> str:
         return "" if v is None else (f"{v:+.4f}" if k == "vs_best_single" else str(v))
 
-    cells = [[cell(k, r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
-    return "\n".join([line(keys), line(["-" * w for w in widths]), *(line(c) for c in cells)])
+    return table.format_table(keys, [[cell(k, r[k]) for k in keys] for r in rows])
 
 
 def evaluate_predictions(

@@ -1,4 +1,5 @@
-"""The exported model file (`model.pt`) of design.md: plain types only, loadable with weights_only=True.
+"""The exported model file (`model.pt`; docs/design.md, "Model file"): plain types only, loadable with
+weights_only=True.
 
 File I/O only, on any filesystem: rebuilding the network from a file is `registry.build_model_from_file`
 (this module stays below the registry in the import tree).
@@ -33,7 +34,8 @@ def save_model_file(
     metrics: dict | None = None,
     hflip: bool = True,
 ) -> Location:
-    """Write a design.md model file. `path` (any filesystem) may be a directory: model.pt is written inside."""
+    """Write a model file (docs/design.md, "Model file"). `path` (any filesystem) may be a directory: model.pt
+    is written inside."""
     loc = location(path)
     if loc.suffix != ".pt":
         loc = loc / MODEL_FILE

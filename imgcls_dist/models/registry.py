@@ -20,6 +20,7 @@ from imgcls_dist.errors import UserError
 from imgcls_dist.models import weights as weights_mod
 from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.models.lenet import LeNet5
+from imgcls_dist.table import format_table
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -305,14 +306,10 @@ def models_table(pattern: str | None = None, named_only: bool = False) -> str:
     if not names:
         return f"no model matches '{pattern}' ({LIST_HINT})"
     header = ("name", "family", "params", "min size", "default weights", "cached?")
-    rows = [header]
+    rows = []
     for n in names:
         s = get_spec(n)
         cached = {None: "-", True: "yes", False: "no"}[weights_cached(n)]
         size = f"={s.min_size}" if s.fixed_size else str(s.min_size)
         rows.append((n, s.family, f"{param_count(n) / 1e6:.1f}M", size, s.default_weights or "-", cached))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"(cache: {Path(torch.hub.get_dir()) / 'checkpoints'})")
-    return "\n".join(lines)
+    return format_table(header, rows) + f"\n(cache: {Path(torch.hub.get_dir()) / 'checkpoints'})"

@@ -104,9 +104,9 @@ def gray_stem_kernel(rgb: torch.Tensor) -> torch.Tensor:
 
 
 def torchvision_models():
-    """`torchvision.models`, imported on first use: importing torchvision costs ~2.5 s per process on the
-    2-CPU box (`torchvision.ops` imports `torch._dynamo`), which a process that only builds LeNet-5 (a
-    predictor actor, `predict`) or no model at all would pay for nothing."""
+    """`torchvision.models`, imported on first use: importing torchvision costs seconds per process
+    (`torchvision.ops` imports `torch._dynamo`; docs/benchmarks.md, "Process start-up"), which a process that
+    only builds LeNet-5 (a predictor actor, `predict`) or no model at all would pay for nothing."""
     import torchvision.models
 
     return torchvision.models

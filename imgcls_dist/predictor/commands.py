@@ -34,8 +34,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def register_predict_command(sub) -> None:
-    p = sub.add_parser("predict", help="top-k classes for local image files (no Ray)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser("predict", help="top-k classes of a few image files, in this process (no Ray)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (local, s3:// or gs://)")
     add_model_args(p)
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="classes to print per image (default 5)")
     p.set_defaults(func=cmd_predict)

@@ -1,23 +1,9 @@
 """JPEG rows decoded and resized on the predictor's device; every other row, and any row the device path
 fails on, through the CPU path of `predictor/prepare.py` (so such a row gets the CPU path's error string).
 
-On a GPU the device is CUDA and the decoder nvJPEG, batched (`torchvision.io.decode_jpeg(list, device=...)`).
-Why: on a GPU node the predictor outruns the CPU decode of full-size photos by far (a resnet50 forward is
-under 1 ms per image on one H200; a 12 MP JPEG costs ~15 ms per core even decoded at a reduced DCT scale,
-docs/benchmarks.md), so the CPU decode tasks, not the GPU, would set the job's rate. With device "cpu"
-the same code runs with torchvision's CPU decoder: that is how it is tested on machines without CUDA.
-
-A row goes to the device only when its header (PIL's lazy open: no pixel is decoded) says the checks of
-`data/decode.py::decode_image` pass and the device can decode it: a JPEG, colour mode L or RGB (CMYK and
-YCCK JPEGs take the CPU path, which converts them as PIL does), at most `max_pixels`. EXIF orientation is
-read from that header (as the CPU path reads it, PIL's `getexif`) and applied to the decoded tensor here
-(`orient`): torchvision's `decode_jpeg` applies it on CPU only and ignores `apply_exif_orientation` for CUDA
-(torchvision 0.29, "Only implemented for JPEG format on CPU"), so nvJPEG alone would hand over phone photos
-taken upright lying on their side. The resize matches the eval transform's op (`data/augment.py::_resize`): an area
-average when shrinking (cv2's INTER_AREA, `_area_weights`), bilinear with half-pixel centres when
-enlarging (cv2's INTER_LINEAR); 1-channel members get ITU-R 601 luma, as PIL's "L" conversion. The full
-image is decoded (nvJPEG has no DCT scaling), so inputs differ from the CPU path's reduced decode by about
-what the reduced decode differs from a full one (tests/unit/test_device_decode.py measures both).
+`prepare_on_device` is the entry point: nvJPEG on CUDA, torchvision's CPU decoder on device "cpu". `orient`
+applies the EXIF orientation (torchvision's CUDA decode does not) and `resize_like_eval` resizes as the eval
+transform does. Why, and how it differs from the CPU path: docs/design.md, "Decoding on the predictor's device".
 """
 
 from __future__ import annotations
@@ -37,7 +23,7 @@ from imgcls_dist.predictor.prepare import InputKey, prepare_encoded
 
 _LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> "L" weights (ITU-R 601-2)
 ORIENTATION = ExifTags.Base.Orientation  # 0x0112
-# Pixels decoded per nvJPEG call. A GPU actor's call holds 512 rows (infer.pipeline: batch 128 x 4 micro-batches):
+# Pixels decoded per nvJPEG call. A GPU actor's call holds 512 rows (batch/pipeline.py: batch 128 x 4 micro-batches):
 # as 12 MP photos that is 18 GB of RGB at once, more than most GPUs have beside the model. 256 MP is 768 MB of
 # RGB: ~21 such photos per call, or all 512 rows of ImageNet-size ones.
 DECODE_CHUNK_PIXELS = 256_000_000
@@ -99,7 +85,7 @@ _ORIENT = {
 
 
 def orient(rgb: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A decoded [C,H,W] image as displayed under its EXIF `orientation` (module docstring: why here)."""
+    """A decoded [C,H,W] image as displayed under its EXIF `orientation` (docs/design.md, "Decoding on the predictor's device": why here)."""
     op = _ORIENT.get(orientation)
     return rgb if op is None else op(rgb)
 
@@ -129,8 +115,8 @@ def _decode_all(datas: list[bytes | bytearray | memoryview], device: torch.devic
 def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """[n_out, n_in] box-filter weights: output pixel i averages source pixels over [i, i+1) * n_in / n_out,
     partial pixels by their overlap. This is cv2's INTER_AREA for shrinking by any factor; torch's "area"
-    mode (adaptive average pooling) equals it only for integer factors (measured 6.6 grey levels apart on a
-    small JPEG shrunk to 32 px), so it is written out here as two small matrix products."""
+    mode (adaptive average pooling) equals it only for integer factors (docs/benchmarks.md, "Decoding on the
+    predictor's device"), so it is written out here as two small matrix products."""
     edges = torch.arange(n_out + 1, dtype=torch.float64, device=device) * (n_in / n_out)
     src = torch.arange(n_in + 1, dtype=torch.float64, device=device)
     lo = torch.maximum(edges[:-1, None], src[None, :-1])
@@ -139,7 +125,7 @@ def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
 
 
 def resize_like_eval(rgb: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """[3,H,W] uint8 -> [channels,size,size] uint8, as the eval transform resizes (module docstring)."""
+    """[3,H,W] uint8 -> [channels,size,size] uint8, as the eval transform resizes (docs/design.md, "Decoding on the predictor's device")."""
     x = rgb.float()
     h, w = rgb.shape[1:]
     if h >= size and w >= size:  # shrinking (or same size): the area average, exactly

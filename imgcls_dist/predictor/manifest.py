@@ -28,7 +28,7 @@ from imgcls_dist.storage import PathLike, is_uri, location
 ENSEMBLE_FILE = "ensemble.json"
 # `--models A B` without a manifest: members whose validation accuracies (in their model files) differ by
 # more than this get a one-line pointer to `ensemble build` (a plain mean lets a weak member pull a strong
-# one down: measured in docs/benchmarks.md, issue 14).
+# one down: docs/benchmarks.md, "Ensembles built on validation data").
 SPREAD_NOTE_ACC = 0.02
 
 
@@ -70,7 +70,7 @@ def _numbers(p, entries: list[dict], key: str, positive: bool = False) -> list[f
 
 
 def load_ensemble_manifest(path: PathLike) -> EnsembleSpec:
-    """ensemble.json (any filesystem) -> EnsembleSpec (see the module docstring for the format)."""
+    """ensemble.json (any filesystem) -> EnsembleSpec (format: docs/design.md, "Ensemble manifest")."""
     p = location(path)
     try:
         doc = json.loads(p.read_text())

@@ -1,18 +1,8 @@
 """An ensemble of model files with test-time augmentation, as one callable on uint8 batches.
 
-Each member keeps its own input size, channel count and mean/std (all from its model file, never
-retyped); members only have to agree on `classes`. Per member, all TTA views of a micro-batch go
-through ONE forward ([V*N,C,H,W]); each view's logits are divided by the member's temperature (1 unless
-an ensemble manifest fitted one: `ensemble build`), softmaxed, the view probabilities averaged, then members
-are combined:
-
-- "mean":     plain average of member probabilities.
-- "weighted": weighted average, weights normalized to sum 1 (e.g. from a tune campaign's ensemble.json).
-- "vote":     each member votes for its argmax class (with its weight; equal if none given); the output
-              is the vote share per class. Ties are broken by the members' averaged probabilities:
-              the output is (votes + eps * soft) / (1 + eps) with eps = 1e-3, which still sums to 1,
-              changes no vote share by more than 1e-3, and makes argmax pick the tied class the
-              members were jointly most confident in (rather than the lowest class index).
+`EnsemblePredictor`: each member keeps its own input size, channels and mean/std (from its model file); all
+views of a micro-batch go through one forward per member; members are combined by "mean", "weighted" or
+"vote". Design: docs/design.md, "Combining members".
 """
 
 from __future__ import annotations
@@ -34,7 +24,7 @@ from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import build_model_from_file
 from imgcls_dist.predictor.options import BATCH_SIZE
 
-InputKey = tuple[int, int]  # (image_size, channels), as in infer.prepare (not imported: it pulls albumentations)
+InputKey = tuple[int, int]  # (image_size, channels), as in predictor.prepare (not imported: it pulls albumentations)
 VOTE_TIE_EPS = 1e-3
 
 

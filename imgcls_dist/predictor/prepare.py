@@ -1,15 +1,8 @@
 """Encoded bytes -> the uint8 inputs each ensemble member needs, exactly as training prepared them.
 
-An input key is (image_size, channels). Training decodes with
-`decode_image(channels=in_channels, min_size=image_size)` and resizes with `build_eval_transform(image_size)`;
-here each row is decoded to RGB and, for 1-channel members, converted with PIL's "L" — which is what
-decode_image(channels=1) does after its own RGB step, so both give identical pixels
-(tests/unit/test_infer_predictor.py checks it).
-
-A JPEG is decoded at a reduced DCT scale chosen for the size it is resized to (`decode_image`'s `min_size`),
-and two sizes may get different scales (500x375 gets 1/1 for 224 px, 1/8 for 32 px), so an ensemble whose
-members differ in image_size decodes a JPEG once per distinct size, exactly as each member's training did;
-everything else is decoded once. Each of those decodes costs at most what one full decode did.
+`prepare_encoded` decodes a batch of rows (once per distinct member input size where the decode depends on
+it), `labelled_batches` reads labelled shards as such inputs. Why the pixels match training's:
+docs/design.md, "Preparing member inputs".
 """
 
 from __future__ import annotations
@@ -32,8 +25,8 @@ InputKey = tuple[int, int]  # (image_size, channels)
 
 @lru_cache(maxsize=None)
 def eval_transform(size: int):
-    """build_eval_transform(size), built once per process (building one costs ~0.1 ms, a sixth of resizing
-    a 500x375 image to 224 px)."""
+    """build_eval_transform(size), built once per process (building one costs a fair part of what resizing an
+    image costs: docs/benchmarks.md, "Reduced-size JPEG decode")."""
     return build_eval_transform(size)
 
 

@@ -1,16 +1,7 @@
 """Test-time augmentation views: uint8 NCHW in, uint8 NCHW of the same shape out, on any device.
 
-The default view set is the views each model *saw during training*: its model file stores the training
-config, and a view is included only if that augmentation (preset x strength, `data.presets`) produced
-such inputs — e.g. shifts only when the affine translate reaches the shift size. Views outside it lower
-accuracy (measured on digits trained with the "light" preset, which has no translation: 1-2 px shifts
-cost 3-7 points per view, and the 6-view TTA lost one test image vs no TTA). An ensemble's default is
-the views every member saw.
-
-Views run on the already-resized batch (after the transfer to the device, before normalize), so one
-batched forward per model covers every view. Shifts and zoom-out extend the image by repeating its edge
-pixels rather than padding with black: scans and photos rarely have black borders, and for the
-dark-on-white digits a black border would be a new stroke.
+`VIEWS` by name; `training_views` and `default_views` give the views a model saw in training (from its model
+file's config), `resolve_views` checks what the user asks for. Design: docs/design.md, "TTA views".
 """
 
 from __future__ import annotations

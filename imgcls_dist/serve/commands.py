@@ -35,9 +35,9 @@ def register_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="HTTP inference API with Ray Serve (same ensemble + TTA as infer)")
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
-    p.add_argument("--cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")
     p.add_argument("--max-batch-size", type=int, default=None,
                    help=f"images per batched forward (default {default['max_batch_size']})")

@@ -30,7 +30,7 @@ from imgcls_dist.predictor.decode_mode import resolve_decode
 from imgcls_dist.predictor.predict import load_predictor, top_classes
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.predictor.scores import entropy_nats
-from imgcls_dist.serve.settings import ServeSettings
+from imgcls_dist.serve.settings import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, ServeSettings
 from imgcls_dist.serve.uploads import RequestError, Upload, is_multipart, read_uploads
 
 DEPLOYMENT = "Classifier"
@@ -67,8 +67,9 @@ class Classifier:
     def __init__(self, settings: dict[str, Any]):
         self.settings = ServeSettings(**settings)
         s = self.settings
-        # Torch's intra-op pool as wide as the CPUs Serve reserved (as infer's PredictActor does): left to
-        # torch, a 1-CPU replica on a 2-core box ran its forward ~15 ms slower against the proxy's threads.
+        # Torch's intra-op pool as wide as the CPUs Serve reserved (as the batch job's PredictActor does): left
+        # to torch, a 1-CPU replica's forward ran slower, contending with the proxy's threads
+        # (docs/benchmarks.md, "Serve").
         # (torch imported here: Serve pickles the ingress app by value, and torch's module globals do not pickle.)
         import torch
 
@@ -84,13 +85,14 @@ class Classifier:
         self.batch_sizes: Counter[int] = Counter()
         self.requests = Counter()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)  # replaced from settings in __init__
+    # The settings' values replace these in __init__.
+    @serve.batch(max_batch_size=DEFAULT_MAX_BATCH_SIZE, batch_wait_timeout_s=DEFAULT_BATCH_WAIT_S)
     async def classify(self, images: list[bytes]) -> list[tuple[np.ndarray | None, str | None]]:
         self.batch_sizes[len(images)] += 1
         # On this (user-code) event loop, not in a thread: Serve receives requests and answers health checks on
         # the replica's own loop meanwhile, and requests that arrive during a forward join the next batch.
-        # Measured with `bench serve` (resnet18@224, 1 CPU): asyncio.to_thread gave 28.9 req/s at
-        # concurrency 16, this 37.8; the forward thread contended for the GIL with the loop's request handling.
+        # asyncio.to_thread served fewer requests/s at concurrency 16: the forward thread contended for the GIL
+        # with the loop's request handling (docs/benchmarks.md, "Serve").
         return classify_encoded(self.predictor, self.decode, images)
 
     def _answer(self, uploads: list[Upload], outcomes, topk: int, multipart: bool) -> JSONResponse:

@@ -11,8 +11,9 @@ from imgcls_dist.predictor.decode_mode import DECODE_MODES
 # A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
 # accidental uploads of video or archives before they are read.
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-# At most 5 ms added to a lone request; 0 and 1 ms measured no better on CPU (docs/benchmarks.md, "Serve").
+# At most 5 ms added to a lone request; shorter waits did no better on CPU (docs/benchmarks.md, "Serve").
 DEFAULT_BATCH_WAIT_S = 0.005
+DEFAULT_MAX_BATCH_SIZE = 16
 
 
 class ServeSettings(BaseModel):
@@ -22,7 +23,8 @@ class ServeSettings(BaseModel):
     tta: str | None = Field(None, description="views as in infer --tta; None: the manifest's, else the default")
     weights: list[float] | None = None
     combine: str | None = None
-    max_batch_size: int = Field(16, ge=1, description="images per @serve.batch forward (before TTA views)")
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH_SIZE, ge=1,
+                                description="images per @serve.batch forward (before TTA views)")
     batch_wait_timeout_s: float = Field(DEFAULT_BATCH_WAIT_S, ge=0)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_files: int = Field(64, ge=1, description="file fields per multipart request")

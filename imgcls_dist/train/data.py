@@ -40,8 +40,8 @@ class DecodeSamples(Dataset):
         sid, data, label = sample
         # min_size: the train and the eval transform both resize to `size` before anything else
         # (augment.py), so a JPEG decoded at the coarsest DCT scale that still covers `size` is all they
-        # need (decode.py: ~8x faster at 12 MP), and predictor/prepare.py decodes the same way. Progressive
-        # resizing changes `size` through set_epoch.
+        # need (far faster on large photos: docs/benchmarks.md, "Reduced-size JPEG decode"), and
+        # predictor/prepare.py decodes the same way. Progressive resizing changes `size` through set_epoch.
         res = decode_image(data, channels=self.channels, min_size=self.size)
         if res.array is None:
             return np.zeros((self.size, self.size, self.channels), np.uint8), -1, sid

@@ -1,14 +1,9 @@
-"""Training checkpoints: `model.pt` (design.md export) + `train_state.pt` (resume) + `history.json`.
+"""Training checkpoints: `model.pt` (the exported model file) + `train_state.pt` (resume) + `history.json`.
 
-Everything is plain tensors/containers so both files load with `weights_only=True`. RNG state is not
-stored: every random stream is a function of the run's seed and its position (the epoch's row-group
-permutation and shuffle buffer of (seed, epoch, rank), each sample's augmentation of (seed, epoch, sample
-id), MixUp/CutMix and dropout of (seed, epoch, rank, step)), so resuming reproduces exactly what an
-uninterrupted run would do.
-
-A checkpoint is taken at the end of an epoch (`step` 0: the next run starts at epoch + 1) or, with
-`train.checkpoint_every_steps`, inside one (`step` = batches done: the next run starts at that epoch, at
-that batch, with every rank's partial epoch totals restored).
+`save_training_checkpoint` writes them, `restore` turns a Ray Train checkpoint into the `ResumeState` a worker
+continues from: at an epoch's end (`step` 0) or inside one (`step` = batches done, with every rank's partial
+epoch totals). Everything loads with `weights_only=True`; no RNG state is stored, since every random stream is
+a function of the seed and the position. Contract and reasoning: docs/design.md, "Training runs and checkpoints".
 """
 
 from __future__ import annotations

@@ -1,33 +1,9 @@
 """Streaming, sharded training input: each worker reads only its share of the row groups, in constant memory.
 
-The anchors each miss one thing we keep: Ray Data's `streaming_split(equal=True)` drops rows to even out
-the ranks, MosaicML Streaming repeats samples; torch's DistributedSampler pads by repeating. Here:
-
-* **Plan** (`epoch_plan`): the dataset is a list of Parquet row groups, numbered in file order; every row has
-  a global sample id (`RowGroup.first_id` + its row). Each epoch the row groups are permuted with a seed
-  from (seed, epoch), laid end to end, and the resulting row sequence is cut into `world` contiguous ranges
-  whose sizes differ by at most one. Every sample is in exactly one rank's range, exactly once; a rank reads
-  whole row groups except at most two at its ends. Deterministic for a given (seed, epoch, world size).
-* **Equal batch counts**: every rank cuts its range into the same number of batches,
-  ceil(ceil(N / world) / batch_size), sizes differing by at most one, so DDP's collectives never wait.
-* **Mixing**: on top of the row-group permutation, a per-rank shuffle buffer of `data.shuffle_buffer` rows
-  (seeded by (seed, epoch, rank)): each incoming row replaces a uniformly chosen buffered one, which is
-  emitted. A row leaves the buffer after a geometric number of steps with mean B, so rows of one row group
-  come out spread over ~B positions, interleaved with rows of the ~B / rows-per-group row groups read around
-  it; across the epoch the order is the permutation of row groups, locally mixed. B = 0 keeps row-group order
-  (still permuted per epoch).
-* **Memory**: one row group being read ahead (a background thread, `PREFETCH_GROUPS` in flight) plus the
-  shuffle buffer plus the DataLoader's batches in flight, whatever the dataset size.
-* **Decode and augmentation in parallel with the step**: DataLoader processes (not Ray Data). The training
-  process streams encoded bytes (cheap: I/O and a buffer) and hands whole encoded batches to `loader_workers`
-  processes through the batch sampler; they decode and augment while the step runs. Each sample's
-  augmentation is seeded by (seed, epoch, sample id), so it is the same whichever process decodes it and
-  across a resume. Why not Ray Data CPU tasks on CPU-only nodes: measured in docs/benchmarks.md (bench
-  train-ingest); for the CNNs here on 2-8 CPUs per GPU, loader processes keep up with the step without a
-  second system's scheduling in the loop, and a node failure costs only the Train worker group's restart.
-* **Mid-epoch resume**: the stream is a pure function of (plan, seed, epoch, rank), so resuming after `k`
-  samples replays it and skips the first `k` (bytes are read, nothing is decoded), giving exactly the rows
-  an uninterrupted run would have trained next.
+`list_row_groups` plans from the footers; `epoch_plan` gives each rank a contiguous share of the epoch's
+permuted row sequence (every sample exactly once, equal batch counts on every rank); `EpochBatches`, the
+DataLoader's batch sampler, streams it through a seeded shuffle buffer and can start mid-epoch on resume.
+Design: docs/design.md, "Streaming the training input".
 """
 
 from __future__ import annotations
@@ -35,20 +11,18 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from imgcls_dist.data.schema import IMAGE, LABEL
+from imgcls_dist.data.schema import IMAGE, LABEL, map_files
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.storage import location
 from imgcls_dist.train.row_group import RowGroup
 
 PREFETCH_GROUPS = 2  # row groups read ahead of the one being consumed
-FOOTER_THREADS = 16
 
 
 @dataclass(frozen=True)
@@ -70,8 +44,7 @@ def _row_counts(uri: str) -> list[int]:
 def list_row_groups(files: Sequence[str], limit: int | None = None) -> list[RowGroup]:
     """Row groups of `files` from their footers (no data read, footers fetched in parallel: on an object
     store each is a round trip); `limit` keeps the first rows only."""
-    with ThreadPoolExecutor(min(FOOTER_THREADS, max(1, len(files)))) as pool:
-        counts = list(pool.map(_row_counts, files))
+    counts = map_files(_row_counts, files)
     out, first = [], 0
     for uri, per_group in zip(files, counts):
         for i, rows in enumerate(per_group):
@@ -91,7 +64,7 @@ def total_rows(groups: Sequence[RowGroup]) -> int:
 
 def epoch_plan(groups: Sequence[RowGroup], *, seed: int, epoch: int, rank: int, world: int,
                shuffle: bool = True) -> list[Span]:
-    """This rank's contiguous share of the epoch's permuted row sequence (see module docstring)."""
+    """This rank's contiguous share of the epoch's permuted row sequence (docs/design.md, "Streaming the training input")."""
     order = (np.random.default_rng(derive_seed(seed, epoch, 0x9A)).permutation(len(groups)) if shuffle
              else np.arange(len(groups)))
     n = total_rows(groups)
@@ -170,7 +143,7 @@ def _prefetched(spans: Sequence[Span]) -> Iterator[list[Sample]]:
 
 
 def sample_stream(spans: Sequence[Span], *, buffer: int, seed: int, epoch: int, rank: int) -> Iterator[Sample]:
-    """The rank's samples for the epoch, through the shuffle buffer (deterministic; see module docstring)."""
+    """The rank's samples for the epoch, through the shuffle buffer (deterministic; docs/design.md, "Streaming the training input")."""
     rng = np.random.default_rng(derive_seed(seed, epoch, rank, 0x5B))
     buf: list[Sample] = []
     for rows in _prefetched(spans):

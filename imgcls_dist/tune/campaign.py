@@ -1,37 +1,9 @@
-"""`imgcls-dist tune`: a Ray Tune campaign whose trials are Ray Train runs (the Ray 2.4x+/Train V2 pattern).
+"""`imgcls-dist tune`: a Ray Tune campaign whose trials are Ray Train runs (the Train V2 pattern).
 
-Pattern (see Ray's "Hyperparameter Tuning with Ray Tune" guide for Train V2; `Tuner(trainer)` is
-deprecated):
-
-* Each Tune trial runs `trial.trial_driver`, a *function trainable* that builds the trial's
-  ExperimentConfig (base config + sampled values, run.name = trial name, run.storage_path =
-  <campaign>/trials), launches `build_trainer(..., callbacks=[EpochReportCallback(), ...])` and
-  `fit`s it. EpochReportCallback (a TuneReportCallback) relays every epoch's report from the Train
-  controller to the trial, so ASHA sees val_acc per epoch; the Train workers do all the compute and
-  request their own CPUs/GPUs. A trial ASHA stops takes its Train run with it; Train's placement-group
-  cleaner frees the run's CPUs (see trial.py).
-* The trial driver reserves **no CPU**: it only launches and watches its Train run. Ray refuses an
-  all-zero request (`{"CPU": 0}` -> "empty head bundle"), and any CPU fraction would make
-  trials x (workers + fraction) overflow the CPUs the workers need (2 x 1.01 > 2 on a 2-CPU box, so the
-  second trial's worker could never start). It reserves a small slice of the node's logical
-  `memory` resource instead (every Ray node has one) - honest (the driver does use ~200 MB) and free
-  of CPU contention.
-* Concurrency: `trials = min(cluster CPUs // (workers_per_trial x cpus_per_worker), cluster GPUs //
-  workers_per_trial (GPU runs), tune.max_concurrent, number of trials)`, passed as
-  `TuneConfig(max_concurrent_trials=...)`. Concurrent Train runs therefore always fit the cluster
-  together; asking for more would leave Train runs waiting for workers that never come.
-  `scaling.num_workers: null` means 1 worker per trial in a campaign (many small trials in parallel
-  beat few wide ones for a search), not "the whole cluster".
-* ASHA (`time_attr=epochs_done, metric=val_acc, mode=max, grace_period, reduction_factor,
-  max_t=train.epochs`) stops weak trials at its rungs; `early_stopping=False` runs FIFO to completion.
-  Tune's `max_concurrent_trials` is ignored when a search_alg is given, so the seeded
-  BasicVariantGenerator itself gets `max_concurrent`.
-* Resume: the campaign dir holds Tune's experiment state; `Tuner.restore(resume_unfinished=True,
-  resume_errored=False)` skips finished/failed trials and relaunches unfinished ones with the same
-  trial name, so the same (run.name, storage_path) makes Train V2 continue them from their latest
-  checkpoint. Trial statuses come from `status.TrialStatusLog` (a Tune callback), which survives resume.
-* Storage: the campaign dir may be local, s3:// or gs://; Tune and every trial's Train run get the
-  same pyarrow filesystem (`storage.ray_storage`).
+`run_campaign` runs or resumes a campaign: each trial runs `trial.trial_driver`, which launches one Train run;
+trial drivers reserve logical memory, not CPU, and trials run only as many at once as fit the cluster; ASHA
+stops weak trials. `finalize_campaign` writes results.csv, plots, best.yaml and ensemble.json. Design:
+docs/design.md, "Tune campaigns"; the directory: docs/design.md, "Campaign layout".
 """
 
 from __future__ import annotations
@@ -51,7 +23,7 @@ from imgcls_dist.tune.space import (apply_sampled, candidate_values, get_dotted,
 
 TRIALS_DIR = "trials"
 META_FILE = "campaign.json"  # how the campaign was started (scheduler, sizing): resume keeps it
-# Logical memory a trial driver reserves instead of CPU (see module docstring).
+# Logical memory a trial driver reserves instead of CPU (docs/design.md, "Tune campaigns").
 DRIVER_MEMORY_BYTES = 128 * 1024 * 1024
 # Settings checked against the dataset and model registry for every value the space can produce.
 _DATA_KEYS = ("model.arch", "data.image_size", "data.path", "data.in_channels", "train.progressive_resizing")

@@ -21,6 +21,7 @@ from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.train.state import HISTORY
 from imgcls_dist.tune.space import apply_sampled
+from imgcls_dist import table
 
 RESULTS_FILE = "results.csv"
 BEST_FILE = "best.yaml"
@@ -115,11 +116,7 @@ def format_table(rows: list[dict], keys: list[str], max_error: int = 60) -> str:
             cells.append(s)
         body.append(cells)
     head = [c.replace("train.", "").replace("augment.", "aug.") for c in cols]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(s.ljust(w) for s, w in zip(b, widths)).rstrip() for b in body]
-    return "\n".join(lines)
+    return table.format_table(head, body)
 
 
 def best_config(base: dict[str, Any], row: dict[str, Any], keys: list[str], *, name: str, storage_path: str,

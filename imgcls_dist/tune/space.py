@@ -1,23 +1,9 @@
 """`tune.space` (plain YAML) -> a Ray Tune search space, validated against the experiment config.
 
-Each entry maps a dotted config key to a distribution::
-
-    tune:
-      search: random            # or grid
-      space:
-        train.lr:            {type: loguniform, lower: 1.0e-4, upper: 1.0e-1}
-        augment.strength:    {type: uniform, lower: 0.0, upper: 1.0}
-        train.scheduler:     {type: choice, values: [step, cosine, cosine_warm_restarts, plateau]}
-        train.warmup_epochs: {type: randint, lower: 0, upper: 3}      # upper exclusive (0, 1 or 2)
-
-Random search samples `tune.num_samples` configs from these (seeded by `tune.seed`). Grid search takes
-the Cartesian product once: `choice` -> its values, `randint` -> every integer, `uniform`/`loguniform`
--> their `grid: [...]` list or `num: N` points (evenly / log-evenly spaced, both ends included).
-
-Everything is checked before any Ray work: every key is a real config field, `run.*`, `scaling.*` and
-`tune.*` are not searchable (they size and name the campaign itself), and every value a distribution
-can produce (each choice, both ends and the middle of a range) is applied to the base config and
-validated, so a bad space fails in milliseconds with one line naming `tune.space.<key>`.
+Each entry maps a dotted config key to a distribution (`loguniform`, `uniform`, `choice`, `randint`), e.g.
+`train.lr: {type: loguniform, lower: 1.0e-4, upper: 1.0e-1}`, for random or grid search. `validate_space`
+checks every key and every value a distribution can produce before any Ray work; `to_tune_space` builds the
+space. Format and rules: docs/design.md, "Search space".
 """
 
 from __future__ import annotations

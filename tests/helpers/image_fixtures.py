@@ -125,7 +125,7 @@ def _specs():
            None, "valid ICO")
 
 
-@lru_cache(maxsize=None)  # ~0.4 s each, and several tests write the fixture set more than once
+@lru_cache(maxsize=None)  # slow to make, and several tests write the fixture set more than once
 def _large_photo(progressive: bool) -> bytes:
     from imgcls_dist.data.builtin import digits_images
     from imgcls_dist.data.synthetic import photo_jpeg

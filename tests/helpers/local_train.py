@@ -10,9 +10,9 @@ from imgcls_dist.train.job import build_trainer, resolve_dataset
 
 
 def fit_in_process(cfg, monkeypatch, keep: Path) -> tuple[list[dict], dict]:
-    """The real train_loop_per_worker in Ray Train V2's local mode (num_workers=0: in this process, ~1 s of
-    set-up instead of ~20 s of Train controller and worker start-up on the 2-CPU box), for tests of what the
-    loop does; Train's worker machinery has the tests that run real Train workers (test_train_e2e.py).
+    """The real train_loop_per_worker in Ray Train V2's local mode (num_workers=0: in this process, a fraction
+    of the set-up time of Train's controller and worker start-up; docs/benchmarks.md, "Test suite"), for tests
+    of what the loop does; Train's worker machinery has the tests that run real Train workers (test_train_e2e.py).
     -> (history, model file of the last checkpoint).
     Local mode keeps only the last reported Checkpoint object, whose directory the loop deletes after the report,
     so each reported checkpoint is copied into `keep` on its way to Train's real `report`."""

@@ -27,7 +27,7 @@ from imgcls_dist.predictor.prepare import prepare_encoded
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# design.md's output contract, spelled out here (not imported) so a drift in the code fails the test.
+# docs/design.md's predictions contract, spelled out here (not imported) so a drift in the code fails the test.
 EXPECTED_SCHEMA = [
     ("id", pa.string()), ("pred", pa.int32()), ("pred_name", pa.string()), ("confidence", pa.float32()),
     ("probs", "list<float32>"), ("entropy", pa.float32()), ("label", pa.int64()), ("error", pa.string()),

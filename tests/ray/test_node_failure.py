@@ -52,14 +52,14 @@ def _wait(pred, timeout: float, what: str, proc: subprocess.Popen | None = None,
 
 def _started(log: Path) -> bool:
     # `ray start` prints this once the node's raylet has registered with the GCS. Read from its log rather
-    # than asked of the cluster: a `ray.init` probe costs a Python start-up (~2 s of a loaded 2-CPU box) per poll.
+    # than asked of the cluster: a `ray.init` probe costs a Python start-up (seconds on a loaded machine) per poll.
     return "Ray runtime started" in log.read_text(errors="replace")
 
 
 def _big_input(bucket: str, tmp_path: Path, copies: int = 2) -> tuple[str, set[str]]:
     """The ingested test split `copies` times under new ids, as shards on S3: long enough a job (~8 parts)
     for a node to die in the middle of it."""
-    from test_infer_helpers import write_input
+    from helpers.model_files import write_input
 
     from imgcls_dist.data.schema import ID, IMAGE, LABEL
 

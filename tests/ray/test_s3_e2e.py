@@ -120,7 +120,7 @@ def test_tune_results_and_ensemble_are_in_the_campaign_directory(workflow):
 
 def test_a_failing_trial_is_marked_and_the_campaign_goes_on(workflow, ray_session):
     from imgcls_dist.tune.results import read_results_csv
-    from test_tune_campaign import wait_all_cpus_free
+    from helpers.ray_procs import wait_all_cpus_free
 
     bucket, _, _ = workflow
     rows = read_results_csv(f"{bucket}/tune/search/results.csv")

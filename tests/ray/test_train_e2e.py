@@ -232,8 +232,8 @@ FAMILY_CONFIGS = sorted((ROOT / "configs").glob("*_digits.yaml"))
 @pytest.mark.parametrize("path", FAMILY_CONFIGS, ids=[p.stem for p in FAMILY_CONFIGS])
 def test_every_config_family_trains_one_epoch(ray_session, tiny_digits_dir, tmp_path, path, fresh_accelerate_state):
     """Each shipped config through the real training loop, in Ray Train V2's local mode (num_workers=0:
-    the same train_loop_per_worker in this process, ~1 s instead of ~17 s of worker start-up per config;
-    the worker path itself is covered by the tests above)."""
+    the same train_loop_per_worker in this process, a fraction of the worker start-up per config; the worker
+    path itself is covered by the tests above)."""
     cfg = load_config(path, [f"data.path={tiny_digits_dir}", "train.epochs=1", "train.warmup_epochs=0",
                              "data.max_train_samples=24", "data.max_val_samples=16", "data.batch_size=8",
                              "data.loader_workers=0", f"run.storage_path={tmp_path}"])

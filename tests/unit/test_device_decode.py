@@ -1,4 +1,4 @@
-"""Decoding on the predictor's device (`infer --decode device`, issue 12): JPEG rows by torchvision's decoder
+"""Decoding on the predictor's device (`infer --decode device`): JPEG rows by torchvision's decoder
 (nvJPEG on CUDA; its CPU decoder here) and a resize written to match the eval transform, every other row and
 every failure through the CPU path. On CPU this runs everything but nvJPEG itself; the CUDA test runs that."""
 
@@ -122,7 +122,8 @@ def test_area_resize_equals_a_box_average():
 
 
 def test_classifier_top1_agreement_device_vs_cpu_decode(digit_photo_classifier):
-    # The lenet5 and 1000 held-out digit photos of the reduced-decode test (tests/conftest.py). Measured: 99.8%.
+    # The lenet5 and 1000 held-out digit photos of the reduced-decode test (tests/conftest.py); the measured
+    # agreement: docs/benchmarks.md, "Decoding on the predictor's device".
     predict, photos, labels = digit_photo_classifier
     cpu, cpu_err = prepare_encoded(photos, [(32, 3)])
     dev, dev_err = prepare_on_device(photos, [(32, 3)], "cpu")

@@ -33,8 +33,8 @@ def test_gpu_bench_runs_on_cpu_and_writes_its_table(tmp_path, capsys):
 
 
 def test_gpu_bench_cut_short_keeps_the_rows_it_measured(tmp_path):
-    # The lent GPU machine's command has a time limit: past max_seconds no new section starts, and the JSON on
-    # disk already holds every row measured, the predictor's first.
+    # A run under a time limit (tools/gpu_check.sh's BENCH_SECONDS): past max_seconds no new section starts, and
+    # the JSON on disk already holds every row measured, the predictor's first.
     out = tmp_path / "gpu.json"
     r = run(device="cpu", batch=2, size=32, warmup=0, iters=1, out=out, archs=("resnet18",), photo_size=(320, 240),
             photos=4, max_seconds=0)

@@ -103,7 +103,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # anything in a lower layer, never a higher layer or another subpackage of its own layer. Type-only imports
 # count here too: a layer that needs another's types belongs above it.
 LAYERS = [
-    {"errors", "console", "ports"},
+    {"errors", "console", "ports", "table"},
     {"storage", "ray_utils"},
     {"config"},
     {"data"},
@@ -202,8 +202,8 @@ def test_loading_the_augmentation_stack_makes_no_network_request():
 
 
 def test_what_the_gpu_check_runs_imports_no_ray():
-    """tools/gpu_check.sh runs the device-decode, device-feed and predictor tests and `bench gpu` on the lent GPU
-    machine, whose image has no Ray (a Ray wheel is over the call's 64 MiB): none of it may import Ray."""
+    """tools/gpu_check.sh runs the device-decode, device-feed and predictor tests and the GPU bench on a machine
+    with a CUDA GPU, which need not have Ray installed: none of it may import Ray."""
     probe = ("import sys; import benchmarks.gpu_bench, imgcls_dist.predictor.device_decode, "
              "imgcls_dist.predictor.decode_mode, imgcls_dist.predictor.device_feed, imgcls_dist.predictor.predictor, "
              "imgcls_dist.predictor.prepare, imgcls_dist.data.synthetic, imgcls_dist.data.builtin; "
@@ -213,8 +213,8 @@ def test_what_the_gpu_check_runs_imports_no_ray():
 
 
 def test_the_gpu_checks_tests_collect_without_pytest_xdist():
-    """tools/gpu_check.sh runs pytest on a machine whose plugins are not ours: the suite's xdist hooks must be
-    optional for a pytest without xdist (pytest refuses an unknown hook at collection, and the check would
+    """tools/gpu_check.sh runs pytest in an environment that may lack pytest-xdist: the suite's xdist hooks must
+    be optional for a pytest without xdist (pytest refuses an unknown hook at collection, and the check would
     lose its test run)."""
     modules = sorted(set(re.findall(r"tests/[\w/]+\.py", (ROOT / "tools" / "gpu_check.sh").read_text())))
     assert "tests/unit/test_device_decode.py" in modules, modules

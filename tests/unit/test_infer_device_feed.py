@@ -10,7 +10,7 @@ from imgcls_dist.predictor.device_feed import DeviceFeed
 
 def _nhwc_batches(n: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    # Decoded rows arrive NHWC and are viewed as NCHW (infer.predictor._as_nchw): not contiguous.
+    # Decoded rows arrive NHWC and are viewed as NCHW (predictor.predictor._as_nchw): not contiguous.
     return {(16, 3): torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g).permute(0, 3, 1, 2),
             (8, 1): torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=g)}
 

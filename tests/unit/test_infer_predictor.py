@@ -193,8 +193,9 @@ def test_decode_once_matches_training_decode_per_channel_count(tmp_path):
 
 
 def test_training_eval_decode_equals_inference_prepare_at_reduced_size(tmp_path):
-    # Issue 12: both decode a JPEG at the DCT scale of their own image_size. 3000x2000 takes 1/8 for 24 px and
-    # 1/4 for 300 px, so an ensemble of both sizes must decode once per size to match each member's training.
+    # Reduced-size decoding: both decode a JPEG at the DCT scale of their own image_size. 3000x2000 takes 1/8 for
+    # 24 px and 1/4 for 300 px, so an ensemble of both sizes must decode once per size to match each member's
+    # training.
     keys = [(24, 1), (24, 3), (300, 3)]
     for fx in good(write_image_fixtures(tmp_path)):
         data = fx.path.read_bytes()
@@ -220,8 +221,8 @@ def test_one_channel_member_beside_rgb_member(tmp_path):
 def test_compiled_members_use_one_graph_for_every_call_size_and_match_eager(tmp_path, monkeypatch):
     """`compile`: members go through torch.compile with static shapes, and a call's short last micro-batch is
     padded, so calls of 11 and 6 rows (tails of 3 and 2) reuse one graph. Dynamo's tracing and guards are the
-    real ones; inductor's code generation is swapped for the eager backend here (it takes ~40 s on this CPU
-    for LeNet, and is torch's own, tested part)."""
+    real ones; inductor's code generation is swapped for the eager backend here (on a CPU it takes tens of
+    seconds even for LeNet, and is torch's own, tested part)."""
     import functools
 
     import torch._dynamo.utils as dynamo_utils

@@ -42,7 +42,7 @@ def test_training_input_memory_is_independent_of_dataset_size(tmp_path):
     assert [m["samples"] for m in stream] == [n_small, n_big] == [m["samples"] for m in memory]
     added_mb = 30  # the 4x shards hold ~30 MB more image bytes than the 1x ones
     s, m = [x["peak_mb"] for x in stream], [x["peak_mb"] for x in memory]
-    # The process's peak RSS with 4x the data, as a ratio (the measure) ...
+    # The process's peak RSS with 4x the data, as a ratio (the benchmark's measure) ...
     assert stream[1]["rss_mb"] <= 1.3 * stream[0]["rss_mb"], stream
     # ... and, sharper, what the peak grew by: under a third of the added bytes (run-to-run noise here is a
     # few MB), while the in-memory design grows by most of them: the measurement can tell the two apart.
