@@ -103,7 +103,7 @@ def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, 
 def test_best_yaml_retrains_to_the_trial_result(campaign, monkeypatch, tmp_path, fresh_accelerate_state):
     """best.yaml through the real training loop, in Train's local mode (this process: the trial ran the same
     loop in a Train worker; the worker start-up is covered elsewhere)."""
-    from local_train import fit_in_process
+    from helpers.local_train import fit_in_process
 
     cfg, summary, camp = campaign
     best_row = read_results_csv(camp / "results.csv")[0]

@@ -226,14 +226,18 @@ def test_the_gpu_checks_tests_collect_without_pytest_xdist():
 
 
 def test_no_test_module_imports_another_test_module_or_conftest():
-    """Shared test code lives in tests/helpers/; a test module importing another would run that module's
-    fixtures and module-level code twice, under two names."""
+    """Shared test code lives in tests/helpers/ and is imported as `helpers.X`: a test module importing
+    another would run that module's fixtures and module-level code twice, under two names, and a helper
+    imported by its bare name only resolves where the test's own directory happens to be on sys.path.
+    Imports inside functions count."""
+    helpers = {p.stem for p in (TESTS / "helpers").glob("*.py")} - {"__init__"}
     bad = []
     for path in sorted(TESTS.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            bad += [f"{path.relative_to(ROOT)}: {n}" for n in names
-                    if n.split(".")[-1].startswith("test_") or n.split(".")[-1] == "conftest"]
+            bad += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
+                    if n.split(".")[-1].startswith("test_") or n.split(".")[-1] == "conftest"
+                    or n.split(".")[0] in helpers]
     assert bad == []
