@@ -56,6 +56,12 @@ def _train_ingest(a: argparse.Namespace) -> dict[str, Any]:
     return bench_train_ingest(gigabytes=tuple(float(x) for x in a.gigabytes.split(",")))
 
 
+def _train_memory(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.train_memory_bench import bench_train_memory
+
+    return bench_train_memory(rows=_ints(a.memory_rows), row_groups=_ints(a.row_groups))
+
+
 def _storage(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.ingest_bench import bench_storage
 
@@ -98,8 +104,8 @@ def _tune(a: argparse.Namespace) -> dict[str, Any]:
 
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
-    "storage": _storage, "ensemble": _ensemble, "augment": _augment, "decode": _decode, "serve": _serve,
-    "tune": _tune,
+    "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
+    "decode": _decode, "serve": _serve, "tune": _tune,
 }
 
 
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="augment: output size")
     p.add_argument("--files", default="10000,40000", help="ingest: JPEG tree sizes to compare memory at")
     p.add_argument("--gigabytes", default="1,4", help="train-ingest: training shard sizes to compare memory at")
+    p.add_argument("--memory-rows", default="5000,20000", help="train-memory: training rows of the two datasets")
+    p.add_argument("--row-groups", default="128,512", help="train-memory: rows per row group")
     p.add_argument("--concurrency", default="1,16", help="serve: client threads per load level")
     p.add_argument("--requests", type=int, default=200, help="serve: requests per load level")
     p.add_argument("--time-limit", type=float, default=60.0, help="serve: seconds per load level at most")

@@ -27,7 +27,7 @@ from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch
 from imgcls_dist.train.distributed import all_agree, all_gather_list
 from imgcls_dist.train.progress import EpochProgress
 from imgcls_dist.train.setup import NonFiniteLossError, WorkerRun, setup
-from imgcls_dist.train.state import EpochStats
+from imgcls_dist.train.state import EpochStats, count_unique
 
 
 def size_for_epoch(phases: list[tuple[int, int]] | list[list[int]], epoch: int, default: int) -> int:
@@ -121,7 +121,7 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
             stats.loss_sum += float(loss.detach()) * n
             stats.correct += int((logits.argmax(1) == labels)[valid].sum())
             stats.seen += n
-            stats.seen_idx.extend(ids[valid.cpu()].tolist())
+            stats.mark_seen(ids[valid.cpu()].numpy())
         done = step + 1
         if _checkpoint_due(run, done, steps):
             checkpoint_mid_epoch(run, epoch, done, replace(stats, seconds=stats.seconds + time.perf_counter() - t0))
@@ -159,7 +159,7 @@ def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_
                   val_acc: float) -> dict[str, Any]:
     """Totals over all workers, and proof that no sample was trained twice (unique_samples)."""
     shares = all_gather_list({"loss_sum": stats.loss_sum, "correct": stats.correct, "seen": stats.seen,
-                              "idx": stats.seen_idx, "time": stats.seconds, "skipped": stats.skipped_rows}, run.world)
+                              "bits": stats.seen_bits, "time": stats.seconds, "skipped": stats.skipped_rows}, run.world)
     n_seen = sum(s["seen"] for s in shares)
     return {
         "epoch": epoch,
@@ -171,7 +171,7 @@ def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_
         "images_per_s": n_seen / max(max(s["time"] for s in shares), 1e-9),
         "image_size": size,
         "train_samples": n_seen,
-        "unique_samples": len({i for s in shares for i in s["idx"]}),
+        "unique_samples": count_unique([s["bits"] for s in shares]),
         "worker_samples": [s["seen"] for s in shares],
         "skipped_rows": sum(s["skipped"] for s in shares),
         "nonfinite_steps": run.nonfinite_total,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from imgcls_dist.models.checkpoint import load_model_file, save_model_file
@@ -23,27 +24,51 @@ MID_EPOCH = "mid_epoch"  # the report key that marks a mid-epoch checkpoint (tun
 MID_EPOCH_VAL_ACC = -1.0  # such a report's val_acc: below any real one, so Train never ranks it best
 
 
+def mark_seen(bits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`bits` with the bits of sample ids `ids` set, grown (doubling) when an id is beyond it."""
+    if not len(ids):
+        return bits
+    need = int(ids.max()) // 8 + 1
+    if need > len(bits):
+        bits = np.concatenate([bits, np.zeros(max(need, 2 * len(bits)) - len(bits), np.uint8)])
+    np.bitwise_or.at(bits, ids >> 3, np.left_shift(1, ids & 7).astype(np.uint8))
+    return bits
+
+
+def count_unique(bitmaps: list[np.ndarray]) -> int:
+    """Distinct sample ids over several workers' bitmaps (their bitwise or)."""
+    union = np.zeros(max((len(b) for b in bitmaps), default=0), np.uint8)
+    for b in bitmaps:
+        union[: len(b)] |= b
+    return int(np.unpackbits(union).sum())
+
+
 @dataclass
 class EpochStats:
-    """One worker's share of an epoch (so far)."""
+    """One worker's share of an epoch (so far). Which samples it trained is a bitmap over the epoch's sample
+    ids (one bit each, so at most rows/8 bytes): a list of ids grew with every row streamed, in memory, in
+    every mid-epoch checkpoint and in the epoch's cross-worker gather."""
 
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
     skipped_rows: int = 0
-    seen_idx: list[int] = field(default_factory=list)
+    seen_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
     seconds: float = 0.0
+
+    def mark_seen(self, ids: np.ndarray) -> None:
+        self.seen_bits = mark_seen(self.seen_bits, np.asarray(ids, np.int64))
 
     def to_state(self) -> dict[str, Any]:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
                 "skipped_rows": self.skipped_rows, "seconds": self.seconds,
-                "seen_idx": torch.tensor(self.seen_idx, dtype=torch.int64)}
+                "seen_bits": torch.from_numpy(self.seen_bits.copy())}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochStats:
         return cls(loss_sum=float(state["loss_sum"]), correct=int(state["correct"]), seen=int(state["seen"]),
                    skipped_rows=int(state["skipped_rows"]), seconds=float(state["seconds"]),
-                   seen_idx=state["seen_idx"].tolist())
+                   seen_bits=state["seen_bits"].numpy().astype(np.uint8))
 
 
 def save_training_checkpoint(directory: Path, *, model_state: dict, model_meta: dict, train_state: dict,
