@@ -39,6 +39,18 @@ class DataConfig(Section):
     # Caps for quick runs and tests; None = use everything.
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_val_samples: Optional[int] = Field(None, ge=1)
+    # A stratified training subset (train/subset.py): K rows of every class, or a fraction of each class;
+    # nested across sizes for one subset seed (None: train.seed). Validation and test are never subset.
+    train_per_class: Optional[int] = Field(None, ge=1)
+    train_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+    subset_seed: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _one_subset(self) -> "DataConfig":
+        given = [k for k in ("train_per_class", "train_fraction", "max_train_samples") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both choose the training rows: give one")
+        return self
 
 
 class AugmentConfig(Section):

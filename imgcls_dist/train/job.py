@@ -20,6 +20,7 @@ from imgcls_dist.models.registry import get_spec
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
 from imgcls_dist.train.stream import list_row_groups, total_rows
+from imgcls_dist.train.subset import subset_row_groups
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -47,7 +48,15 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     test_files = test_dir.files(".parquet", recursive=False)
     # The row groups (footers only) are what the workers stream: a list of (file, group, rows), whatever
     # the dataset's size in bytes.
-    train_groups = list_row_groups([f.uri for f in meta["files"]["train"]], limit=cfg.data.max_train_samples)
+    train_files = [f.uri for f in meta["files"]["train"]]
+    d = cfg.data
+    if d.train_per_class is not None or d.train_fraction is not None:
+        train_groups = subset_row_groups(
+            train_files, meta["classes"], seed=cfg.train.seed if d.subset_seed is None else d.subset_seed,
+            per_class=d.train_per_class, fraction=d.train_fraction,
+            key="data.train_per_class" if d.train_per_class is not None else "data.train_fraction")
+    else:
+        train_groups = list_row_groups(train_files, limit=d.max_train_samples)
     val_groups = list_row_groups([f.uri for f in meta["files"]["val"]], limit=cfg.data.max_val_samples)
     return {
         "classes": meta["classes"],
@@ -165,6 +174,11 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         "epochs": len(history),
         "best_val_acc": max(h["val_acc"] for h in history),
         "final_val_acc": history[-1]["val_acc"],
+        **{f"epochs_to_{round(share * 100)}pct_best": epochs_to_reach(history, share) for share in (0.95, 0.99)},
+        "train_rows": ds["train_rows"],
+        "trainable_params": history[-1].get("trainable_params"),
+        "model_mb": round((out / MODEL_FILE).size() / 2**20, 3),
+        "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
         "wall_s": round(wall_s, 2),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -190,6 +204,12 @@ def _test_report(cfg: ExperimentConfig, ds: dict, out: Location) -> dict[str, An
     print(f"test accuracy {test['accuracy']:.4f} on {test['rows']} rows "
           f"(report: {out / 'classification_report.txt'})", flush=True)
     return {"test_acc": test["accuracy"]}
+
+
+def epochs_to_reach(history: list[dict], share: float) -> int:
+    """Epochs trained until validation accuracy first reached `share` of the run's best (convergence speed)."""
+    target = share * max(h["val_acc"] for h in history)
+    return next(i for i, h in enumerate(history, 1) if h["val_acc"] >= target)
 
 
 def history_csv(history: list[dict]) -> str:

@@ -14,5 +14,8 @@ from dataclasses import dataclass
 class RowGroup:
     file: str  # URI
     index: int  # row group index within the file
-    rows: int
-    first_id: int  # global sample id of its first row (row groups numbered in file order)
+    rows: int  # rows of the group the input takes
+    first_id: int  # global sample id of its first row taken (row groups numbered in file order)
+    # A subset's rows of the group (`train/subset.py`): their positions in it, as int32 bytes (4 bytes a row
+    # shipped to every worker, not a Python int each); None: its first `rows` rows.
+    picks: bytes | None = None

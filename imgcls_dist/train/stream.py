@@ -101,8 +101,11 @@ def _read_span(span: Span) -> list[Sample]:
     pf = pq.ParquetFile(f.path, filesystem=f.fs)
     names = set(pf.schema_arrow.names)
     t = pf.read_row_group(span.group.index, columns=[IMAGE] + ([LABEL] if LABEL in names else []))
-    images = t.column(IMAGE).to_pylist()[span.start:span.stop]
-    labels = (t.column(LABEL).to_pylist()[span.start:span.stop] if LABEL in names else [None] * len(images))
+    if span.group.picks is not None:  # a subset's rows of the group
+        t = t.take(np.frombuffer(span.group.picks, np.int32))
+    t = t.slice(span.start, span.stop - span.start)
+    images = t.column(IMAGE).to_pylist()
+    labels = t.column(LABEL).to_pylist() if LABEL in names else [None] * len(images)
     first = span.group.first_id + span.start
     return [(first + i, img, -1 if lbl is None else int(lbl)) for i, (img, lbl) in enumerate(zip(images, labels))]
 

@@ -95,7 +95,12 @@ def test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_pr
     assert m["arch"] == "lenet5" and m["classes"] == [str(i) for i in range(10)]
     assert m["image_size"] == 24  # validation/export size, whatever the training phase
     assert m["config"]["train"]["epochs"] == 4 and m["hflip"] is False
-    assert json.loads((run / "summary.json").read_text())["epochs"] == 4
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs"] == 4 and summary["train_rows"] == 320
+    assert summary["model_mb"] == pytest.approx((run / "model.pt").stat().st_size / 2**20, abs=1e-3)
+    assert 0 < summary["trainable_params"] <= sum(t.numel() for t in m["state_dict"].values())
+    assert 1 <= summary["epochs_to_95pct_best"] <= summary["epochs_to_99pct_best"] <= 4
+    assert summary["images_per_s"] > 0
 
 
 def _latest_registered_step(run_dir: Path) -> int | None:

@@ -1,0 +1,74 @@
+"""Stratified, nested training subsets: `data.train_per_class: K` or `data.train_fraction: f`.
+
+Each class's rows are ordered by a permutation seeded by (subset seed, class), and a subset takes a prefix
+of every class's order: exactly K of a class that has K (all of one that has fewer, said on the console), or
+round(f x its rows). For one seed, the 100-per-class subset is therefore inside the 500-per-class one, and
+another seed draws others. Only the label column is read (8 bytes a row); the workers stream the picked rows
+of each row group through the same exactly-once plan as the whole split (`train/stream.py`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from imgcls_dist.data.schema import LABEL, map_files
+from imgcls_dist.data.seeds import derive_seed
+from imgcls_dist.errors import UserError
+from imgcls_dist.storage import location
+from imgcls_dist.train.row_group import RowGroup
+
+
+def _labels_by_group(uri: str) -> list[np.ndarray]:
+    f = location(uri)
+    pf = pq.ParquetFile(f.path, filesystem=f.fs)
+    return [pf.read_row_group(i, columns=[LABEL]).column(LABEL).to_numpy() for i in range(pf.num_row_groups)]
+
+
+def per_class_counts(counts: np.ndarray, *, per_class: int | None, fraction: float | None) -> np.ndarray:
+    """How many rows of each class the subset takes."""
+    if per_class is not None:
+        return np.minimum(counts, per_class)
+    return np.rint(counts * fraction).astype(np.int64)
+
+
+def select_rows(labels: np.ndarray, num_classes: int, *, seed: int, per_class: int | None = None,
+                fraction: float | None = None) -> np.ndarray:
+    """Row positions (sorted) of the subset of rows with these labels."""
+    counts = np.bincount(labels, minlength=num_classes)
+    take = per_class_counts(counts, per_class=per_class, fraction=fraction)
+    picked = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(labels == c)
+        order = np.random.default_rng(derive_seed(seed, c, 0x5E)).permutation(len(rows))
+        picked.append(rows[order[: take[c]]])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+def subset_row_groups(files: Sequence[str], classes: Sequence[str], *, seed: int, per_class: int | None = None,
+                      fraction: float | None = None, key: str = "data.train_per_class") -> list[RowGroup]:
+    """The row groups of `files` restricted to the subset's rows, with dense sample ids in file order."""
+    per_file = map_files(_labels_by_group, list(files))
+    groups = [(uri, i, lab) for uri, labs in zip(files, per_file) for i, lab in enumerate(labs)]
+    labels = np.concatenate([lab for _, _, lab in groups]) if groups else np.zeros(0, np.int64)
+    counts = np.bincount(labels, minlength=len(classes))
+    if per_class is not None and per_class > counts.max(initial=0):
+        raise UserError(f"{key}: {per_class} per class is more than any class has (largest: {counts.max(initial=0)} "
+                        "training rows)")
+    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if per_class is not None and counts[c] < per_class]
+    if short:
+        print(f"train: note: {key}={per_class}: {len(short)} class(es) have fewer training rows and are taken "
+              f"whole: {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}", file=sys.stderr)
+    keep = np.zeros(len(labels), bool)
+    keep[select_rows(labels, len(classes), seed=seed, per_class=per_class, fraction=fraction)] = True
+    out, start, first = [], 0, 0
+    for uri, index, lab in groups:
+        picks = np.flatnonzero(keep[start:start + len(lab)])
+        start += len(lab)
+        if len(picks):
+            out.append(RowGroup(uri, index, len(picks), first, picks.astype(np.int32).tobytes()))
+            first += len(picks)
+    return out

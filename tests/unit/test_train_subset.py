@@ -1,0 +1,114 @@
+"""Stratified, nested training subsets (`data.train_per_class`, `data.train_fraction`): exact per-class
+counts, nested across sizes for one seed, other draws for other seeds, validation and test untouched, and
+every picked row streamed exactly once with 1 and 2 workers."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from imgcls_dist.config import load_config
+from imgcls_dist.data.shards import write_shards
+from imgcls_dist.errors import UserError
+from imgcls_dist.train.job import resolve_dataset
+from imgcls_dist.train.stream import EpochBatches
+from imgcls_dist.train.subset import subset_row_groups
+
+CLASSES = ["a", "b", "c", "d"]
+PER_CLASS = {0: 40, 1: 25, 2: 12, 3: 3}  # imbalanced: class d has fewer rows than most subsets ask for
+
+
+def rows(prefix: str):
+    order = [c for c, n in PER_CLASS.items() for _ in range(n)]
+    np.random.default_rng(1).shuffle(order)  # classes interleaved across files and row groups
+    for i, c in enumerate(order):
+        yield f"{prefix}-{i:04d}", f"{prefix}-{i:04d}".encode(), c  # the "image" bytes name the row
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("subset")
+    for split in ("train", "val", "test"):
+        write_shards(rows(split), root / split, rows_per_shard=30)  # 3 files; row groups of up to 128 rows
+    (root / "dataset.json").write_text(json.dumps({"classes": CLASSES}))
+    return root
+
+
+def train_files(dataset: Path) -> list[str]:
+    return sorted(str(p) for p in (dataset / "train").glob("*.parquet"))
+
+
+def picked_ids(groups) -> list[str]:
+    """The `id` of every row the subset's row groups take, in sample-id order."""
+    out = []
+    for g in groups:
+        t = pq.ParquetFile(g.file).read_row_group(g.index, columns=["id"])
+        picks = np.frombuffer(g.picks, np.int32) if g.picks is not None else np.arange(g.rows)
+        out += [t.column("id")[int(p)].as_py() for p in picks]
+    return out
+
+
+def labels_of(dataset: Path) -> dict[str, int]:
+    return {rid: c for rid, _, c in rows("train")}
+
+
+def test_exactly_k_of_every_class_that_has_k_and_all_of_one_that_has_fewer(dataset, capsys):
+    groups = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=10)
+    counts = Counter(labels_of(dataset)[i] for i in picked_ids(groups))
+    assert counts == {0: 10, 1: 10, 2: 10, 3: 3}
+    assert "data.train_per_class=10: 1 class(es) have fewer training rows and are taken whole: d (3)" in \
+        capsys.readouterr().err
+    assert [g.first_id for g in groups] == list(np.cumsum([0] + [g.rows for g in groups[:-1]]))  # dense ids
+
+
+def test_a_fraction_takes_that_share_of_each_class(dataset):
+    groups = subset_row_groups(train_files(dataset), CLASSES, seed=0, fraction=0.5)
+    counts = Counter(labels_of(dataset)[i] for i in picked_ids(groups))
+    assert counts == {0: 20, 1: 12, 2: 6, 3: 2}  # round(0.5 x 40, 25, 12, 3), half to even
+
+
+def test_smaller_subsets_are_inside_larger_ones_for_a_seed_and_seeds_draw_differently(dataset):
+    files = train_files(dataset)
+    small = set(picked_ids(subset_row_groups(files, CLASSES, seed=7, per_class=5)))
+    large = set(picked_ids(subset_row_groups(files, CLASSES, seed=7, per_class=20)))
+    other = set(picked_ids(subset_row_groups(files, CLASSES, seed=8, per_class=5)))
+    assert small < large
+    assert other != small and len(other) == len(small)
+
+
+def test_more_per_class_than_any_class_has_is_a_one_line_error(dataset):
+    with pytest.raises(UserError, match=r"^data.train_per_class: 41 per class is more than any class has "
+                                        r"\(largest: 40 training rows\)$"):
+        subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=41)
+
+
+def test_the_config_picks_the_subset_and_leaves_validation_whole(dataset):
+    cfg = load_config(None, [f"data.path={dataset}", "model.arch=lenet5", "data.train_per_class=6",
+                             "data.subset_seed=3"])
+    ds = resolve_dataset(cfg)
+    assert ds["train_rows"] == 6 + 6 + 6 + 3
+    assert sum(g.rows for g in ds["val_groups"]) == sum(PER_CLASS.values())
+    assert set(picked_ids(ds["train_groups"])) == set(picked_ids(subset_row_groups(
+        train_files(dataset), CLASSES, seed=3, per_class=6)))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_picked_row_is_streamed_exactly_once_with_its_label(dataset, world):
+    groups = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=9)
+    ids = picked_ids(groups)
+    labels = labels_of(dataset)
+    seen = []
+    for rank in range(world):
+        sampler = EpochBatches(groups, batch_size=4, rank=rank, world=world, seed=0, buffer=8)
+        sampler.set_epoch(1)
+        for batch in sampler:
+            for sid, image, label in batch:
+                assert image.decode() == ids[sid] and label == labels[ids[sid]]
+                seen.append(sid)
+    assert sorted(seen) == list(range(len(ids)))
+
