@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -38,3 +39,41 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return "" if v is None else str(v)
+
+
+class Sampled:
+    """Calls `sample()` when the block starts and then every `interval` s in a thread until it ends; the
+    results are in `values` (for memory: a page the block touched for a moment shows in some sample)."""
+
+    def __init__(self, sample: Callable[[], Any], interval: float = 0.2):
+        self.sample, self.interval = sample, interval
+        self.values: list[Any] = []
+        self._stop = threading.Event()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.values.append(self.sample())
+
+    def __enter__(self) -> "Sampled":
+        self.values.append(self.sample())
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def rss_with_children() -> int:
+    """RSS of this process and its children (e.g. DataLoader processes), in bytes."""
+    import psutil
+
+    me = psutil.Process()
+    total = me.memory_info().rss
+    for c in me.children(recursive=True):
+        try:
+            total += c.memory_info().rss
+        except psutil.Error:
+            pass
+    return total

@@ -16,7 +16,6 @@ import io
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ import numpy as np
 import psutil
 from PIL import Image
 
-from benchmarks.common import machine, print_table
+from benchmarks.common import Sampled, machine, print_table
 
 
 def make_jpeg_tree(root: Path, files: int, size: tuple[int, int] = (500, 375), classes: int = 10, seed: int = 0,
@@ -62,30 +61,6 @@ def single_process_ingest(src: Path, out: Path, rows_per_shard: int) -> int:
     return sum(write_image_shard(src_loc.uri, items, dest)["rows"] for _, items, dest in plan)
 
 
-class DriverPeak:
-    """Peak RSS of this process, sampled in a thread."""
-
-    def __init__(self, interval_s: float = 0.05):
-        self.interval_s, self.peak = interval_s, 0
-        self._stop = threading.Event()
-        self._proc = psutil.Process()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> DriverPeak:
-        self.peak = self._proc.memory_info().rss
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def _single_process_seconds(src: Path, out: Path, rows_per_shard: int) -> float:
     """The baseline, timed in a child process (so this driver never holds the rows it reads)."""
     import subprocess
@@ -116,14 +91,14 @@ def bench_ingest(files: Sequence[int] = (10_000, 40_000), rows_per_shard: int = 
     try:
         for n in files:
             src = make_jpeg_tree(work / f"src{n}", n)
-            with DriverPeak() as peak:
+            with Sampled(lambda: psutil.Process().memory_info().rss, 0.05) as driver_rss:
                 t0 = time.perf_counter()
                 meta = ingest(str(src), work / f"ray{n}", rows_per_shard=rows_per_shard, verbose=False)
                 ray_s = time.perf_counter() - t0
             assert sum(meta["counts"].values()) == n
             single_s = _single_process_seconds(src, work / f"single{n}", rows_per_shard)
             rows.append({"files": n, "single_files_per_s": n / single_s, "ray_files_per_s": n / ray_s,
-                         "speedup": single_s / ray_s, "driver_peak_rss_mb": peak.peak / 2**20,
+                         "speedup": single_s / ray_s, "driver_peak_rss_mb": max(driver_rss.values) / 2**20,
                          "ray_worker_processes": meta["ingest"]["worker_processes"]})
             for d in (src, work / f"ray{n}", work / f"single{n}"):
                 shutil.rmtree(d, ignore_errors=True)

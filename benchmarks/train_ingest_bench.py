@@ -20,17 +20,15 @@ import io
 import math
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from benchmarks.common import machine, print_table
+from benchmarks.common import Sampled, machine, print_table, rss_with_children
 from imgcls_dist.data.augment import apply, build_train_transform, reseed
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.data.decode import decode_image
@@ -88,37 +86,6 @@ class _InMemoryRows(Dataset):
         return apply(self.transform, res.array), int(self.rows.labels[i]), i
 
 
-class _Peak:
-    """Peak RSS of this process and its children (the loader processes), sampled in a thread."""
-
-    def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
-
-    def _sample(self) -> int:
-        me = psutil.Process()
-        total = me.memory_info().rss
-        for c in me.children(recursive=True):
-            try:
-                total += c.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def __enter__(self):
-        def run():
-            while not self._stop.wait(0.05):
-                self.peak = max(self.peak, self._sample())
-
-        self.peak = self._sample()
-        self._t = threading.Thread(target=run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
 def streaming_loader(files: list[str], transform, *, image_size: int, batch_size: int, loader_workers: int,
                      shuffle_buffer: int) -> DataLoader:
     loader, ds, sampler = make_train_loader(
@@ -174,16 +141,16 @@ def ray_data_epoch(files: list[str], transform, *, image_size: int, batch_size: 
 def measure_epoch(make_loader, files: list[str], transform, **kw) -> dict[str, float]:
     """One pass over a fresh loader: samples/s, samples, RSS before it was built and at its peak (this
     process + its loader processes)."""
-    with _Peak() as peak:
-        base = peak.peak
+    with Sampled(rss_with_children, 0.05) as rss:
+        base = rss.values[0]
         loader = make_loader(files, transform, **kw)
         t0, n = time.perf_counter(), 0
         for images, labels, _, _ in loader:
             n += len(labels)
         dt = time.perf_counter() - t0
         del loader
-    return {"samples_per_s": n / dt, "samples": n, "base_rss": base, "peak_rss": peak.peak,
-            "growth_rss": peak.peak - base}
+    return {"samples_per_s": n / dt, "samples": n, "base_rss": base, "peak_rss": max(rss.values),
+            "growth_rss": max(rss.values) - base}
 
 
 def _in_child(func: str, *args) -> Any:

@@ -23,7 +23,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from benchmarks.common import machine, print_table
+from benchmarks.common import Sampled, machine, print_table
 from imgcls_dist.data.schema import DATASET_FILE, SHARD_SCHEMA
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,29 +96,6 @@ def process_memory(pid: int) -> dict[str, int]:
     return {"anon": _field(f"/proc/{pid}/status", "RssAnon:"), "pss": _field(f"/proc/{pid}/smaps_rollup", "Pss_Anon:")}
 
 
-class Sampler:
-    """Samples `pids()` every `interval` s in a thread: [(seconds, progress(), {pid: {"anon", "pss"}})]."""
-
-    def __init__(self, pids, progress=lambda: 0, interval: float = 0.2):
-        self.pids, self.progress, self.interval = pids, progress, interval
-        self.series: list[tuple[float, int, dict[int, dict[str, int]]]] = []
-        self._stop = threading.Event()
-
-    def _run(self) -> None:
-        t0 = time.perf_counter()
-        while not self._stop.wait(self.interval):
-            self.series.append((time.perf_counter() - t0, self.progress(), {p: process_memory(p) for p in self.pids()}))
-
-    def __enter__(self) -> Sampler:
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-
-
 def slope_mb_per_gb(gb: np.ndarray, mb: np.ndarray) -> float:
     """Least-squares slope of memory (MB) over data streamed (GB)."""
     if len(gb) < 3 or np.ptp(gb) == 0:
@@ -151,27 +127,29 @@ def stream_epoch(files: list[str], loader_workers: int = 1, shuffle_buffer: int 
     me = psutil.Process()
     seen = [0]
     t0 = time.perf_counter()
-    with Sampler(lambda: [me.pid] + [c.pid for c in me.children()], lambda: seen[0], interval) as s:
+    pids = lambda: [me.pid] + [c.pid for c in me.children()]  # noqa: E731
+    with Sampled(lambda: (seen[0], {p: process_memory(p) for p in pids()}), interval) as s:
         for _, labels, _, _ in loader:
             seen[0] += len(labels)
     seconds = time.perf_counter() - t0
-    out = summarize(s.series, me.pid, bytes_per_row, rows, warmup)
+    out = summarize(s.values, me.pid, bytes_per_row, rows, warmup)
     if keep_series:
-        out["series"] = [(done, sum(m["anon"] for m in snap.values()) / 2**20) for _, done, snap in s.series]
+        out["series"] = [(done, sum(m["anon"] for m in snap.values()) / 2**20) for done, snap in s.values]
     return out | {"samples_per_s": seen[0] / seconds, "samples": seen[0]}
 
 
 def summarize(series, main_pid: int, bytes_per_row: float, rows: int, warmup: float) -> dict[str, Any]:
-    gb = np.array([done * bytes_per_row / 2**30 for _, done, _ in series])
-    main_anon = np.array([snap.get(main_pid, {}).get("anon", 0) for _, _, snap in series]) / 2**20
-    total_anon = np.array([sum(m["anon"] for m in snap.values()) for _, _, snap in series]) / 2**20
-    total_pss = np.array([sum(m["pss"] for m in snap.values()) for _, _, snap in series]) / 2**20
-    loaders = sorted({p for _, _, snap in series for p in snap} - {main_pid})
-    after = np.array([done >= warmup * rows for _, done, _ in series]) & (gb > 0)
+    """`series`: [(rows done, {pid: {"anon", "pss"}})] -> peaks, and slopes after the `warmup` share of rows."""
+    gb = np.array([done * bytes_per_row / 2**30 for done, _ in series])
+    main_anon = np.array([snap.get(main_pid, {}).get("anon", 0) for _, snap in series]) / 2**20
+    total_anon = np.array([sum(m["anon"] for m in snap.values()) for _, snap in series]) / 2**20
+    total_pss = np.array([sum(m["pss"] for m in snap.values()) for _, snap in series]) / 2**20
+    loaders = sorted({p for _, snap in series for p in snap} - {main_pid})
+    after = np.array([done >= warmup * rows for done, _ in series]) & (gb > 0)
     return {
         "gb": rows * bytes_per_row / 2**30,
         "main_peak_anon_mb": float(main_anon.max()),
-        "loader_peak_anon_mb": [float(max(s.get(p, {}).get("anon", 0) for _, _, s in series)) / 2**20 for p in loaders],
+        "loader_peak_anon_mb": [float(max(s.get(p, {}).get("anon", 0) for _, s in series)) / 2**20 for p in loaders],
         "peak_anon_mb": float(total_anon.max()),
         "peak_pss_mb": float(total_pss.max()),
         "main_slope_mb_per_gb": slope_mb_per_gb(gb[after], main_anon[after]),
@@ -202,14 +180,14 @@ def train_epoch(dataset: str, workdir: str, workers: int = 2, shuffle_buffer: in
            "--set", f"scaling.num_workers={workers}", "--set", f"data.shuffle_buffer={shuffle_buffer}",
            "--set", f"run.storage_path={workdir}", "--set", f"run.name=memory-{Path(dataset).name}",
            "--set", "run.tensorboard=false"]  # a name per dataset: Train resumes a finished run of the same name
-    with Sampler(pids, interval=0.3) as s:
+    with Sampled(lambda: {p: process_memory(p) for p in pids()}, 0.3) as s:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if out.returncode:
         raise RuntimeError(f"train failed: {out.stderr[-2000:]}")
-    anon = [sum(m["anon"] for m in snap.values()) / 2**20 for _, _, snap in s.series]
-    pss = [sum(m["pss"] for m in snap.values()) / 2**20 for _, _, snap in s.series]
+    anon = [sum(m["anon"] for m in snap.values()) / 2**20 for snap in s.values]
+    pss = [sum(m["pss"] for m in snap.values()) / 2**20 for snap in s.values]
     per_process = {}
-    for _, _, snap in s.series:
+    for snap in s.values:
         for pid, m in snap.items():
             per_process[pid] = max(per_process.get(pid, 0.0), m["anon"] / 2**20)
     return {"peak_anon_mb": max(anon), "peak_pss_mb": max(pss),
