@@ -175,7 +175,8 @@ def train_epoch(dataset: str, workdir: str, workers: int = 2, shuffle_buffer: in
                 continue
         return found
 
-    cmd = [str(Path(sys.executable).with_name("imgcls-dist")), "train", "--config", str(ROOT / "configs/lenet5_digits.yaml"),
+    cmd = [str(Path(sys.executable).with_name("imgcls-dist")), "train",
+           "--config", str(ROOT / "configs/lenet5_digits.yaml"),
            "--set", f"data.path={dataset}", "--set", "train.epochs=1", "--set", "train.warmup_epochs=0",
            "--set", f"scaling.num_workers={workers}", "--set", f"data.shuffle_buffer={shuffle_buffer}",
            "--set", f"run.storage_path={workdir}", "--set", f"run.name=memory-{Path(dataset).name}",

@@ -47,7 +47,8 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _one_subset(self) -> "DataConfig":
-        given = [k for k in ("train_per_class", "train_fraction", "max_train_samples") if getattr(self, k) is not None]
+        given = [k for k in ("train_per_class", "train_fraction", "max_train_samples")
+                 if getattr(self, k) is not None]
         if len(given) > 1:
             raise ValueError(f"{' and '.join(given)} both choose the training rows: give one")
         return self

@@ -43,7 +43,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Lease:
-    """This run's claim on OUT (docs/design.md, "Publishing predictions", step 1); `with lease:` holds it with a heartbeat."""
+    """This run's claim on OUT (docs/design.md, "Publishing predictions", step 1); `with lease:` holds it with a
+    heartbeat."""
 
     def __init__(self, out: Location, run_id: str):
         self.out, self.run_id = out, run_id

@@ -66,8 +66,8 @@ def consistent_temperature(logits: np.ndarray, target: float) -> float:
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
     """(T, how it was chosen): `fit_temperature`, except that a sharpening fitted on fewer than
-    MIN_ERRORS_TO_SHARPEN validation errors becomes the expectation-consistent T (docs/design.md, "Temperature scaling"),
-    kept between the NLL fit and 1: NLL is convex in 1/T with its minimum at the fit, so there validation NLL
+    MIN_ERRORS_TO_SHARPEN validation errors becomes the expectation-consistent T (docs/design.md,
+    "Temperature scaling"), kept between the NLL fit and 1: NLL is convex in 1/T with its minimum at the fit, so there validation NLL
     is never above T = 1's."""
     t = fit_temperature(logits, labels)
     n = len(labels)

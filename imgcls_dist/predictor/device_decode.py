@@ -85,7 +85,8 @@ _ORIENT = {
 
 
 def orient(rgb: torch.Tensor, orientation: int) -> torch.Tensor:
-    """A decoded [C,H,W] image as displayed under its EXIF `orientation` (docs/design.md, "Decoding on the predictor's device": why here)."""
+    """A decoded [C,H,W] image as displayed under its EXIF `orientation` (why here: docs/design.md, "Decoding
+    on the predictor's device")."""
     op = _ORIENT.get(orientation)
     return rgb if op is None else op(rgb)
 
@@ -125,7 +126,8 @@ def _area_weights(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
 
 
 def resize_like_eval(rgb: torch.Tensor, size: int, channels: int) -> torch.Tensor:
-    """[3,H,W] uint8 -> [channels,size,size] uint8, as the eval transform resizes (docs/design.md, "Decoding on the predictor's device")."""
+    """[3,H,W] uint8 -> [channels,size,size] uint8, as the eval transform resizes (docs/design.md, "Decoding on
+    the predictor's device")."""
     x = rgb.float()
     h, w = rgb.shape[1:]
     if h >= size and w >= size:  # shrinking (or same size): the area average, exactly

@@ -64,7 +64,8 @@ def total_rows(groups: Sequence[RowGroup]) -> int:
 
 def epoch_plan(groups: Sequence[RowGroup], *, seed: int, epoch: int, rank: int, world: int,
                shuffle: bool = True) -> list[Span]:
-    """This rank's contiguous share of the epoch's permuted row sequence (docs/design.md, "Streaming the training input")."""
+    """This rank's contiguous share of the epoch's permuted row sequence (docs/design.md, "Streaming the
+    training input")."""
     order = (np.random.default_rng(derive_seed(seed, epoch, 0x9A)).permutation(len(groups)) if shuffle
              else np.arange(len(groups)))
     n = total_rows(groups)
@@ -146,7 +147,8 @@ def _prefetched(spans: Sequence[Span]) -> Iterator[list[Sample]]:
 
 
 def sample_stream(spans: Sequence[Span], *, buffer: int, seed: int, epoch: int, rank: int) -> Iterator[Sample]:
-    """The rank's samples for the epoch, through the shuffle buffer (deterministic; docs/design.md, "Streaming the training input")."""
+    """The rank's samples for the epoch, through the shuffle buffer (deterministic; docs/design.md, "Streaming
+    the training input")."""
     rng = np.random.default_rng(derive_seed(seed, epoch, rank, 0x5B))
     buf: list[Sample] = []
     for rows in _prefetched(spans):

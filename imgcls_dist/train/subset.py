@@ -58,7 +58,8 @@ def subset_row_groups(files: Sequence[str], classes: Sequence[str], *, seed: int
     if per_class is not None and per_class > counts.max(initial=0):
         raise UserError(f"{key}: {per_class} per class is more than any class has (largest: {counts.max(initial=0)} "
                         "training rows)")
-    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes)) if per_class is not None and counts[c] < per_class]
+    short = [f"{classes[c]} ({counts[c]})" for c in range(len(classes))
+             if per_class is not None and counts[c] < per_class]
     if short:
         print(f"train: note: {key}={per_class}: {len(short)} class(es) have fewer training rows and are taken "
               f"whole: {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}", file=sys.stderr)
