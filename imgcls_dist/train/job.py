@@ -26,7 +26,8 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "image_size",
-                   "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps"]
+                   "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps", "peak_rss_mb",
+                   "peak_gpu_mb"]
 
 
 def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -179,6 +180,8 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         "trainable_params": history[-1].get("trainable_params"),
         "model_mb": round((out / MODEL_FILE).size() / 2**20, 3),
         "images_per_s": round(sum(h["images_per_s"] for h in history) / len(history), 1),
+        "peak_rss_mb": max(h.get("peak_rss_mb", 0.0) for h in history),  # of one Train worker
+        "peak_gpu_mb": max(h.get("peak_gpu_mb", 0.0) for h in history),
         "wall_s": round(wall_s, 2),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

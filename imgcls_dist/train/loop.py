@@ -12,6 +12,7 @@ wrapping, mixed precision and gradient accumulation (Ray only starts the workers
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import replace
 from typing import Any
@@ -155,11 +156,20 @@ def evaluate(run: WorkerRun) -> tuple[float, float]:
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This worker's peak memory so far: resident set of the training process plus that of its largest finished
+    DataLoader process (getrusage), and on CUDA the peak allocated by torch."""
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return {"rss": round(rss_kb / 1024, 1), "gpu": round(gpu, 1)}
+
+
 def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_loss: float,
                   val_acc: float) -> dict[str, Any]:
     """Totals over all workers, and proof that no sample was trained twice (unique_samples)."""
     shares = all_gather_list({"loss_sum": stats.loss_sum, "correct": stats.correct, "seen": stats.seen,
-                              "bits": stats.seen_bits, "time": stats.seconds, "skipped": stats.skipped_rows}, run.world)
+                              "bits": stats.seen_bits, "time": stats.seconds, "skipped": stats.skipped_rows,
+                              "peak": peak_memory_mb(run.device)}, run.world)
     n_seen = sum(s["seen"] for s in shares)
     return {
         "epoch": epoch,
@@ -175,6 +185,8 @@ def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_
         "worker_samples": [s["seen"] for s in shares],
         "skipped_rows": sum(s["skipped"] for s in shares),
         "nonfinite_steps": run.nonfinite_total,
+        "peak_rss_mb": max(s["peak"]["rss"] for s in shares),
+        "peak_gpu_mb": max(s["peak"]["gpu"] for s in shares),
         "trainable_params": run.trainable_params,
         "world_size": run.world,
     }

@@ -101,6 +101,10 @@ def test_a_plain_train_command_has_a_clean_console_every_artifact_and_resizes_pr
     assert 0 < summary["trainable_params"] <= sum(t.numel() for t in m["state_dict"].values())
     assert 1 <= summary["epochs_to_95pct_best"] <= summary["epochs_to_99pct_best"] <= 4
     assert summary["images_per_s"] > 0
+    # a worker's peak: at least the resident size of a process that imported torch, never more than the machine
+    peak = summary["peak_rss_mb"]
+    assert 100 < peak == max(float(h["peak_rss_mb"]) for h in hist) < psutil.virtual_memory().total / 2**20
+    assert summary["peak_gpu_mb"] == 0.0  # a CPU run
 
 
 def _latest_registered_step(run_dir: Path) -> int | None:
