@@ -26,8 +26,8 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "image_size",
-                   "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps", "peak_rss_mb",
-                   "peak_gpu_mb"]
+                   "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps",
+                   "peak_rss_mb", "peak_gpu_mb"]
 
 
 def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -54,8 +54,7 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     if d.train_per_class is not None or d.train_fraction is not None:
         train_groups = subset_row_groups(
             train_files, meta["classes"], seed=cfg.train.seed if d.subset_seed is None else d.subset_seed,
-            per_class=d.train_per_class, fraction=d.train_fraction,
-            key="data.train_per_class" if d.train_per_class is not None else "data.train_fraction")
+            per_class=d.train_per_class, fraction=d.train_fraction)
     else:
         train_groups = list_row_groups(train_files, limit=d.max_train_samples)
     val_groups = list_row_groups([f.uri for f in meta["files"]["val"]], limit=cfg.data.max_val_samples)

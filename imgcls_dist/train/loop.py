@@ -159,7 +159,7 @@ def evaluate(run: WorkerRun) -> tuple[float, float]:
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """This worker's peak memory so far: resident set of the training process plus that of its largest finished
     DataLoader process (getrusage), and on CUDA the peak allocated by torch."""
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    rss_kb = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     return {"rss": round(rss_kb / 1024, 1), "gpu": round(gpu, 1)}
 

@@ -66,9 +66,13 @@ class EpochStats:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> EpochStats:
-        return cls(loss_sum=float(state["loss_sum"]), correct=int(state["correct"]), seen=int(state["seen"]),
-                   skipped_rows=int(state["skipped_rows"]), seconds=float(state["seconds"]),
-                   seen_bits=state["seen_bits"].numpy().astype(np.uint8))
+        stats = cls(loss_sum=float(state["loss_sum"]), correct=int(state["correct"]), seen=int(state["seen"]),
+                    skipped_rows=int(state["skipped_rows"]), seconds=float(state["seconds"]))
+        if "seen_bits" in state:
+            stats.seen_bits = state["seen_bits"].numpy().astype(np.uint8)
+        else:  # a mid-epoch checkpoint written before the bitmap: the ids themselves
+            stats.mark_seen(state["seen_idx"].numpy())
+        return stats
 
 
 def save_training_checkpoint(directory: Path, *, model_state: dict, model_meta: dict, train_state: dict,

@@ -49,8 +49,9 @@ def select_rows(labels: np.ndarray, num_classes: int, *, seed: int, per_class: i
 
 
 def subset_row_groups(files: Sequence[str], classes: Sequence[str], *, seed: int, per_class: int | None = None,
-                      fraction: float | None = None, key: str = "data.train_per_class") -> list[RowGroup]:
+                      fraction: float | None = None) -> list[RowGroup]:
     """The row groups of `files` restricted to the subset's rows, with dense sample ids in file order."""
+    key = "data.train_per_class" if per_class is not None else "data.train_fraction"
     per_file = map_files(_labels_by_group, list(files))
     groups = [(uri, i, lab) for uri, labs in zip(files, per_file) for i, lab in enumerate(labs)]
     labels = np.concatenate([lab for _, _, lab in groups]) if groups else np.zeros(0, np.int64)

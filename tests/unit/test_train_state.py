@@ -34,3 +34,13 @@ def test_it_round_trips_through_a_checkpoint(tmp_path):
     back = EpochStats.from_state(torch.load(tmp_path / "state.pt", weights_only=True))
     assert np.array_equal(back.seen_bits, s.seen_bits) and back.seen == 4 and back.loss_sum == 1.5
     assert count_unique([back.seen_bits]) == 3
+
+
+def test_a_mid_epoch_checkpoint_with_the_ids_listed_still_resumes():
+    """Checkpoints written before the bitmap stored the ids themselves (`seen_idx`)."""
+    old = {"loss_sum": 1.0, "correct": 2, "seen": 3, "skipped_rows": 0, "seconds": 1.0,
+           "seen_idx": torch.tensor([5, 9, 700], dtype=torch.int64)}
+    back = EpochStats.from_state(old)
+    assert back.seen == 3 and count_unique([back.seen_bits]) == 3
+    back.mark_seen(np.array([9, 10]))
+    assert count_unique([back.seen_bits]) == 4
