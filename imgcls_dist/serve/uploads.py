@@ -7,14 +7,18 @@ field, in order. Multipart is parsed by Starlette's parser (python-multipart), o
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, NamedTuple
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 FILE_FIELD = "file"
 RAW_TYPES = ("image/", "application/octet-stream")
+# How much of a refused body is read and dropped before the 413 goes out (see _drain)
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+DRAIN_TIMEOUT_S = 10.0
 
 
 class RequestError(Exception):
@@ -32,16 +36,40 @@ def _too_large(size: int | str, limit: int) -> RequestError:
     return RequestError(413, f"request body of {size} bytes is over the limit of {limit} bytes")
 
 
+async def _drain(stream: AsyncIterator[bytes]) -> None:
+    """Read and drop what is left of a refused body, up to DRAIN_MAX_BYTES / DRAIN_TIMEOUT_S.
+
+    A server that answers 413 and closes while the client is still sending leaves unread bytes in its socket,
+    so the close goes out as a reset and most clients (urllib, requests) report "connection reset" instead of
+    reading the 413. Reading the rest first is nginx's "lingering close"; the bounds keep an endless upload
+    from holding the replica."""
+
+    async def drop() -> None:
+        dropped = 0
+        async for chunk in stream:
+            dropped += len(chunk)
+            if dropped > DRAIN_MAX_BYTES:
+                return
+
+    try:
+        await asyncio.wait_for(drop(), DRAIN_TIMEOUT_S)
+    except (asyncio.TimeoutError, ClientDisconnect):
+        pass
+
+
 async def read_bounded(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it is known to exceed `limit`: from Content-Length before
-    any byte is read, else (chunked uploads) when the running count passes it."""
+    any byte is kept, else (chunked uploads) when the running count passes it. Nothing past the limit is kept."""
+    stream = request.stream()
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        await _drain(stream)
         raise _too_large(declared, limit)
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            await _drain(stream)
             raise _too_large(f"more than {limit}", limit)
         chunks.append(chunk)
     return b"".join(chunks)

@@ -208,6 +208,14 @@ def chunked_post(url: str, chunks: list[bytes]) -> int:
     return status
 
 
+def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(server):
+    # the server refuses from Content-Length at once; the client is still sending, so unless the server reads
+    # (and drops) the rest, the client sees a connection reset instead of the answer
+    for size in (MAX_BODY + 1, 3 * MAX_BODY):
+        status, r = post(f"{server}/predict", b"x" * size)
+        assert status == 413 and "over the limit" in r["error"], (size, status, r)
+
+
 def test_a_chunked_body_over_the_limit_is_413(server):
     assert chunked_post(f"{server}/predict", [b"x" * (1 << 20)] * 5) == 413  # no Content-Length to refuse early
 
