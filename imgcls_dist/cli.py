@@ -65,7 +65,7 @@ images in batch, one at a time or over HTTP. Runs on one machine (a local Ray)
 or unchanged on a Ray cluster."""
 
 EPILOG = """\
-usual order: ingest -> train (or tune) -> ensemble build -> infer -> evaluate;
+usual order: ingest -> train (or tune, or study) -> ensemble build -> infer -> evaluate;
              predict and serve answer for single images
 try it:      make demo    (every step on the built-in digits, a few minutes)
 more:        imgcls-dist VERB --help, e.g. imgcls-dist train --help;
@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.tune.commands import register_tune_commands
 
     register_tune_commands(sub)
+    from imgcls_dist.study.commands import register_study_command
+
+    register_study_command(sub)
     from imgcls_dist.ensemble.commands import register_ensemble_commands
 
     register_ensemble_commands(sub)  # ensemble build

@@ -150,6 +150,28 @@ class TuneConfig(Section):
     seed: int = 0
 
 
+class ConstraintsConfig(Section):
+    """Deployment limits a study checks every arm against (None: no limit)."""
+
+    max_latency_ms: Optional[float] = Field(None, gt=0.0, description="single-image CPU latency p50")
+    max_model_mb: Optional[float] = Field(None, gt=0.0)
+    min_test_acc: Optional[float] = Field(None, ge=0.0, le=1.0)
+
+
+class StudyConfig(Section):
+    """`imgcls-dist study`: every arm (x every sweep value) trained once per seed; format: docs/guide/study.md."""
+
+    # arm name -> config overrides as dotted keys, e.g. {model.arch: resnet50, data.image_size: 64}
+    arms: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Each seed is the trial's train.seed, which also draws its training subset (data.subset_seed unset).
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    baseline: Optional[str] = None
+    # At most one dotted key -> values, crossed with every arm (e.g. data.train_per_class: [10, 50]).
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    constraints: ConstraintsConfig = Field(default_factory=ConstraintsConfig)
+    latency_repeats: int = Field(50, ge=5, description="timed single-image predictions per trial")
+
+
 class ExperimentConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -158,6 +180,7 @@ class ExperimentConfig(Section):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    study: StudyConfig = Field(default_factory=StudyConfig)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "ExperimentConfig":

@@ -111,6 +111,11 @@ def _read_span(span: Span) -> list[Sample]:
     return [(first + i, img, -1 if lbl is None else int(lbl)) for i, (img, lbl) in enumerate(zip(images, labels))]
 
 
+def read_group(group: RowGroup) -> list[Sample]:
+    """Every row the input takes from one row group, (sample id, encoded image, label) in plan order."""
+    return _read_span(Span(group, 0, group.rows))
+
+
 def _prefetched(spans: Sequence[Span]) -> Iterator[list[Sample]]:
     """Row groups read by a background thread, at most PREFETCH_GROUPS ahead (I/O overlaps the step)."""
     q: queue.Queue = queue.Queue(maxsize=PREFETCH_GROUPS)

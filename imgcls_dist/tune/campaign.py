@@ -79,7 +79,7 @@ def _is_nonempty_dir(p: Location) -> bool:
     return bool(p.iterdir())
 
 
-def _resume_config(cfg: ExperimentConfig, campaign: Location) -> ExperimentConfig:
+def resume_config(cfg: ExperimentConfig, campaign: Location) -> ExperimentConfig:
     """The campaign's own saved config is authoritative on resume (Tune restores its saved space too)."""
     saved_path = campaign / CONFIG_FILE
     if not saved_path.is_file():
@@ -114,17 +114,22 @@ def asha_rungs(cfg: ExperimentConfig) -> list[int]:
     return rungs
 
 
-def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True) -> dict[str, Any]:
-    """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary."""
+def open_campaign(cfg: ExperimentConfig, resume: bool, what: str = "campaign") -> tuple[Location, ExperimentConfig]:
+    """<run.storage_path>/<run.name>/, new (refused if it exists) or resumed (then with its saved config)."""
     campaign = campaign_dir_for(cfg)
     exists = _is_nonempty_dir(campaign)
     if exists and not resume:
-        raise UserError(f"{campaign} already exists: pass --resume to continue that campaign, or pick another "
+        raise UserError(f"{campaign} already exists: pass --resume to continue that {what}, or pick another "
                         f"run.name (--set run.name=...)")
+    if resume and not exists:
+        raise UserError(f"--resume: no {what} at {campaign} (check run.name / run.storage_path)")
+    return campaign, resume_config(cfg, campaign) if resume else cfg
+
+
+def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True) -> dict[str, Any]:
+    """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary."""
+    campaign, cfg = open_campaign(cfg, resume)
     if resume:
-        if not exists:
-            raise UserError(f"--resume: no campaign at {campaign} (check run.name / run.storage_path)")
-        cfg = _resume_config(cfg, campaign)
         meta = _read_meta(campaign)
         if "early_stopping" in meta and meta["early_stopping"] != early_stopping:
             how = "with ASHA" if meta["early_stopping"] else "without early stopping (FIFO)"
@@ -197,7 +202,7 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
     return finalize_campaign(cfg, campaign, grid, plan, wall_s=wall, early_stopping=early_stopping)
 
 
-def _error_reason(err: BaseException | None) -> str | None:
+def error_reason(err: BaseException | None) -> str | None:
     if err is None:
         return None
     from imgcls_dist.errors import root_cause
@@ -226,7 +231,7 @@ def collect_rows(cfg: ExperimentConfig, campaign: Location, grid) -> list[dict[s
         history, best_dir, best = R.trial_history(campaign / TRIALS_DIR / name)
         metrics = res.metrics or {}
         seen = metrics.get("epochs_done")
-        error = _error_reason(res.error)
+        error = error_reason(res.error)
         status = "ERROR" if error is not None else "TERMINATED" if all_ended else statuses.get(name, "UNFINISHED")
         row: dict[str, Any] = {"trial": name, **{k: plain(res.config.get(k)) for k in keys}}
         row.update({

@@ -29,7 +29,7 @@ _FIELDS = {
 }
 # These size, name and drive the campaign itself: searching them would break the resource sizing
 # (trials * workers must fit the cluster) or the campaign layout.
-NOT_SEARCHABLE = ("run", "scaling", "tune")
+NOT_SEARCHABLE = ("run", "scaling", "tune", "study")
 
 
 def config_keys() -> list[str]:

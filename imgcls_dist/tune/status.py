@@ -9,6 +9,7 @@ back on `--resume`). A trial with neither a status nor an error did not finish.
 from __future__ import annotations
 
 import json
+from typing import Any, Callable
 
 from ray.tune import Callback
 
@@ -34,18 +35,18 @@ class TrialStatusLog(Callback):
     """Runs in the Tune driver's event loop (one thread). Tune pickles it with the experiment state and
     `Tuner.restore` brings that copy back: unpickling re-reads the file, which is the truth."""
 
-    def __init__(self, campaign: Location):
-        self.campaign = campaign
+    def __init__(self, campaign: Location, name_of: Callable[[Any], str] = trial_name):
+        self.campaign, self.name_of = campaign, name_of  # name_of: the campaign's trial_name_creator
         self.statuses = read_statuses(campaign)
 
     def __getstate__(self) -> dict:
-        return {"campaign": self.campaign}
+        return {"campaign": self.campaign, "name_of": self.name_of}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["campaign"])
+        self.__init__(state["campaign"], state.get("name_of", trial_name))
 
     def _record(self, trial, status: str) -> None:
-        self.statuses[trial_name(trial)] = status
+        self.statuses[self.name_of(trial)] = status
         (self.campaign / STATUS_FILE).write_text(json.dumps(self.statuses, indent=1, sort_keys=True))
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -114,6 +114,7 @@ LAYERS = [
     {"ensemble"},
     {"train", "serve"},
     {"tune"},
+    {"study"},  # repeated-seed comparisons of config arms, run as Tune grids
     {"demo"},
     {"cli"},
 ]

@@ -1,0 +1,40 @@
+"""What runs inside one study trial (one unit, one seed): its Ray Train run, the run's own artifacts
+(model.pt, metrics.csv, summary.json, the test report), then the study's measurements in study_metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from imgcls_dist.config import CONFIG_FILE, build_config, write_config
+from imgcls_dist.storage import location
+from imgcls_dist.study.measure import measure_run
+from imgcls_dist.study.spec import Unit, trial_name, unit_config
+from imgcls_dist.train.job import build_trainer, finalize_run, fit, resolve_dataset
+from imgcls_dist.tune.report import EpochReportCallback
+from imgcls_dist.tune.space import absolutize_paths
+from imgcls_dist.tune.trial import HEALTH_CHECK_INTERVAL_S
+
+STUDY_METRICS_FILE = "study_metrics.json"
+
+
+def study_trial(config: dict, base: dict | None = None, units: dict[str, Unit] | None = None,
+                trials_dir: str = "", cwd: str | None = None, num_workers: int = 1, use_gpu: bool = False,
+                latency_repeats: int = 50) -> None:
+    """Runs in the trial's Tune actor; a failure marks the trial ERROR with its one-line reason."""
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
+    unit, seed = (units or {})[config["unit"]], int(config["seed"])
+    name = trial_name(unit.name, seed)
+    raw = absolutize_paths(unit_config(base or {}, unit, seed, source=f"trial {name}").to_dict(), cwd or ".")
+    raw["run"] = {**raw["run"], "name": name, "storage_path": trials_dir}
+    cfg = build_config(raw, source=f"trial {name}")
+    ds = resolve_dataset(cfg)
+    out = location(trials_dir) / name
+    write_config(cfg, out / CONFIG_FILE)
+    t0 = time.perf_counter()
+    result = fit(build_trainer(cfg, ds, num_workers, use_gpu, callbacks=[EpochReportCallback()]))
+    summary = finalize_run(result, cfg, ds, out, time.perf_counter() - t0)
+    measured = measure_run(out, summary, ds["train_groups"], batch_size=cfg.data.batch_size,
+                           grad_accum=cfg.train.grad_accum_steps, latency_repeats=latency_repeats)
+    (out / STUDY_METRICS_FILE).write_text(json.dumps(measured, indent=1))
