@@ -102,10 +102,16 @@ def _tune(a: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def _study(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.study_bench import bench_study
+
+    return bench_study(config=a.config or "configs/study_pretrained.yaml", overrides=tuple(a.overrides))
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
-    "decode": _decode, "serve": _serve, "tune": _tune,
+    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study,
 }
 
 

@@ -24,11 +24,18 @@ def _fractions(s: str) -> tuple[float, float, float]:
     return parts  # type: ignore[return-value]
 
 
+def _class_names(s: str) -> list[str]:
+    names = [c.strip() for c in s.split(",") if c.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected class names like 0,1,2 or cat,dog")
+    return names
+
+
 def cmd_ingest(a: argparse.Namespace) -> int:
     from imgcls_dist.data.ingest import ingest, print_summary
 
     meta = ingest(a.src, a.out, image_size=a.image_size, fractions=a.splits, rows_per_shard=a.rows_per_shard,
-                  seed=a.seed, overwrite=a.overwrite)
+                  seed=a.seed, overwrite=a.overwrite, classes=a.classes)
     print_summary(meta, a.out)
     return 0
 
@@ -88,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows-per-shard", type=int, default=500, help="images per Parquet shard (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val/test split (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
+    p.add_argument("--classes", type=_class_names, default=None, metavar="A,B,...",
+                   help="ingest only these classes (by folder name; builtin:digits: 0..9), e.g. a pretraining "
+                        "source of some classes and a target of the others")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("models", help="list registered architectures")

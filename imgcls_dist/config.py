@@ -159,7 +159,8 @@ class ConstraintsConfig(Section):
 
 
 class StudyConfig(Section):
-    """`imgcls-dist study`: every arm (x every sweep value) trained once per seed; format: docs/guide/study.md."""
+    """`imgcls-dist study`: every arm (x every sweep value) trained once per seed; format: docs/guide/study.md.
+    Trials are sized and run at once like tune trials: scaling.* and tune.max_concurrent apply."""
 
     # arm name -> config overrides as dotted keys, e.g. {model.arch: resnet50, data.image_size: 64}
     arms: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python jobs/study.py --config configs/study_architectures.yaml [--set k=v ...] [--resume]`."""
+"""`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python jobs/study.py
+--config configs/study_architectures.yaml [--set k=v ...] [--resume]`."""
 
 import sys
 from pathlib import Path

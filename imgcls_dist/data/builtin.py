@@ -13,6 +13,15 @@ from imgcls_dist.errors import UserError
 BUILTINS = ("digits",)
 
 
+DIGIT_CLASSES = [str(i) for i in range(10)]
+
+
+def builtin_classes(name: str) -> list[str]:
+    if name != "digits":
+        raise UserError(f"builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+    return DIGIT_CLASSES
+
+
 def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -30,12 +39,11 @@ def digits_images(size: int = 32) -> tuple[list[np.ndarray], np.ndarray, list[st
     for g in gray:
         img = Image.fromarray(g, mode="L").resize((size, size), Image.BICUBIC).convert("RGB")
         out.append(np.asarray(img))
-    return out, d.target.astype(np.int64), [str(i) for i in range(10)]
+    return out, d.target.astype(np.int64), DIGIT_CLASSES
 
 
 def builtin_rows(name: str, size: int = 32) -> tuple[Iterator[tuple[str, bytes, int]], np.ndarray, list[str], dict]:
-    if name != "digits":
-        raise UserError(f"builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+    builtin_classes(name)
     images, labels, classes = digits_images(size)
     rows = ((f"digits-{i:05d}", encode_png(img), int(lbl)) for i, (img, lbl) in enumerate(zip(images, labels)))
     # A mirrored digit is a different glyph (or none): flips must stay off for this dataset.

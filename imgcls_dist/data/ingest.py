@@ -18,14 +18,14 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from imgcls_dist.data.builtin import BUILTINS, builtin_rows
+from imgcls_dist.data.builtin import BUILTINS, builtin_classes, builtin_rows
 from imgcls_dist.data.decode import decode_image
-from imgcls_dist.data.listing import Listing, list_image_tree
+from imgcls_dist.data.listing import Listing, class_indices, keep_classes, list_image_tree
 from imgcls_dist.data.schema import DATASET_FILE, SPLITS
 from imgcls_dist.data.shards import ShardWriter, write_shards
 from imgcls_dist.errors import JobFailed, UserError, root_cause
@@ -179,9 +179,12 @@ def _run_shard_tasks(src: Location, plan: list[tuple[str, list, str]], verbose: 
     return [r for r in results if r is not None]
 
 
-def _plan_tree(src: Location, out: Location, fractions, rows_per_shard: int, seed: int):
+def _plan_tree(src: Location, out: Location, fractions, rows_per_shard: int, seed: int,
+               classes: Sequence[str] | None = None):
     """Listing, split and shard plan: everything decided before a byte is read or written."""
     listing = list_image_tree(src)
+    if classes:
+        listing = keep_classes(listing, classes, str(src))
     if listing.splits is not None:
         sp = np.asarray(listing.splits)
         parts = {s: np.flatnonzero(sp == s) for s in SPLITS}
@@ -223,10 +226,15 @@ def _ingest_tree(src: Location, out: Location, listing: Listing, plan: list, fra
 
 
 def _ingest_builtin(name: str, out: Location, image_size: int, fractions, rows_per_shard: int,
-                    seed: int) -> dict[str, Any]:
+                    seed: int, wanted: Sequence[str] | None = None) -> dict[str, Any]:
     """Built-in datasets are tiny and generated in memory: written by this process, no Ray needed."""
     rows_iter, _, classes, extra = builtin_rows(name, image_size)
     rows = list(rows_iter)
+    if wanted:
+        keep = class_indices(classes, wanted, f"builtin:{name}")
+        new = {old: i for i, old in enumerate(keep)}
+        rows = [(rid, img, new[lbl]) for rid, img, lbl in rows if lbl in new]
+        classes = [classes[i] for i in keep]
     labels = np.array([r[2] for r in rows], dtype=np.int64)
     parts = _split_indices(labels, fractions, seed)
     counts = {}
@@ -254,23 +262,27 @@ def ingest(
     seed: int = 0,
     overwrite: bool = False,
     verbose: bool = True,
+    classes: Sequence[str] | None = None,
 ) -> dict:
+    """`classes`: ingest only these classes (by name), labelled 0..k-1 in the dataset's class order."""
     _check_args(fractions, rows_per_shard)
     out_loc = location(out)
     builtin = src.startswith("builtin:")
     if builtin and src.split(":", 1)[1] not in BUILTINS:
         raise UserError(f"{src}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+    if builtin and classes:
+        class_indices(builtin_classes(src.split(":", 1)[1]), classes, src)
     if not builtin:  # every check, the listing and the plan before anything is written
         src_loc = location(src).check_readable("source directory")
         if not src_loc.is_dir():
             raise UserError(f"{src}: not a directory (expected an image tree SRC/<class>/<image>, "
                             "SRC/<split>/<class>/<image>, or builtin:digits)")
-        listing, plan = _plan_tree(src_loc, out_loc, fractions, rows_per_shard, seed)
+        listing, plan = _plan_tree(src_loc, out_loc, fractions, rows_per_shard, seed, classes)
     _check_out(out_loc, overwrite)
     _clear_out(out_loc)
     t0 = time.perf_counter()
     if builtin:
-        meta = _ingest_builtin(src.split(":", 1)[1], out_loc, image_size, fractions, rows_per_shard, seed)
+        meta = _ingest_builtin(src.split(":", 1)[1], out_loc, image_size, fractions, rows_per_shard, seed, classes)
     else:
         meta = _ingest_tree(src_loc, out_loc, listing, plan, fractions, verbose)
     meta["seed"] = seed

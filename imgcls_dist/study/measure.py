@@ -40,7 +40,8 @@ def clean_train_accuracy(predictor: EnsemblePredictor, groups: Sequence[RowGroup
 
 def single_image_latency(predictor: EnsemblePredictor, encoded: bytes, repeats: int) -> dict[str, float]:
     """p50/p95 ms of one image from its encoded bytes to class probabilities (decode, resize, forward) at
-    batch 1 on one CPU thread: a per-core figure that does not depend on what else the machine runs."""
+    batch 1 on one CPU thread: a per-core figure, comparable across trials and machines whatever their core
+    count. Other trials may be training on the node meanwhile; for quiet numbers run with tune.max_concurrent=1."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -70,18 +70,21 @@ def _wants_log(values: list[float]) -> bool:
 
 # ------------------------------------------------------------------------------------------- per-trial curves
 def plot_lr_schedules(rows: list[dict], out: PathLike) -> Location | None:
-    """One schedule per unit (its lowest seed that logged one): seeds share the schedule, so more would overlap."""
-    curves = {}
+    """Every trial's schedule, one colour per unit: seeds overlap exactly unless the schedule follows the
+    run (ReduceLROnPlateau reacts to each run's own validation loss)."""
+    curves: dict[str, list[list[float]]] = {}
     for unit, rs in _by_unit(rows).items():
-        logged = sorted((r for r in rs if r.get("lr_curve")), key=lambda r: r["seed"])
+        logged = [[float(v) for v in r["lr_curve"]] for r in sorted(rs, key=lambda r: r["seed"]) if r.get("lr_curve")]
         if logged:
-            curves[unit] = (logged[0]["seed"], [float(v) for v in logged[0]["lr_curve"]])
+            curves[unit] = logged
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for i, (unit, (seed, lrs)) in enumerate(curves.items()):
-        ax.plot(range(1, len(lrs) + 1), lrs, lw=1.4, color=_color(i, len(curves)), label=f"{unit} (seed {seed})")
-    if _wants_log([v for _, lrs in curves.values() for v in lrs]):
+    for i, (unit, runs) in enumerate(curves.items()):
+        for k, lrs in enumerate(runs):
+            ax.plot(range(1, len(lrs) + 1), lrs, lw=1.4, alpha=0.8, color=_color(i, len(curves)),
+                    label=f"{unit} ({len(runs)} seed{'s' if len(runs) > 1 else ''})" if k == 0 else None)
+    if _wants_log([v for runs in curves.values() for lrs in runs for v in lrs]):
         ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule per unit")
     ax.grid(alpha=0.3)

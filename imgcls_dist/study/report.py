@@ -14,7 +14,7 @@ from imgcls_dist.config import ExperimentConfig
 from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.storage import Location
 from imgcls_dist.study.metrics import BY_KEY, METRICS
-from imgcls_dist.study.spec import Unit, sweep_key, trial_name, value_label
+from imgcls_dist.study.spec import Unit, sweep_key, trial_name
 from imgcls_dist.study.stats import METHOD, Interval, mean_ci, paired_difference, pareto_front, verdict
 from imgcls_dist.table import format_table
 
@@ -148,7 +148,7 @@ def _csv(columns: Sequence[str], rows: list[dict[str, Any]]) -> str:
 def study_csv(units: list[dict[str, Any]]) -> str:
     flat = []
     for u in units:
-        row = {"unit": u["unit"], "arm": u["arm"], "sweep_value": value_label(u["sweep_value"]), "seeds_ok": u["n"],
+        row = {"unit": u["unit"], "arm": u["arm"], "sweep_value": u["sweep_value"], "seeds_ok": u["n"],
                "trials": u["trials"], "failed": " ".join(u["failed"])}
         for m in METRICS:
             iv = u["stats"][m.key]

@@ -7,17 +7,16 @@ finished. Everything lives under <run.storage_path>/<run.name>/ on any filesyste
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
-from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
-from imgcls_dist.errors import UserError
+from imgcls_dist.config import ExperimentConfig
 from imgcls_dist.study.report import finalize_study
 from imgcls_dist.study.spec import validate_study
 from imgcls_dist.storage import ray_storage
-from imgcls_dist.tune.campaign import DRIVER_MEMORY_BYTES, TRIALS_DIR, open_campaign, plan_resources
+from imgcls_dist.tune.campaign import (DRIVER_MEMORY_BYTES, TRIALS_DIR, open_campaign, plan_resources, record_start,
+                                       restore_tuner)
 
 META_FILE = "study.json"  # how the study was started (sizing, units): for the record
 
@@ -31,10 +30,9 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False) -> dict[str, Any]:
     study_dir.check_writable()
 
     import ray.tune
-
-    from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
     from imgcls_dist.study.spec import tune_trial_name
     from imgcls_dist.study.trial import study_trial
     from imgcls_dist.tune.status import TrialStatusLog
@@ -55,17 +53,9 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     if resume:
-        if not ray.tune.Tuner.can_restore(study_dir.path, storage_filesystem=storage_fs):
-            raise UserError(f"--resume: {study_dir} holds no resumable study")
-        tuner = ray.tune.Tuner.restore(study_dir.path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False, storage_filesystem=storage_fs)
+        tuner = restore_tuner(study_dir, trainable, storage_fs, what="study")
     else:
-        write_config(cfg, study_dir / CONFIG_FILE)
-        (study_dir / META_FILE).write_text(json.dumps({
-            "units": [u.name for u in units], "seeds": seeds, "num_trials": n_trials,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: plan[k] for k in (
-                "workers_per_trial", "use_gpu", "cpus_per_trial", "concurrency", "cluster_cpus", "cluster_gpus")}},
-            indent=2) + "\n")
+        record_start(cfg, study_dir, META_FILE, plan, units=[u.name for u in units], seeds=seeds, num_trials=n_trials)
         tuner = ray.tune.Tuner(
             trainable,
             param_space={"unit": ray.tune.grid_search([u.name for u in units]),

@@ -30,13 +30,24 @@ class Unit:
     overrides: dict[str, Any]
 
 
-def value_label(v: Any) -> str:
-    return "all" if v is None else str(plain(v))
+# A null training-subset setting means the whole split: its unit is `<arm>@all`.
+SUBSET_KEYS = ("data.train_per_class", "data.train_fraction", "data.max_train_samples")
+
+
+def value_label(v: Any, key: str) -> str:
+    if v is None:
+        return "all" if key in SUBSET_KEYS else "null"
+    return str(plain(v))
+
+
+def _safe(name: str) -> str:
+    """A name usable as a directory on every filesystem and as an object-store key."""
+    return _UNSAFE.sub("_", name)
 
 
 def trial_name(unit: str, seed: int) -> str:
     """`pretrained@10_s1`: the unit and the seed; names the trial's directory and its Train run."""
-    return _UNSAFE.sub("_", f"{unit}_s{seed}")
+    return _safe(f"{unit}_s{seed}")
 
 
 def tune_trial_name(trial) -> str:
@@ -80,7 +91,14 @@ def units_of(cfg: ExperimentConfig) -> list[Unit]:
             raise UserError(f"study.sweep.{key}: no values")
     if not sweep:
         return [Unit(arm, arm, None, dict(o)) for arm, o in s.arms.items()]
-    return [Unit(f"{arm}@{value_label(v)}", arm, plain(v), {**o, k: v}) for arm, o in s.arms.items() for k, v in sweep]
+    units = [Unit(_safe(f"{arm}@{value_label(v, k)}"), arm, plain(v), {**o, k: v})
+             for arm, o in s.arms.items() for k, v in sweep]
+    names = [u.name for u in units]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"study.sweep.{sweep[0][0]}: values that name the same unit ({', '.join(twice)}): "
+                        "give each value once")
+    return units
 
 
 def sweep_key(cfg: ExperimentConfig) -> str | None:
@@ -90,7 +108,7 @@ def sweep_key(cfg: ExperimentConfig) -> str | None:
 def check_seeds(cfg: ExperimentConfig) -> None:
     s = cfg.study
     if not s.seeds:
-        raise UserError("study.seeds: no seeds: give at least one (3 or more for a confidence interval)")
+        raise UserError("study.seeds: no seeds: give at least one (2 give an interval, 3 or more a useful one)")
     if len(set(s.seeds)) != len(s.seeds):
         raise UserError(f"study.seeds: {s.seeds} repeats a seed")
     if s.baseline is not None:
@@ -118,7 +136,7 @@ def validate_study(cfg: ExperimentConfig) -> list[Unit]:
     for unit in units:
         where = f"study.arms.{unit.arm}"
         if cfg.study.sweep:
-            where += f" at {sweep_key(cfg)}={value_label(unit.sweep_value)}"
+            where += f" at {sweep_key(cfg)}={value_label(unit.sweep_value, sweep_key(cfg))}"
         try:
             ExperimentConfig.model_validate(apply_sampled(base, unit.overrides))
         except ValidationError as e:

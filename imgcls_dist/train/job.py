@@ -17,6 +17,7 @@ from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.evaluate.plots import plot_training_history
 from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.models.registry import get_spec
+from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
 from imgcls_dist.train.stream import list_row_groups, total_rows
@@ -34,6 +35,10 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything the workers need to know about the data, checked before any Ray work starts."""
     meta = validate_dataset(cfg.data.path, splits=("train", "val"))
     spec = get_spec(cfg.model.arch)
+    try:
+        classify_weights(cfg.model.weights)  # a missing checkpoint file fails here, not in every worker
+    except UserError as e:
+        raise UserError(f"model.weights: {e}") from None
     image_size = cfg.data.image_size or meta.get("image_size") or spec.default_size
     for where, size in [("data.image_size", image_size)] + [
         ("train.progressive_resizing", s) for _, s in cfg.train.progressive_resizing

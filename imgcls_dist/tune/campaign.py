@@ -126,6 +126,26 @@ def open_campaign(cfg: ExperimentConfig, resume: bool, what: str = "campaign") -
     return campaign, resume_config(cfg, campaign) if resume else cfg
 
 
+def restore_tuner(campaign: Location, trainable, storage_fs, what: str = "Tune campaign"):
+    """The campaign's Tuner as its last snapshot left it: unfinished trials run again, finished ones are kept."""
+    import ray.tune
+
+    if not ray.tune.Tuner.can_restore(campaign.path, storage_filesystem=storage_fs):
+        raise UserError(f"--resume: {campaign} holds no resumable {what}")
+    return ray.tune.Tuner.restore(campaign.path, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False, storage_filesystem=storage_fs)
+
+
+def record_start(cfg: ExperimentConfig, campaign: Location, meta_file: str, plan: dict[str, Any],
+                 **facts: Any) -> None:
+    """The config and how the campaign was started and sized, beside its results."""
+    write_config(cfg, campaign / CONFIG_FILE)
+    sizing = {k: plan[k] for k in ("workers_per_trial", "use_gpu", "cpus_per_trial", "concurrency", "cluster_cpus",
+                                   "cluster_gpus")}
+    (campaign / meta_file).write_text(json.dumps({**facts, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                                  **sizing}, indent=2) + "\n")
+
+
 def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping: bool = True) -> dict[str, Any]:
     """Run (or resume) a campaign; write results.csv, plots, best.yaml and ensemble.json; return a summary."""
     campaign, cfg = open_campaign(cfg, resume)
@@ -164,17 +184,10 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
     status_log = TrialStatusLog(campaign)
     t0 = time.perf_counter()
     if resume:
-        if not ray.tune.Tuner.can_restore(campaign.path, storage_filesystem=storage_fs):
-            raise UserError(f"--resume: {campaign} holds no resumable Tune campaign")
-        tuner = ray.tune.Tuner.restore(campaign.path, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False, restart_errored=False, storage_filesystem=storage_fs)
+        tuner = restore_tuner(campaign, trainable, storage_fs)
     else:
-        write_config(cfg, campaign / CONFIG_FILE)
-        (campaign / META_FILE).write_text(json.dumps({
-            "early_stopping": early_stopping, "num_trials": n_trials, "search": cfg.tune.search,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"), **{k: plan[k] for k in (
-                "workers_per_trial", "use_gpu", "cpus_per_trial", "concurrency", "cluster_cpus", "cluster_gpus")}},
-            indent=2) + "\n")
+        record_start(cfg, campaign, META_FILE, plan, early_stopping=early_stopping, num_trials=n_trials,
+                     search=cfg.tune.search)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=to_tune_space(cfg),

@@ -54,6 +54,30 @@ def test_pre_split_tree_keeps_its_splits(ray_session, tmp_path):
         assert [meta["classes"][k] for k in rows.labels] == [i.split("/")[1] for i in rows.ids]
 
 
+def test_classes_keeps_only_those_of_a_pre_split_tree_relabelled(ray_session, tmp_path):
+    src = tmp_path / "src"
+    image_tree(src, per_class=10, splits={"train": 0.6, "val": 0.2, "test": 0.2}, classes=("0", "1", "2", "3"))
+    meta = ingest(str(src), tmp_path / "out", verbose=False, classes=["3", "1"])
+    assert meta["classes"] == ["1", "3"] and meta["counts"] == {"train": 12, "val": 4, "test": 4}
+    rows = read_rows(validate_dataset(tmp_path / "out")["files"]["train"])
+    assert [meta["classes"][k] for k in rows.labels] == [i.split("/")[1] for i in rows.ids]
+
+
+def test_classes_of_the_builtin_digits_make_disjoint_source_and_target(tmp_path, capsys):
+    for name, classes in (("low", "0,1,2,3,4"), ("high", "5,6,7,8,9")):
+        assert main(["ingest", "builtin:digits", str(tmp_path / name), "--image-size", "8",
+                     "--classes", classes]) == 0
+    low, high = (json.loads((tmp_path / n / "dataset.json").read_text()) for n in ("low", "high"))
+    assert low["classes"] == list("01234") and high["classes"] == list("56789")
+    all_digits = np.bincount(digits_images(8)[1], minlength=10)
+    assert sum(high["counts"].values()) == all_digits[5:].sum()
+    ds = validate_dataset(tmp_path / "high")
+    assert set(read_rows(ds["files"]["test"]).labels.tolist()) == set(range(5))
+    assert main(["ingest", "builtin:digits", str(tmp_path / "low"), "--overwrite", "--classes", "4,x"]) == 2
+    assert "--classes: 'x' not a class of builtin:digits (classes: 0, 1," in capsys.readouterr().err
+    assert json.loads((tmp_path / "low" / "dataset.json").read_text())["classes"] == list("01234")  # kept
+
+
 @pytest.mark.parametrize("layout, message", [
     ({"train/0": 2, "train/1": 2, "val/0": 1, "val/7": 1}, "class '7' is in val/ but missing from train/"),
     ({"train/0": 2, "cats": 2}, "split folders (train) beside other folders (cats)"),

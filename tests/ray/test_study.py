@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from helpers.ray_cluster import kill_group
+from helpers.tune_state import trial_states
 
 from imgcls_dist.config import build_config
 from imgcls_dist.errors import UserError
@@ -34,20 +35,6 @@ def read_csv(p: Path) -> list[dict]:
     return list(csv.DictReader(p.open()))
 
 
-def _trial_states(study_dir: Path) -> dict[str, str]:
-    """trial -> status from Tune's experiment snapshot, which is what a resume restores."""
-    out = {}
-    for f in study_dir.glob("experiment_state-*.json"):
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # being rewritten
-        for state, _meta in doc.get("trial_data", []):
-            t = json.loads(state) if isinstance(state, str) else state
-            out[str(t.get("custom_trial_name"))] = t.get("status")
-    return out
-
-
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -63,8 +50,9 @@ def killed_and_resumed(tiny_digits_dir, tmp_path_factory):
            "run": {**BASE["run"], "storage_path": str(storage), "name": "tiny"},
            "study": {"seeds": [0, 1], "baseline": "adamw", "latency_repeats": 5,
                      "arms": {"adamw": {}, "sgd": {"train.optimizer": "sgd", "train.lr": 0.05},
-                              "broken": {"model.weights": str(tmp / "no_such_weights.pt")}},
+                              "broken": {"model.weights": str(tmp / "bad_weights.pt")}},
                      "constraints": {"max_latency_ms": 1000.0, "max_model_mb": 5.0, "min_test_acc": 0.0}}}
+    (tmp / "bad_weights.pt").write_bytes(b"not a checkpoint")  # exists (passes validation), fails to load
     config = tmp / "study.yaml"
     config.write_text(json.dumps(raw))  # JSON is YAML
     cmd = [sys.executable, "-m", "imgcls_dist.cli", "study", "--config", str(config)]
@@ -74,12 +62,12 @@ def killed_and_resumed(tiny_digits_dir, tmp_path_factory):
     proc = _start(cmd, env, tmp / "driver.log")
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and "TERMINATED" not in _trial_states(study_dir).values():
+        while time.time() < deadline and "TERMINATED" not in trial_states(study_dir).values():
             assert proc.poll() is None, (tmp / "driver.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
         kill_group(proc)  # the driver and the local Ray it started
-    finished = sorted(t for t, st in _trial_states(study_dir).items() if st == "TERMINATED")
+    finished = sorted(t for t, st in trial_states(study_dir).items() if st == "TERMINATED")
     assert 0 < len(finished) < 6, (finished, (tmp / "driver.log").read_text()[-3000:])
     stamps = {t: (study_dir / "trials" / t / "study_metrics.json").stat().st_mtime_ns for t in finished}
     with pytest.raises(UserError, match="already exists: pass --resume to continue that study"):
@@ -121,7 +109,7 @@ def test_every_trial_records_every_metric_and_a_failing_arm_is_reported_beside_t
         assert len(metrics["lr_curve"]) == 4 and len(metrics["val_curve"]) == 1
         assert int(r["steps_to_95pct_best"]) == 4
     for name in ("broken_s0", "broken_s1"):
-        assert rows[name]["status"] == "ERROR" and "no_such_weights.pt" in rows[name]["error"], rows[name]
+        assert rows[name]["status"] == "ERROR" and "bad_weights.pt" in rows[name]["error"], rows[name]
     units = {u["unit"]: u for u in read_csv(d / "study.csv")}
     assert units["broken"]["seeds_ok"] == "0" and units["broken"]["failed"] == "broken_s0 broken_s1"
     assert units["adamw"]["seeds_ok"] == "2" and units["adamw"]["test_acc_lo"] != ""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.ray_cluster import kill_group
+from helpers.tune_state import trial_states
 
 from helpers.ray_procs import wait_all_cpus_free
 
@@ -121,21 +122,6 @@ def test_rerun_without_resume_is_refused(campaign):
         run_campaign(cfg)
 
 
-def _trial_states(camp: Path) -> dict[str, str]:
-    """trial name -> status from Tune's experiment snapshot (written every ~10 s while running)."""
-    out = {}
-    for f in camp.glob("experiment_state-*.json"):
-        try:
-            doc = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue  # being rewritten
-        for state, _meta in doc.get("trial_data", []):
-            t = json.loads(state) if isinstance(state, str) else state
-            name = t.get("custom_trial_name") or t.get("trial_id")
-            out[str(name)] = t.get("status")
-    return out
-
-
 def _checkpoints(run: Path) -> list[str]:
     return sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir())
 
@@ -200,7 +186,7 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_d
             if not restarted and _died_starting_ray(proc, log):
                 shutil.rmtree(camp, ignore_errors=True)
                 proc, restarted = _start_tune(cmd, env, log), True
-            st = _trial_states(camp)
+            st = trial_states(camp)
             done = len(_latest_history(camp / "trials" / "trial_00001"))
             # >= 3 epochs on disk: Train has registered at least one checkpoint to resume from.
             if "TERMINATED" in st.values() and st.get("trial_00001") == "RUNNING" and done >= 3:
@@ -213,7 +199,7 @@ def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_d
     finally:
         kill_group(proc)  # the driver and the local Ray it started
     time.sleep(2)
-    before = _trial_states(camp)
+    before = trial_states(camp)
     finished = sorted(t for t, s in before.items() if s == "TERMINATED")
     done_ckpts = {t: _checkpoints(camp / "trials" / t) for t in finished}
     done_mtimes = {t: [(camp / "trials" / t / c / "history.json").stat().st_mtime for c in cs]

@@ -22,6 +22,11 @@ def test_arms_cross_the_sweep_in_the_order_given(tiny_digits_dir):
     assert trial_name(units[0].name, 3) == "adam@5_s3"
 
 
+def test_a_null_sweep_value_is_all_only_for_a_training_subset(tiny_digits_dir):
+    units = units_of(study_cfg(tiny_digits_dir, arms={"a": {}}, sweep={"model.weights": [None, "x/m.pt"]}))
+    assert [u.name for u in units] == ["a@null", "a@x_m.pt"]
+
+
 def test_without_a_sweep_each_arm_is_one_unit(tiny_digits_dir):
     units = units_of(study_cfg(tiny_digits_dir, arms={"a": {}, "b": {"train.lr": 0.01}}))
     assert [(u.name, u.sweep_value, u.overrides) for u in units] == [("a", None, {}), ("b", None, {"train.lr": 0.01})]
@@ -42,9 +47,13 @@ def test_without_a_sweep_each_arm_is_one_unit(tiny_digits_dir):
     ({"arms": {"a b": {}}}, "study.arms.a b: arm names may hold"),
     ({"arms": {"a": {}}, "sweep": {"data.train_per_class": [5], "train.lr": [0.1]}}, "study.sweep: one key at most"),
     ({"arms": {"a": {}}, "sweep": {"data.train_per_class": []}}, "study.sweep.data.train_per_class: no values"),
+    ({"arms": {"a": {}}, "sweep": {"data.train_per_class": [5, 5]}},
+     "study.sweep.data.train_per_class: values that name the same unit (a@5)"),
     ({"arms": {"a": {}}, "sweep": {"data.train_per_class": [5, 100000]}},
      "study.arms.a at data.train_per_class=100000: data.train_per_class: 100000 per class is more than any class"),
     ({"arms": {"a": {"model.arch": "resnet9000"}}}, "study.arms.a: "),
+    ({"arms": {"a": {"model.weights": "runs/none/model.pt"}}},
+     "study.arms.a: model.weights: weights checkpoint runs/none/model.pt does not exist"),
 ])
 def test_bad_studies_fail_in_one_line_naming_the_key(tiny_digits_dir, study, message):
     with pytest.raises(UserError) as e:
