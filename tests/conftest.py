@@ -140,7 +140,7 @@ def digit_photo_classifier():
 
 # Which pytest process runs what, under `make test`'s `-n 2 --dist loadgroup`, by convention:
 # - tests/unit/: tests that start no Ray (tests/unit/conftest.py fails one that does). No group: they fill the
-#   second process, beside the shared Ray's.
+#   second process, beside the shared Ray's, and the first one once its Ray tests are done.
 # - @pytest.mark.own_ray: tests that start Rays of their own (a CLI job's local Ray, a multi-node cluster)
 #   and never use the shared one; their Rays have their own ports and GCS. Group "own_ray", beside the rest.
 # - every other test: group "ray", all in one process, so the suite keeps one 2-CPU Ray and the 2-CPU sizing
