@@ -102,6 +102,10 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)
     # torch.compile through accelerate's dynamo backend (inductor): faster GPU steps after a warm-up compile.
     compile: bool = False
+    # End the run once this many epochs in a row have not beaten the best val accuracy before them by more
+    # than early_stop_min_delta (None: train every epoch). The best epoch's model is exported as always.
+    early_stop_patience: Optional[int] = Field(None, ge=1)
+    early_stop_min_delta: float = Field(0.0, ge=0.0, le=1.0)
     # Progress line inside an epoch at most this often (rank 0), and per-step loss/LR in TensorBoard.
     progress_every_s: float = Field(30.0, gt=0)
     seed: int = 0

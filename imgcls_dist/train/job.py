@@ -177,6 +177,7 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         "model": (out / MODEL_FILE).uri,
         "best_checkpoint": best_ckpt.path,
         "epochs": len(history),
+        "stopped_early": len(history) < cfg.train.epochs,  # train.early_stop_patience ended it
         "best_val_acc": max(h["val_acc"] for h in history),
         "final_val_acc": history[-1]["val_acc"],
         **{f"epochs_to_{round(share * 100)}pct_best": epochs_to_reach(history, share) for share in (0.95, 0.99)},

@@ -26,6 +26,7 @@ from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.transfer import freeze_bn_stats
 from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch
 from imgcls_dist.train.distributed import all_agree, all_gather_list
+from imgcls_dist.train.early_stop import should_stop
 from imgcls_dist.train.progress import EpochProgress
 from imgcls_dist.train.setup import NonFiniteLossError, WorkerRun, setup
 from imgcls_dist.train.state import EpochStats, count_unique
@@ -192,6 +193,19 @@ def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_
     }
 
 
+def stopped_early(run: WorkerRun) -> bool:
+    """Early stopping (train/early_stop.py), decided from the history every rank holds; said once, by rank 0."""
+    t = run.cfg.train
+    accs = [h["val_acc"] for h in run.history]
+    if not should_stop(accs, t.early_stop_patience, t.early_stop_min_delta):
+        return False
+    if run.rank == 0:
+        best = max(range(len(accs)), key=accs.__getitem__)
+        print(f"early stop after epoch {len(accs)}/{t.epochs}: val_acc has not beaten {accs[best]:.4f} (epoch "
+              f"{best + 1}) by more than {t.early_stop_min_delta:g} for {t.early_stop_patience} epochs", flush=True)
+    return True
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     # Train logs every report at INFO through a root-level logger of this worker process; our epoch line
     # says the same in one line. Warnings still show.
@@ -199,6 +213,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run = setup(loop_config)
     try:
         for epoch in range(run.start_epoch, run.cfg.train.epochs):
+            if stopped_early(run):
+                break
             first_step, partial = (run.start_step, run.partial) if epoch == run.start_epoch else (0, None)
             size = start_epoch(run, epoch, first_step)
             stats = train_one_epoch(run, epoch, first_step, partial)

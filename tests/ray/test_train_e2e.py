@@ -298,6 +298,17 @@ def test_transfer_from_a_0_4_model_file_to_5_9(ray_session, tiny_digits_dir, tmp
     assert not torch.allclose(full_sd["fc3.weight"], pre_sd["fc3.weight"], atol=1e-2)
 
 
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(ray_session, tiny_digits_dir, tmp_path,
+                                                                              monkeypatch, capsys,
+                                                                              fresh_accelerate_state):
+    # min_delta 1.0: no epoch can beat the first by more, so patience 2 ends a 6-epoch run after epoch 3
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="es", extra=[
+        "train.epochs=6", "train.early_stop_patience=2", "train.early_stop_min_delta=1.0"])
+    history, model = fit_in_process(cfg, monkeypatch, tmp_path / "es")
+    assert [h["epoch"] for h in history] == [0, 1, 2] and model["metrics"]["epoch"] == 2
+    assert "early stop after epoch 3/6: val_acc has not beaten" in capsys.readouterr().out
+
+
 def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
                                                                fresh_accelerate_state):
     """The optimizer/step options together, in the loop run in process: Adam, 2-step gradient accumulation,
