@@ -102,6 +102,9 @@ class TrainConfig(Section):
     checkpoint_every_steps: int = Field(0, ge=0)
     # torch.compile through accelerate's dynamo backend (inductor): faster GPU steps after a warm-up compile.
     compile: bool = False
+    # At least this many optimizer steps: a small training set gets more epochs than train.epochs (the
+    # schedule and warm-up stretch with them), so one recipe serves 100 and 100,000 images. None: train.epochs.
+    min_steps: Optional[int] = Field(None, ge=1)
     # End the run once this many epochs in a row have not beaten the best val accuracy before them by more
     # than early_stop_min_delta (None: train every epoch). The best epoch's model is exported as always.
     early_stop_patience: Optional[int] = Field(None, ge=1)

@@ -11,7 +11,7 @@ from imgcls_dist.config import CONFIG_FILE, build_config, write_config
 from imgcls_dist.storage import location
 from imgcls_dist.study.measure import measure_run
 from imgcls_dist.study.spec import Unit, trial_name, unit_config
-from imgcls_dist.train.job import build_trainer, finalize_run, fit, resolve_dataset
+from imgcls_dist.train.job import build_trainer, finalize_run, fit, resolve_dataset, resolve_epochs
 from imgcls_dist.tune.report import EpochReportCallback
 from imgcls_dist.tune.space import absolutize_paths
 from imgcls_dist.tune.trial import HEALTH_CHECK_INTERVAL_S
@@ -30,6 +30,7 @@ def study_trial(config: dict, base: dict | None = None, units: dict[str, Unit] |
     raw["run"] = {**raw["run"], "name": name, "storage_path": trials_dir}
     cfg = build_config(raw, source=f"trial {name}")
     ds = resolve_dataset(cfg)
+    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     out = location(trials_dir) / name
     write_config(cfg, out / CONFIG_FILE)
     t0 = time.perf_counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
-from imgcls_dist.train.stream import list_row_groups, total_rows
+from imgcls_dist.train.stream import batches_per_epoch, list_row_groups, total_rows
 from imgcls_dist.train.subset import subset_row_groups
 
 METRICS_FILE = "metrics.csv"
@@ -90,6 +91,20 @@ def run_location(cfg: ExperimentConfig) -> Location:
     return location(cfg.run.storage_path) / cfg.run.name
 
 
+def resolve_epochs(cfg: ExperimentConfig, train_rows: int, num_workers: int) -> ExperimentConfig:
+    """`train.min_steps` -> the epochs that give at least that many optimizer steps (never fewer than
+    train.epochs); the config unchanged without it."""
+    t = cfg.train
+    if not t.min_steps:
+        return cfg
+    steps = math.ceil(batches_per_epoch(train_rows, max(num_workers, 1), cfg.data.batch_size) / t.grad_accum_steps)
+    epochs = max(t.epochs, math.ceil(t.min_steps / steps))
+    if epochs != t.epochs:
+        print(f"train.min_steps={t.min_steps}: {epochs} epochs of {steps} optimizer steps (train.epochs={t.epochs})",
+              flush=True)
+    return cfg.model_copy(update={"train": t.model_copy(update={"epochs": epochs})})
+
+
 def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, use_gpu: bool, *,
                   callbacks: list | None = None):
     """The TorchTrainer for one run (also what each Tune trial launches)."""
@@ -105,6 +120,7 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
         # RAY_TRAIN_* variables of the driver on to its controller.)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     storage_path, storage_fs = ray_storage(cfg.run.storage_path)
+    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)  # the drivers resolved it already; in-process callers
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -145,6 +161,7 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     out = run_location(cfg).check_writable()
     ensure_ray()
     num_workers, use_gpu = resolve_scaling(cfg, ds["train_rows"])
+    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     write_config(cfg, out / CONFIG_FILE)
     print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}", flush=True)

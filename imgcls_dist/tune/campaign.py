@@ -164,11 +164,14 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from imgcls_dist.ray_utils import cluster_cpus, cluster_gpus, ensure_ray
+    from imgcls_dist.train.job import resolve_dataset, resolve_epochs
     from imgcls_dist.tune.status import TrialStatusLog, trial_name
     from imgcls_dist.tune.trial import trial_driver
 
     ensure_ray()
     plan = plan_resources(cfg, n_trials, cluster_cpus(), cluster_gpus())
+    # ASHA's max_t and rungs in the epochs the trials will run (train.min_steps can add some)
+    cfg = resolve_epochs(cfg, resolve_dataset(cfg)["train_rows"], plan["workers_per_trial"])
     trials_dir = campaign / TRIALS_DIR
     storage_path, storage_fs = ray_storage(campaign.parent)
     base = cfg.to_dict()

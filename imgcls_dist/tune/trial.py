@@ -13,7 +13,7 @@ import os
 
 from imgcls_dist.config import CONFIG_FILE, write_config
 from imgcls_dist.storage import location
-from imgcls_dist.train.job import build_trainer, fit, resolve_dataset
+from imgcls_dist.train.job import build_trainer, fit, resolve_dataset, resolve_epochs
 from imgcls_dist.tune.report import EpochReportCallback
 from imgcls_dist.tune.space import trial_config
 
@@ -32,6 +32,7 @@ def trial_driver(config: dict, base: dict | None = None, trials_dir: str = "", c
     name = ray.tune.get_context().get_trial_name()
     cfg = trial_config(base or {}, config, name, trials_dir, cwd=cwd)  # paths as seen from the campaign's cwd
     ds = resolve_dataset(cfg)
+    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     write_config(cfg, location(trials_dir) / name / CONFIG_FILE)
     # JobFailed("training failed: <root cause>") marks the trial ERROR with that reason.
     fit(build_trainer(cfg, ds, num_workers, use_gpu, callbacks=[EpochReportCallback()]))

@@ -309,6 +309,14 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(r
     assert "early stop after epoch 3/6: val_acc has not beaten" in capsys.readouterr().out
 
 
+def test_min_steps_trains_a_small_set_for_more_epochs(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
+                                                       fresh_accelerate_state):
+    steps = -(-n_train(tiny_digits_dir) // 32)  # one worker, batch 32
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="ms", extra=["train.epochs=1", f"train.min_steps={2 * steps + 1}"])
+    history, _ = fit_in_process(cfg, monkeypatch, tmp_path / "ms")
+    assert len(history) == 3 and history[-1]["lr"] < history[0]["lr"]  # the cosine spans the three epochs
+
+
 def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
                                                                fresh_accelerate_state):
     """The optimizer/step options together, in the loop run in process: Adam, 2-step gradient accumulation,
