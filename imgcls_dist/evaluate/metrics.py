@@ -20,13 +20,24 @@ def write_classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes:
     labels = list(range(len(classes)))
     report = classification_report(y_true, y_pred, labels=labels, target_names=classes, digits=4, zero_division=0)
     acc = float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan")
-    header = f"{title}\n" if title else ""
-    (out / "classification_report.txt").write_text(f"{header}accuracy: {acc:.4f} on {len(y_true)} rows\n\n{report}")
     cm = confusion_matrix(y_true, y_pred, labels=labels)
+    recall = per_class_recall(cm, classes)
+    balanced = float(np.mean(list(recall.values()))) if recall else float("nan")
+    header = f"{title}\n" if title else ""
+    (out / "classification_report.txt").write_text(
+        f"{header}accuracy: {acc:.4f}, balanced accuracy: {balanced:.4f} on {len(y_true)} rows\n\n{report}")
     plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"{title or 'confusion matrix'} (acc {acc:.4f})")
-    summary = {"accuracy": acc, "rows": int(len(y_true)), **(extra or {})}
+    summary = {"accuracy": acc, "balanced_accuracy": balanced, "per_class_recall": recall, "rows": int(len(y_true)),
+               **(extra or {})}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def per_class_recall(cm: np.ndarray, classes: list[str]) -> dict[str, float]:
+    """Recall of every class that has rows (a class without any has no recall, not 0). Their mean is
+    sklearn's balanced_accuracy_score (mean recall over the classes present), which it does not break down."""
+    support = cm.sum(axis=1)
+    return {c: float(cm[i, i] / support[i]) for i, c in enumerate(classes) if support[i]}
 
 
 # 15 equal-width confidence bins, as in Guo et al. (2017). Written here because sklearn has no multiclass

@@ -179,7 +179,8 @@ def evaluate_predictions(
                                           title=f"predictions {out_name}", extra=extra)
     result: dict[str, Any] = {**summary, "report_dir": report_dir.uri}
     say = print if verbose else (lambda *a, **k: None)
-    say(f"evaluate {out}: accuracy {main['accuracy']:.4f} on {main['evaluated_rows']} rows "
+    say(f"evaluate {out}: accuracy {main['accuracy']:.4f} (balanced {summary['balanced_accuracy']:.4f}) on "
+        f"{main['evaluated_rows']} rows "
         f"({main['error_rows']} error rows, {main['unlabeled_rows']} rows without label) -> {report_dir}")
     if compare:
         sets = {out_name: main}

@@ -83,7 +83,7 @@ def measure_run(run_dir: Location, summary: dict[str, Any], train_groups: Sequen
     one = EnsemblePredictor([run_dir / MODEL_FILE], views="none", device="cpu", batch_size=1)
     test = summary.get("test_acc")
     out = {k: summary.get(k) for k in (
-        "test_acc", "best_val_acc", "final_val_acc", "epochs_to_95pct_best", "epochs_to_99pct_best", "wall_s",
+        "test_acc", "test_balanced_acc", "best_val_acc", "final_val_acc", "epochs_to_95pct_best", "epochs_to_99pct_best", "wall_s",
         "images_per_s", "model_mb", "trainable_params", "peak_rss_mb", "peak_gpu_mb", "train_rows", "epochs")}
     out.update({
         "train_clean_acc": train_clean,

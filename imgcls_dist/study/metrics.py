@@ -16,6 +16,7 @@ class Metric:
 
 METRICS: tuple[Metric, ...] = (
     Metric("test_acc", "test acc", "higher"),
+    Metric("test_balanced_acc", "test balanced acc", "higher"),  # mean per-class recall
     Metric("best_val_acc", "best val acc", "higher"),
     Metric("final_val_acc", "final val acc", "higher"),
     Metric("train_clean_acc", "train acc (clean)", "higher"),

@@ -226,9 +226,9 @@ def _test_report(cfg: ExperimentConfig, ds: dict, out: Location) -> dict[str, An
         reason = str(e) if isinstance(e, UserError) else root_cause(e)
         print(f"warning: no test report ({reason}); every other artifact is in {out}", file=sys.stderr, flush=True)
         return {"test_report_error": reason}
-    print(f"test accuracy {test['accuracy']:.4f} on {test['rows']} rows "
+    print(f"test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) on {test['rows']} rows "
           f"(report: {out / 'classification_report.txt'})", flush=True)
-    return {"test_acc": test["accuracy"]}
+    return {"test_acc": test["accuracy"], "test_balanced_acc": test["balanced_accuracy"]}
 
 
 def epochs_to_reach(history: list[dict], share: float) -> int:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers.image_fixtures import damaged, write_image_fixtures
-from sklearn.metrics import accuracy_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, recall_score
 from helpers.model_files import digit_rows, save_model, write_input
 
 from imgcls_dist.cli import main
@@ -48,12 +49,17 @@ def test_accuracy_equals_sklearn_and_reports_are_written(outs, capsys):
     y_true = [v for v, k in zip(t.column("label").to_pylist(), keep) if k]
     y_pred = [v for v, k in zip(t.column("pred").to_pylist(), keep) if k]
     assert len(y_true) == 200
-    acc = accuracy_score(y_true, y_pred)
-    assert f"accuracy {acc:.4f} on 200 rows" in out
+    acc, balanced = accuracy_score(y_true, y_pred), balanced_accuracy_score(y_true, y_pred)
+    assert f"accuracy {acc:.4f} (balanced {balanced:.4f}) on 200 rows" in out
     assert "2 error rows" in out and "5 rows without label" in out
     report = ens / "eval"
     assert (report / "confusion_matrix.png").stat().st_size > 1000
-    assert f"accuracy: {acc:.4f}" in (report / "classification_report.txt").read_text()
+    assert f"accuracy: {acc:.4f}, balanced accuracy: {balanced:.4f}" in (report / "classification_report.txt").read_text()
+    metrics = json.loads((report / "metrics.json").read_text())
+    present = sorted(set(y_true))
+    recall = recall_score(y_true, y_pred, labels=present, average=None)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced)
+    assert [metrics["per_class_recall"][str(c)] for c in present] == pytest.approx(list(recall))
 
 
 def test_compare_prints_table_and_csv(outs, capsys):
