@@ -80,6 +80,9 @@ class TrainConfig(Section):
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0.0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # balanced: each class's loss weighted by rows / (classes x its rows), counted over the training rows the run
+    # uses (sklearn's "balanced" class_weight), so a rare class weighs as much as a common one.
+    class_weights: Literal["none", "balanced"] = "none"
     scheduler: Scheduler = "cosine"
     warmup_epochs: int = Field(0, ge=0)
     warmup_start_factor: float = Field(0.1, gt=0.0, le=1.0)

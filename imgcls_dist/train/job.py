@@ -22,7 +22,7 @@ from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
 from imgcls_dist.train.stream import batches_per_epoch, list_row_groups, total_rows
-from imgcls_dist.train.subset import subset_row_groups
+from imgcls_dist.train.subset import balanced_class_weights, subset_row_groups
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -64,6 +64,8 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     else:
         train_groups = list_row_groups(train_files, limit=d.max_train_samples)
     val_groups = list_row_groups([f.uri for f in meta["files"]["val"]], limit=cfg.data.max_val_samples)
+    weights = (balanced_class_weights(train_groups, len(meta["classes"])) if cfg.train.class_weights == "balanced"
+               else None)
     return {
         "classes": meta["classes"],
         "image_size": int(image_size),
@@ -72,6 +74,7 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
         "val_groups": val_groups,
         "train_rows": total_rows(train_groups),
         "test_files": [f.uri for f in test_files],
+        "class_weights": weights,  # per class, None: unweighted loss
     }
 
 
@@ -165,6 +168,9 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     write_config(cfg, out / CONFIG_FILE)
     print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
           f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}", flush=True)
+    if ds["class_weights"]:
+        print(f"class weights (balanced): {min(ds['class_weights']):.3g} to {max(ds['class_weights']):.3g}",
+              flush=True)
     t0 = time.perf_counter()
     result = fit(build_trainer(cfg, ds, num_workers, use_gpu))
     return finalize_run(result, cfg, ds, out, time.perf_counter() - t0, report_test=report_test)

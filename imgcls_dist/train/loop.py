@@ -61,7 +61,8 @@ def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=run.cfg.train.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, weight=run.class_weight,
+                                   label_smoothing=run.cfg.train.label_smoothing)
         finite = bool(torch.isfinite(loss))
         ok = all_agree(empty or not finite, run.device, run.world)
         if not ok:

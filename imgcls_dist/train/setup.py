@@ -61,6 +61,7 @@ class WorkerRun:
     tensorboard: TensorBoardLog | None = None
     experiment: dict = field(default_factory=dict)  # the config as the checkpoint stores it
     transform_size: int | None = None
+    class_weight: torch.Tensor | None = None  # train.class_weights, on the device
 
     @property
     def device(self) -> torch.device:
@@ -137,7 +138,9 @@ def setup(loop_config: dict) -> WorkerRun:
         val_loader=val_loader, mix=build_batch_mix(aug_cfg.mixup_alpha, aug_cfg.cutmix_alpha, aug_cfg.mix_prob,
                                                    len(ds["classes"])),
         mean=mean, std=std, channels_last=cuda, trainable_params=trainable,
-        tensorboard=TensorBoardLog(tb_dir) if rank == 0 and tb_dir else None, experiment=loop_config["experiment"])
+        tensorboard=TensorBoardLog(tb_dir) if rank == 0 and tb_dir else None, experiment=loop_config["experiment"],
+        class_weight=(torch.tensor(ds["class_weights"], dtype=torch.float32, device=accelerator.device)
+                      if ds.get("class_weights") else None))
     if resume:
         if rank == 0:
             at = f", batch {resume.step + 1}/{len(sampler)}" if resume.step else ""

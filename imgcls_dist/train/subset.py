@@ -74,3 +74,24 @@ def subset_row_groups(files: Sequence[str], classes: Sequence[str], *, seed: int
             out.append(RowGroup(uri, index, len(picks), first, picks.astype(np.int32).tobytes()))
             first += len(picks)
     return out
+
+
+def _group_labels(group: RowGroup) -> np.ndarray:
+    f = location(group.file)
+    labels = pq.ParquetFile(f.path, filesystem=f.fs).read_row_group(group.index, columns=[LABEL]).column(LABEL)
+    labels = labels.to_numpy()
+    return labels[np.frombuffer(group.picks, np.int32)] if group.picks is not None else labels[:group.rows]
+
+
+def balanced_class_weights(groups: Sequence[RowGroup], num_classes: int) -> list[float]:
+    """sklearn's "balanced" class weights (rows / (classes x rows of the class)) over exactly the rows the run
+    trains on; a class with no training rows gets 0 (it has no loss to weigh; sklearn refuses such a class).
+    Only the label column is read."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = np.concatenate(map_files(_group_labels, list(groups)) or [np.zeros(0, np.int64)])
+    present = np.unique(labels)
+    weights = np.zeros(num_classes)
+    if len(present):
+        weights[present] = compute_class_weight("balanced", classes=present, y=labels)
+    return weights.tolist()

@@ -309,6 +309,18 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(r
     assert "early stop after epoch 3/6: val_acc has not beaten" in capsys.readouterr().out
 
 
+def test_balanced_class_weights_reach_the_training_loss(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
+                                                        fresh_accelerate_state):
+    losses = {}
+    for mode in ("none", "balanced"):  # same seed, same 48 rows (an uneven class mix): only the weights differ
+        cfg = tiny_cfg(tiny_digits_dir, tmp_path, name=f"cw_{mode}", extra=[
+            "train.epochs=1", "data.max_train_samples=48", f"train.class_weights={mode}"])
+        history, _ = fit_in_process(cfg, monkeypatch, tmp_path / mode)
+        losses[mode] = history[0]["train_loss"]
+        assert math.isfinite(losses[mode]) and history[0]["train_samples"] == 48
+    assert losses["balanced"] != pytest.approx(losses["none"], rel=1e-4)
+
+
 def test_min_steps_trains_a_small_set_for_more_epochs(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
                                                        fresh_accelerate_state):
     steps = -(-n_train(tiny_digits_dir) // 32)  # one worker, batch 32

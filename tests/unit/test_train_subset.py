@@ -112,3 +112,18 @@ def test_every_picked_row_is_streamed_exactly_once_with_its_label(dataset, world
                 seen.append(sid)
     assert sorted(seen) == list(range(len(ids)))
 
+
+
+def test_balanced_class_weights_count_the_rows_the_run_trains_on(dataset):
+    from imgcls_dist.train.stream import list_row_groups
+    from imgcls_dist.train.subset import balanced_class_weights
+
+    n = sum(PER_CLASS.values())  # 80 rows: 40 / 25 / 12 / 3
+    weights = balanced_class_weights(list_row_groups(train_files(dataset)), len(CLASSES))
+    assert weights == pytest.approx([n / (4 * PER_CLASS[c]) for c in range(4)])
+    # a subset of at most 10 per class: 10 / 10 / 10 / 3 rows -> the rare class weighs 33 / (4 x 3)
+    groups = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=10)
+    assert balanced_class_weights(groups, len(CLASSES)) == pytest.approx([33 / 40] * 3 + [33 / 12])
+    cfg = load_config(None, [f"data.path={dataset}", "train.class_weights=balanced", "data.train_per_class=10",
+                             "model.arch=lenet5", "data.image_size=16"])
+    assert resolve_dataset(cfg)["class_weights"] == pytest.approx([33 / 40] * 3 + [33 / 12])
