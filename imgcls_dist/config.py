@@ -62,6 +62,17 @@ class AugmentConfig(Section):
     mixup_alpha: float = Field(0.0, ge=0.0)
     cutmix_alpha: float = Field(0.0, ge=0.0)
     mix_prob: float = Field(1.0, ge=0.0, le=1.0)
+    # Random erasing (Zhong et al. 2017) after any preset: with this probability a rectangle of an area share in
+    # erasing_scale is filled with uniform noise. 0: off.
+    erasing_p: float = Field(0.0, ge=0.0, le=1.0)
+    erasing_scale: tuple[float, float] = (0.02, 0.33)
+
+    @field_validator("erasing_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < v[0] <= v[1] < 1.0:
+            raise ValueError("needs 0 < low <= high < 1 (shares of the image area)")
+        return v
 
 
 class ModelConfig(Section):

@@ -62,11 +62,15 @@ def build_train_transform(
     image_size: int,
     hflip: bool = True,
     seed: int | None = None,
+    erasing_p: float = 0.0,
+    erasing_scale: tuple[float, float] = (0.02, 0.33),
 ) -> A.Compose:
     """Training transform for ``preset`` scaled by ``strength``; uint8 HWC in, uint8 HWC out.
 
     ``hflip=False`` removes the flip entirely (no other op mirrors the image).
     ``seed`` seeds the whole pipeline from one shared generator (see ``reseed``).
+    ``erasing_p`` > 0 ends it with random erasing (albumentations' Erasing, uniform-noise fill) of that
+    probability, whatever the preset.
     """
     _validate(preset, strength, image_size)
     mag = scaled(preset, strength)  # magnitudes and probabilities at this strength
@@ -112,6 +116,8 @@ def build_train_transform(
             num_holes_range=(1, mag.max_holes),
             hole_height_range=hole, hole_width_range=hole, fill=0, p=mag.dropout_p,
         ))
+    if erasing_p > 0:
+        ops.append(A.Erasing(scale=tuple(erasing_scale), ratio=(0.3, 3.3), fill="random_uniform", p=erasing_p))
     transform = A.Compose(ops)
     if seed is not None:
         reseed(transform, seed)

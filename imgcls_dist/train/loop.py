@@ -48,7 +48,8 @@ def start_epoch(run: WorkerRun, epoch: int, first_step: int = 0) -> int:
     if size != run.transform_size:
         # Same model, new input size: only the CPU-side transform changes (the nets are fully conv +
         # adaptive pooling), so phases switch without rebuilding or re-wrapping anything.
-        transform = build_train_transform(aug_cfg.preset, aug_cfg.strength, size, hflip=run.dataset["hflip"], seed=seed)
+        transform = build_train_transform(aug_cfg.preset, aug_cfg.strength, size, hflip=run.dataset["hflip"], seed=seed,
+                                          erasing_p=aug_cfg.erasing_p, erasing_scale=aug_cfg.erasing_scale)
         run.transform_size = size
     run.train_dataset.set_epoch(epoch, transform, size if transform is not None else None)
     run.sampler.set_epoch(epoch, skip=sum(run.sampler.sizes()[:first_step]))

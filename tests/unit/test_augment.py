@@ -191,3 +191,26 @@ def test_torchvision_equivalent_shape_and_dtype(preset, channels, strength):
     for _ in range(3):
         out = t(x)
         assert out.shape == (channels, 24, 24) and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_random_erasing_replaces_one_rectangle_of_the_area_share_asked(channels):
+    size = 32
+    img = np.full((size, size, channels), 200, np.uint8)  # flat: any changed pixel is the erased rectangle
+    t = aug.build_train_transform("none", 0.0, size, seed=0, erasing_p=1.0, erasing_scale=(0.1, 0.2))
+    for _ in range(10):
+        out = aug.apply(t, img)
+        assert out.shape == (size, size, channels) and out.dtype == np.uint8
+        changed = np.argwhere((out != 200).any(axis=2))
+        rows, cols = changed[:, 0], changed[:, 1]
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # bounding box of the noise
+        assert 0.05 * size * size <= box <= 0.25 * size * size  # ~the area share (noise may equal 200 at edges)
+    off = aug.build_train_transform("none", 0.0, size, seed=0, erasing_p=0.0)
+    np.testing.assert_array_equal(aug.apply(off, img), img)
+
+
+def test_erasing_scale_is_checked():
+    from imgcls_dist.config import build_config
+
+    with pytest.raises(UserError, match=r"augment.erasing_scale: Value error, needs 0 < low <= high < 1"):
+        build_config({"augment": {"erasing_p": 0.5, "erasing_scale": [0.5, 0.2]}})
