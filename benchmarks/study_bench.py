@@ -24,6 +24,7 @@ from imgcls_dist.storage import location
 from imgcls_dist.study.spec import value_label
 from imgcls_dist.study.stats import mean_ci, paired_difference, verdict
 from imgcls_dist.table import format_table
+from imgcls_dist.train.stream import group_rows
 from imgcls_dist.train.subset import subset_row_groups
 
 PRETRAIN = "configs/pretrain_digits_0to4.yaml"
@@ -63,8 +64,7 @@ def _study_config(config: str, work: Path, weights: Path, overrides: tuple[str, 
 
 def _ids_labels(group) -> tuple[list[str], list[int]]:
     f = location(group.file)
-    t = pq.ParquetFile(f.path, filesystem=f.fs).read_row_group(group.index, columns=[ID, LABEL])
-    t = t.take(np.frombuffer(group.picks, np.int32)) if group.picks is not None else t
+    t = group_rows(pq.ParquetFile(f.path, filesystem=f.fs).read_row_group(group.index, columns=[ID, LABEL]), group)
     return t.column(ID).to_pylist(), t.column(LABEL).to_pylist()
 
 
@@ -121,7 +121,8 @@ def bench_study(workdir: str = "runs/bench_study", config: str = "configs/study_
                for arm in cfg.study.arms}
         svc = {s: svc_accuracy(cfg.data.path, classes, s, v) for s in cfg.study.seeds}
         p = paired_difference(acc["pretrained"], acc["scratch"])
-        table.append([value_label(v, key), _cell(list(acc["scratch"].values())), _cell(list(acc["pretrained"].values())),
+        table.append([value_label(v, key), _cell(list(acc["scratch"].values())),
+                      _cell(list(acc["pretrained"].values())),
                       _cell(list(svc.values())), f"{p.mean_diff:+.4f} ({verdict(p, 'higher')})" if p.n else "-"])
         result["sizes"][value_label(v, key)] = {"scratch": acc["scratch"], "pretrained": acc["pretrained"], "svc": svc}
     print(f"\n{machine()}\ntest accuracy on the digits 5-9, mean [95% t interval] over seeds {cfg.study.seeds}; "

@@ -18,7 +18,8 @@ DIGIT_CLASSES = [str(i) for i in range(10)]
 
 def builtin_classes(name: str) -> list[str]:
     if name != "digits":
-        raise UserError(f"builtin:{name}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
+        known = ", ".join("builtin:" + b for b in BUILTINS)
+        raise UserError(f"builtin:{name}: unknown built-in dataset (known: {known})")
     return DIGIT_CLASSES
 
 

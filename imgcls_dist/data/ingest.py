@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.model_selection import train_test_split
 
-from imgcls_dist.data.builtin import BUILTINS, builtin_classes, builtin_rows
+from imgcls_dist.data.builtin import builtin_classes, builtin_rows
 from imgcls_dist.data.decode import decode_image
-from imgcls_dist.data.listing import Listing, class_indices, keep_classes, list_image_tree
+from imgcls_dist.data.listing import Listing, keep_classes, list_image_tree, relabel_classes
 from imgcls_dist.data.schema import DATASET_FILE, SPLITS
 from imgcls_dist.data.shards import ShardWriter, write_shards
 from imgcls_dist.errors import JobFailed, UserError, root_cause
@@ -231,10 +231,8 @@ def _ingest_builtin(name: str, out: Location, image_size: int, fractions, rows_p
     rows_iter, _, classes, extra = builtin_rows(name, image_size)
     rows = list(rows_iter)
     if wanted:
-        keep = class_indices(classes, wanted, f"builtin:{name}")
-        new = {old: i for i, old in enumerate(keep)}
+        classes, new = relabel_classes(classes, wanted, f"builtin:{name}")
         rows = [(rid, img, new[lbl]) for rid, img, lbl in rows if lbl in new]
-        classes = [classes[i] for i in keep]
     labels = np.array([r[2] for r in rows], dtype=np.int64)
     parts = _split_indices(labels, fractions, seed)
     counts = {}
@@ -268,10 +266,8 @@ def ingest(
     _check_args(fractions, rows_per_shard)
     out_loc = location(out)
     builtin = src.startswith("builtin:")
-    if builtin and src.split(":", 1)[1] not in BUILTINS:
-        raise UserError(f"{src}: unknown built-in dataset (known: {', '.join('builtin:' + b for b in BUILTINS)})")
-    if builtin and classes:
-        class_indices(builtin_classes(src.split(":", 1)[1]), classes, src)
+    if builtin:  # an unknown name or class fails here, before the output is cleared
+        relabel_classes(builtin_classes(src.split(":", 1)[1]), classes or [], src)
     if not builtin:  # every check, the listing and the plan before anything is written
         src_loc = location(src).check_readable("source directory")
         if not src_loc.is_dir():

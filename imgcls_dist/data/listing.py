@@ -107,21 +107,22 @@ def list_image_tree(src: Location) -> Listing:
                    [SPLIT_ALIASES[e[0].lower()] for e in in_split], notes)
 
 
-def class_indices(classes: Sequence[str], wanted: Sequence[str], src: str) -> list[int]:
-    """Positions of the `wanted` class names, in the dataset's class order."""
+def relabel_classes(classes: Sequence[str], wanted: Sequence[str], src: str) -> tuple[list[str], dict[int, int]]:
+    """(the kept class names, old label -> new label): the `wanted` classes, labelled 0..k-1 in the dataset's
+    class order; an unknown name is an error naming it."""
     unknown = [w for w in wanted if w not in classes]
     if unknown:
         raise UserError(f"--classes: {', '.join(map(repr, unknown))} not a class of {src} "
                         f"(classes: {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''})")
-    return [i for i, c in enumerate(classes) if c in set(wanted)]
+    keep = [i for i, c in enumerate(classes) if c in set(wanted)]
+    return [classes[i] for i in keep], {old: new for new, old in enumerate(keep)}
 
 
 def keep_classes(listing: Listing, wanted: Sequence[str], src: str) -> Listing:
     """The listing restricted to some classes, labelled 0..k-1 in the dataset's class order."""
-    keep = class_indices(listing.classes, wanted, src)
-    new = {old: i for i, old in enumerate(keep)}
+    classes, new = relabel_classes(listing.classes, wanted, src)
     rows = [i for i, lbl in enumerate(listing.labels) if lbl in new]
-    return Listing(classes=[listing.classes[i] for i in keep], paths=[listing.paths[i] for i in rows],
+    return Listing(classes=classes, paths=[listing.paths[i] for i in rows],
                    labels=[new[listing.labels[i]] for i in rows],
                    splits=None if listing.splits is None else [listing.splits[i] for i in rows],
                    notes=listing.notes)

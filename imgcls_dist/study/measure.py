@@ -3,7 +3,6 @@ latency, parameters, steps to converge and the LR of every step, on top of the r
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Sequence
 
@@ -15,7 +14,7 @@ from imgcls_dist.predictor.predictor import EnsemblePredictor
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.storage import Location
 from imgcls_dist.train.row_group import RowGroup
-from imgcls_dist.train.stream import batches_per_epoch, read_group
+from imgcls_dist.train.stream import optimizer_steps, read_group
 
 EVAL_BATCH = 256
 LATENCY_WARMUP = 3
@@ -59,8 +58,7 @@ def single_image_latency(predictor: EnsemblePredictor, encoded: bytes, repeats: 
 
 def steps_per_epoch(history: list[dict], batch_size: int, grad_accum: int) -> list[int]:
     """Optimizer steps of every epoch (one per grad_accum batches of one worker)."""
-    return [math.ceil(batches_per_epoch(h["train_samples"], h.get("world_size", 1), batch_size) / grad_accum)
-            for h in history]
+    return [optimizer_steps(h["train_samples"], h.get("world_size", 1), batch_size, grad_accum) for h in history]
 
 
 def lr_curve(history: list[dict], steps: list[int]) -> list[float]:
@@ -77,21 +75,22 @@ def measure_run(run_dir: Location, summary: dict[str, Any], train_groups: Sequen
     """Every study metric of one finished run (`summary`: what `finalize_run` returned, history included)."""
     history = summary["history"]
     steps = steps_per_epoch(history, batch_size, grad_accum)
+    # One model load serves both: a call with one image is a batch of 1, whatever the predictor's batch_size.
     predictor = EnsemblePredictor([run_dir / MODEL_FILE], views="none", device="cpu", batch_size=EVAL_BATCH)
     train_clean = clean_train_accuracy(predictor, train_groups)
     first_image = read_group(train_groups[0])[0][1]
-    one = EnsemblePredictor([run_dir / MODEL_FILE], views="none", device="cpu", batch_size=1)
     test = summary.get("test_acc")
     out = {k: summary.get(k) for k in (
-        "test_acc", "test_balanced_acc", "best_val_acc", "final_val_acc", "epochs_to_95pct_best", "epochs_to_99pct_best", "wall_s",
-        "images_per_s", "model_mb", "trainable_params", "peak_rss_mb", "peak_gpu_mb", "train_rows", "epochs")}
+        "test_acc", "test_balanced_acc", "best_val_acc", "final_val_acc", "epochs_to_95pct_best",
+        "epochs_to_99pct_best", "wall_s", "images_per_s", "model_mb", "trainable_params", "peak_rss_mb",
+        "peak_gpu_mb", "train_rows", "epochs")}
     out.update({
         "train_clean_acc": train_clean,
         "overfit_gap": train_clean - test if train_clean is not None and test is not None else None,
         "steps_to_95pct_best": steps_to(summary.get("epochs_to_95pct_best"), steps),
         "steps_to_99pct_best": steps_to(summary.get("epochs_to_99pct_best"), steps),
         "params": sum(p.numel() for p in predictor.members[0].model.parameters()),
-        **single_image_latency(one, first_image, latency_repeats),
+        **single_image_latency(predictor, first_image, latency_repeats),
         "val_curve": [h["val_acc"] for h in history],
         "lr_curve": lr_curve(history, steps),
     })

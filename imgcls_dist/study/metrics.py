@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+STUDY_METRICS_FILE = "study_metrics.json"  # what each trial measured, in its run directory
+
 
 @dataclass(frozen=True)
 class Metric:

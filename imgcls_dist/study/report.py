@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from imgcls_dist.config import ExperimentConfig
 from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.storage import Location
-from imgcls_dist.study.metrics import BY_KEY, METRICS
+from imgcls_dist.study.metrics import BY_KEY, METRICS, STUDY_METRICS_FILE
 from imgcls_dist.study.spec import Unit, sweep_key, trial_name
 from imgcls_dist.study.stats import METHOD, Interval, mean_ci, paired_difference, pareto_front, verdict
 from imgcls_dist.table import format_table
@@ -31,8 +31,6 @@ OK = "TERMINATED"
 
 
 def _read_metrics(trial_dir: Location) -> dict[str, Any] | None:
-    from imgcls_dist.study.trial import STUDY_METRICS_FILE
-
     try:
         return json.loads((trial_dir / STUDY_METRICS_FILE).read_text())
     except (UserError, json.JSONDecodeError):

@@ -118,12 +118,16 @@ def check_seeds(cfg: ExperimentConfig) -> None:
             raise UserError(f"study.seeds: a comparison with the baseline needs 2 or more seeds (got {s.seeds})")
 
 
+def unit_overrides(unit: Unit, seed: int) -> dict[str, Any]:
+    """What a trial of `unit` at `seed` sets on the base config: the seed also draws the training subset."""
+    return {**unit.overrides, "train.seed": seed, "data.subset_seed": None}
+
+
 def unit_config(base: dict[str, Any], unit: Unit, seed: int, source: str) -> ExperimentConfig:
     """The unit's config for one seed (before the trial names its run)."""
     from imgcls_dist.config import build_config
 
-    return build_config(apply_sampled(base, {**unit.overrides, "train.seed": seed, "data.subset_seed": None}),
-                        source=source)
+    return build_config(apply_sampled(base, unit_overrides(unit, seed)), source=source)
 
 
 def validate_study(cfg: ExperimentConfig) -> list[Unit]:

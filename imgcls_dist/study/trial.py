@@ -7,16 +7,15 @@ import json
 import os
 import time
 
-from imgcls_dist.config import CONFIG_FILE, build_config, write_config
+from imgcls_dist.config import CONFIG_FILE, write_config
 from imgcls_dist.storage import location
 from imgcls_dist.study.measure import measure_run
-from imgcls_dist.study.spec import Unit, trial_name, unit_config
+from imgcls_dist.study.metrics import STUDY_METRICS_FILE
+from imgcls_dist.study.spec import Unit, trial_name, unit_overrides
 from imgcls_dist.train.job import build_trainer, finalize_run, fit, resolve_dataset, resolve_epochs
 from imgcls_dist.tune.report import EpochReportCallback
-from imgcls_dist.tune.space import absolutize_paths
+from imgcls_dist.tune.space import trial_config
 from imgcls_dist.tune.trial import HEALTH_CHECK_INTERVAL_S
-
-STUDY_METRICS_FILE = "study_metrics.json"
 
 
 def study_trial(config: dict, base: dict | None = None, units: dict[str, Unit] | None = None,
@@ -26,9 +25,7 @@ def study_trial(config: dict, base: dict | None = None, units: dict[str, Unit] |
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", HEALTH_CHECK_INTERVAL_S)
     unit, seed = (units or {})[config["unit"]], int(config["seed"])
     name = trial_name(unit.name, seed)
-    raw = absolutize_paths(unit_config(base or {}, unit, seed, source=f"trial {name}").to_dict(), cwd or ".")
-    raw["run"] = {**raw["run"], "name": name, "storage_path": trials_dir}
-    cfg = build_config(raw, source=f"trial {name}")
+    cfg = trial_config(base or {}, unit_overrides(unit, seed), name, trials_dir, cwd=cwd)
     ds = resolve_dataset(cfg)
     cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     out = location(trials_dir) / name

@@ -21,7 +21,7 @@ from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.state import load_history
-from imgcls_dist.train.stream import batches_per_epoch, list_row_groups, total_rows
+from imgcls_dist.train.stream import list_row_groups, optimizer_steps, total_rows
 from imgcls_dist.train.subset import balanced_class_weights, subset_row_groups
 
 METRICS_FILE = "metrics.csv"
@@ -100,7 +100,7 @@ def resolve_epochs(cfg: ExperimentConfig, train_rows: int, num_workers: int) -> 
     t = cfg.train
     if not t.min_steps:
         return cfg
-    steps = math.ceil(batches_per_epoch(train_rows, max(num_workers, 1), cfg.data.batch_size) / t.grad_accum_steps)
+    steps = optimizer_steps(train_rows, max(num_workers, 1), cfg.data.batch_size, t.grad_accum_steps)
     epochs = max(t.epochs, math.ceil(t.min_steps / steps))
     if epochs != t.epochs:
         print(f"train.min_steps={t.min_steps}: {epochs} epochs of {steps} optimizer steps (train.epochs={t.epochs})",
@@ -123,7 +123,6 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
         # RAY_TRAIN_* variables of the driver on to its controller.)
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     storage_path, storage_fs = ray_storage(cfg.run.storage_path)
-    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)  # the drivers resolved it already; in-process callers
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={

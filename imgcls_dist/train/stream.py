@@ -92,9 +92,21 @@ def batches_per_epoch(n: int, world: int, batch_size: int) -> int:
     return max(1, min(math.ceil(math.ceil(n / world) / batch_size), n // world))
 
 
+def optimizer_steps(n: int, world: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of an epoch of n rows: one per `grad_accum` batches of a rank."""
+    return math.ceil(batches_per_epoch(n, world, batch_size) / grad_accum)
+
+
 def batch_sizes(rows: int, num_batches: int) -> list[int]:
     base, extra = divmod(rows, num_batches)
     return [base + (1 if i < extra else 0) for i in range(num_batches)]
+
+
+def group_rows(table, group: RowGroup):
+    """The rows the input takes of a row group read whole: a subset's picks, else its first `rows`."""
+    if group.picks is not None:
+        return table.take(np.frombuffer(group.picks, np.int32))
+    return table.slice(0, group.rows)
 
 
 def _read_span(span: Span) -> list[Sample]:
@@ -102,9 +114,7 @@ def _read_span(span: Span) -> list[Sample]:
     pf = pq.ParquetFile(f.path, filesystem=f.fs)
     names = set(pf.schema_arrow.names)
     t = pf.read_row_group(span.group.index, columns=[IMAGE] + ([LABEL] if LABEL in names else []))
-    if span.group.picks is not None:  # a subset's rows of the group
-        t = t.take(np.frombuffer(span.group.picks, np.int32))
-    t = t.slice(span.start, span.stop - span.start)
+    t = group_rows(t, span.group).slice(span.start, span.stop - span.start)
     images = t.column(IMAGE).to_pylist()
     labels = t.column(LABEL).to_pylist() if LABEL in names else [None] * len(images)
     first = span.group.first_id + span.start

@@ -20,6 +20,7 @@ from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.errors import UserError
 from imgcls_dist.storage import location
 from imgcls_dist.train.row_group import RowGroup
+from imgcls_dist.train.stream import group_rows
 
 
 def _labels_by_group(uri: str) -> list[np.ndarray]:
@@ -78,9 +79,8 @@ def subset_row_groups(files: Sequence[str], classes: Sequence[str], *, seed: int
 
 def _group_labels(group: RowGroup) -> np.ndarray:
     f = location(group.file)
-    labels = pq.ParquetFile(f.path, filesystem=f.fs).read_row_group(group.index, columns=[LABEL]).column(LABEL)
-    labels = labels.to_numpy()
-    return labels[np.frombuffer(group.picks, np.int32)] if group.picks is not None else labels[:group.rows]
+    t = pq.ParquetFile(f.path, filesystem=f.fs).read_row_group(group.index, columns=[LABEL])
+    return group_rows(t, group).column(LABEL).to_numpy()
 
 
 def balanced_class_weights(groups: Sequence[RowGroup], num_classes: int) -> list[float]:

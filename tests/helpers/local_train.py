@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from imgcls_dist.models.checkpoint import load_model_file
-from imgcls_dist.train.job import build_trainer, resolve_dataset
+from imgcls_dist.train.job import build_trainer, resolve_dataset, resolve_epochs
 
 
 def fit_in_process(cfg, monkeypatch, keep: Path) -> tuple[list[dict], dict]:
@@ -28,5 +28,7 @@ def fit_in_process(cfg, monkeypatch, keep: Path) -> tuple[list[dict], dict]:
         return real(metrics, checkpoint=checkpoint, **kw)
 
     monkeypatch.setattr(ray.train, "report", report)
-    build_trainer(cfg, resolve_dataset(cfg), num_workers=0, use_gpu=False).fit()
+    ds = resolve_dataset(cfg)
+    cfg = resolve_epochs(cfg, ds["train_rows"], num_workers=1)  # as every driver does before it builds the trainer
+    build_trainer(cfg, ds, num_workers=0, use_gpu=False).fit()
     return load_history(keep), load_model_file(keep / "model.pt")
