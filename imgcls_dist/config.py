@@ -123,6 +123,11 @@ class TrainConfig(Section):
     # than early_stop_min_delta (None: train every epoch). The best epoch's model is exported as always.
     early_stop_patience: Optional[int] = Field(None, ge=1)
     early_stop_min_delta: float = Field(0.0, ge=0.0, le=1.0)
+    # Exponential moving average of the weights (train/ema.py), validated every epoch beside the raw weights; the
+    # better of the two is what the epoch's checkpoint (and so model.pt) holds. None: off. ema_warmup: the decay
+    # ramps up from 0 over the first steps (timm's warm-up), so a short run does not average in its random start.
+    ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
+    ema_warmup: bool = True
     # Progress line inside an epoch at most this often (rank 0), and per-step loss/LR in TensorBoard.
     progress_every_s: float = Field(30.0, gt=0)
     seed: int = 0

@@ -24,10 +24,12 @@ TB_METRICS = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_pe
 
 
 def save_checkpoint(run: WorkerRun, directory: Path, *, epoch: int, step: int = 0, val: dict | None = None,
-                    partial: list[dict] | None = None) -> None:
+                    partial: list[dict] | None = None, ema_exported: bool = False) -> None:
     """Rank 0: model file + resume state + history. `step` > 0: inside epoch `epoch`, after `step` batches,
-    with every rank's partial epoch totals."""
-    state = run.accelerator.unwrap_model(run.model).state_dict()
+    with every rank's partial epoch totals. `ema_exported`: the model file holds the EMA weights (they
+    validated better), and the raw ones go into the resume state."""
+    raw = run.accelerator.unwrap_model(run.model).state_dict()
+    state = run.ema.module.state_dict() if ema_exported else raw
     if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
         raise NonFiniteLossError(f"model weights became non-finite at epoch {epoch}; no checkpoint written")
     ds = run.dataset
@@ -37,14 +39,17 @@ def save_checkpoint(run: WorkerRun, directory: Path, *, epoch: int, step: int = 
     scaler = run.accelerator.scaler
     train_state = {"epoch": epoch, "step": step, "partial": partial or [], "optimizer": run.optimizer.state_dict(),
                    "schedule": run.schedule.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                   "nonfinite_total": run.nonfinite_total, "consecutive_bad": run.consecutive_bad}
+                   "nonfinite_total": run.nonfinite_total, "consecutive_bad": run.consecutive_bad,
+                   "raw_model": raw if ema_exported else None,
+                   "ema": run.ema.module.state_dict() if run.ema is not None else None, "ema_updates": run.ema_updates}
     save_training_checkpoint(directory, model_state=state, model_meta=meta, train_state=train_state,
                              history=run.history)
 
 
 def _print_epoch(run: WorkerRun, m: dict[str, Any]) -> None:
+    ema = f"  (raw {m['raw_val_acc']:.4f}, ema {m['ema_val_acc']:.4f})" if "ema_val_acc" in m else ""
     print(f"epoch {m['epoch'] + 1}/{run.cfg.train.epochs}  loss {m['train_loss']:.4f}  acc {m['train_acc']:.4f}  "
-          f"val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}  lr {m['lr']:.3g}  size {m['image_size']}  "
+          f"val_loss {m['val_loss']:.4f}  val_acc {m['val_acc']:.4f}{ema}  lr {m['lr']:.3g}  size {m['image_size']}  "
           f"{m['images_per_s']:.0f} img/s", flush=True)
 
 
@@ -61,8 +66,11 @@ def report_epoch(run: WorkerRun, metrics: dict[str, Any]) -> None:
         run.tensorboard.scalars({k: metrics[k] for k in TB_METRICS}, metrics["epoch"])
         run.tensorboard.flush()
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(run, Path(tmp), epoch=metrics["epoch"],
-                        val={"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"]})
+        ema_exported = bool(metrics.get("ema_exported"))
+        val = {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"]}
+        if run.ema is not None:
+            val["ema_weights"] = float(ema_exported)  # the model file's metrics are numbers
+        save_checkpoint(run, Path(tmp), epoch=metrics["epoch"], val=val, ema_exported=ema_exported)
         ray.train.report(scalars, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 

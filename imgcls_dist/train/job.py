@@ -16,7 +16,7 @@ from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
 from imgcls_dist.data.schema import hflip_allowed, validate_dataset, validate_files
 from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.evaluate.plots import plot_training_history
-from imgcls_dist.models.checkpoint import MODEL_FILE
+from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
@@ -27,7 +27,9 @@ from imgcls_dist.train.subset import balanced_class_weights, subset_row_groups
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 
-HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s", "image_size",
+# val_loss/val_acc: of the weights the epoch exports; raw_*/ema_*: both, with train.ema_decay (blank without)
+HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "raw_val_loss", "raw_val_acc",
+                   "ema_val_loss", "ema_val_acc", "ema_exported", "images_per_s", "image_size",
                    "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps",
                    "peak_rss_mb", "peak_gpu_mb"]
 
@@ -176,11 +178,12 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
 
 
 def _export_best_model(result, out: Location):
-    """The best checkpoint's model.pt (by val_acc) -> <run>/model.pt; returns that checkpoint."""
+    """The best checkpoint's model.pt (by val_acc) -> <run>/model.pt; returns (that checkpoint, its metrics)."""
     best_ckpt = result.get_best_checkpoint("val_acc", "max") or result.checkpoint
     with best_ckpt.as_directory() as d:
         (out / MODEL_FILE).upload(Path(d) / MODEL_FILE)
-    return best_ckpt
+        metrics = load_model_file(Path(d) / MODEL_FILE).get("metrics") or {}
+    return best_ckpt, metrics
 
 
 def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s: float,
@@ -191,7 +194,7 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         raise JobFailed("training produced no checkpoint")
     with result.checkpoint.as_directory() as d:
         history = load_history(d)
-    best_ckpt = _export_best_model(result, out)
+    best_ckpt, best_metrics = _export_best_model(result, out)
     (out / METRICS_FILE).write_text(history_csv(history))
     plot_training_history(history, out / "training_history.png")
     summary: dict[str, Any] = {
@@ -202,6 +205,8 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         "stopped_early": len(history) < cfg.train.epochs,  # train.early_stop_patience ended it
         "best_val_acc": max(h["val_acc"] for h in history),
         "final_val_acc": history[-1]["val_acc"],
+        **({"exported_weights": "ema" if best_metrics["ema_weights"] else "raw"}  # with train.ema_decay
+           if "ema_weights" in best_metrics else {}),
         **{f"epochs_to_{round(share * 100)}pct_best": epochs_to_reach(history, share) for share in (0.95, 0.99)},
         "train_rows": ds["train_rows"],
         "trainable_params": history[-1].get("trainable_params"),

@@ -49,7 +49,9 @@ def start_epoch(run: WorkerRun, epoch: int, first_step: int = 0) -> int:
         # Same model, new input size: only the CPU-side transform changes (the nets are fully conv +
         # adaptive pooling), so phases switch without rebuilding or re-wrapping anything.
         transform = build_train_transform(aug_cfg.preset, aug_cfg.strength, size, hflip=run.dataset["hflip"], seed=seed,
-                                          erasing_p=aug_cfg.erasing_p, erasing_scale=aug_cfg.erasing_scale)
+                                          erasing_p=aug_cfg.erasing_p, erasing_scale=aug_cfg.erasing_scale,
+                                          randaugment_n=aug_cfg.randaugment_n, randaugment_m=aug_cfg.randaugment_m,
+                                          augmix_severity=aug_cfg.augmix_severity)
         run.transform_size = size
     run.train_dataset.set_epoch(epoch, transform, size if transform is not None else None)
     run.sampler.set_epoch(epoch, skip=sum(run.sampler.sizes()[:first_step]))
@@ -75,6 +77,9 @@ def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty
             accelerator.clip_grad_norm_(model.parameters(), run.cfg.train.grad_clip)
         if ok:
             run.optimizer.step()
+            if run.ema is not None and accelerator.sync_gradients:
+                run.ema_updates += 1
+                run.ema.update(accelerator.unwrap_model(model), step=run.ema_updates)
         run.optimizer.zero_grad(set_to_none=True)
     return loss, logits, finite
 
@@ -134,10 +139,10 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
     return stats
 
 
-def evaluate(run: WorkerRun) -> tuple[float, float]:
-    """(val_loss, val_acc), exact over the whole split: each worker scores its own contiguous share with
-    the unwrapped model (no collectives per batch), and the sums are added across workers."""
-    model = run.accelerator.unwrap_model(run.model)
+def evaluate(run: WorkerRun, model: torch.nn.Module | None = None) -> tuple[float, float]:
+    """(val_loss, val_acc) of `model` (default: the unwrapped training model), exact over the whole split: each
+    worker scores its own contiguous share (no collectives per batch), and the sums are added across workers."""
+    model = model if model is not None else run.accelerator.unwrap_model(run.model)
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     with torch.inference_mode():
@@ -159,6 +164,19 @@ def evaluate(run: WorkerRun) -> tuple[float, float]:
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+def validate(run: WorkerRun) -> dict[str, Any]:
+    """val_loss/val_acc of the weights the epoch's checkpoint exports: with `train.ema_decay`, both the raw and
+    the EMA weights are validated and the better (accuracy, then loss) is exported; both are recorded."""
+    val_loss, val_acc = evaluate(run)
+    if run.ema is None:
+        return {"val_loss": val_loss, "val_acc": val_acc}
+    ema_loss, ema_acc = evaluate(run, run.ema.module)
+    ema_exported = (ema_acc, -ema_loss) > (val_acc, -val_loss)
+    return {"val_loss": ema_loss if ema_exported else val_loss, "val_acc": ema_acc if ema_exported else val_acc,
+            "raw_val_loss": val_loss, "raw_val_acc": val_acc, "ema_val_loss": ema_loss, "ema_val_acc": ema_acc,
+            "ema_exported": int(ema_exported)}
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """This worker's peak memory so far: resident set of the training process plus that of its largest finished
     DataLoader process (getrusage), and on CUDA the peak allocated by torch."""
@@ -167,8 +185,7 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return {"rss": round(rss_kb / 1024, 1), "gpu": round(gpu, 1)}
 
 
-def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_loss: float,
-                  val_acc: float) -> dict[str, Any]:
+def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val: dict[str, Any]) -> dict[str, Any]:
     """Totals over all workers, and proof that no sample was trained twice (unique_samples)."""
     shares = all_gather_list({"loss_sum": stats.loss_sum, "correct": stats.correct, "seen": stats.seen,
                               "bits": stats.seen_bits, "time": stats.seconds, "skipped": stats.skipped_rows,
@@ -179,8 +196,7 @@ def epoch_metrics(run: WorkerRun, epoch: int, size: int, stats: EpochStats, val_
         "lr": run.schedule.lrs[-1],  # the head group's LR (highest with layer decay)
         "train_loss": sum(s["loss_sum"] for s in shares) / max(n_seen, 1),
         "train_acc": sum(s["correct"] for s in shares) / max(n_seen, 1),
-        "val_loss": val_loss,
-        "val_acc": val_acc,
+        **val,
         "images_per_s": n_seen / max(max(s["time"] for s in shares), 1e-9),
         "image_size": size,
         "train_samples": n_seen,
@@ -220,9 +236,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             first_step, partial = (run.start_step, run.partial) if epoch == run.start_epoch else (0, None)
             size = start_epoch(run, epoch, first_step)
             stats = train_one_epoch(run, epoch, first_step, partial)
-            val_loss, val_acc = evaluate(run)
-            metrics = epoch_metrics(run, epoch, size, stats, val_loss, val_acc)
-            run.schedule.step(val_loss)
+            val = validate(run)
+            metrics = epoch_metrics(run, epoch, size, stats, val)
+            run.schedule.step(val.get("raw_val_loss", val["val_loss"]))  # plateau: the weights being optimized
             run.history.append(metrics)
             report_epoch(run, metrics)
     finally:

@@ -107,6 +107,8 @@ class ResumeState:
     consecutive_bad: int
     history: list[dict]
     partial: list[EpochStats] | None  # per rank, when step > 0
+    ema: dict | None = None  # the EMA weights (train.ema_decay)
+    ema_updates: int = 0
 
 
 def restore(checkpoint) -> ResumeState | None:
@@ -117,8 +119,11 @@ def restore(checkpoint) -> ResumeState | None:
         ts = load_train_state(d)
         step = int(ts.get("step", 0))
         partial = [EpochStats.from_state(p) for p in ts["partial"]] if step else None
+        # model.pt holds the EMA weights when they validated better; the raw ones then travel in the state
+        raw = ts.get("raw_model") or load_model_file(d)["state_dict"]
         return ResumeState(epoch=ts["epoch"] if step else ts["epoch"] + 1, step=step,
-                           model_state=load_model_file(d)["state_dict"], optimizer=ts["optimizer"],
+                           model_state=raw, optimizer=ts["optimizer"],
                            schedule=ts["schedule"], scaler=ts.get("scaler"),
                            nonfinite_total=ts.get("nonfinite_total", 0), consecutive_bad=ts.get("consecutive_bad", 0),
-                           history=load_history(d), partial=partial)
+                           history=load_history(d), partial=partial, ema=ts.get("ema"),
+                           ema_updates=int(ts.get("ema_updates", 0)))

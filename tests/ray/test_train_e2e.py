@@ -139,7 +139,9 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     trains every sample exactly once across the kill (split evenly between the workers), and ends with the
     weights of an uninterrupted run, bit for bit."""
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train registers checkpoints as it polls
-    extra = ["train.epochs=3", "train.checkpoint_every_steps=5", "scaling.num_workers=2", "data.batch_size=8"]
+    # With an EMA of the weights: its average and its warm-up position resume with the rest.
+    extra = ["train.epochs=3", "train.checkpoint_every_steps=5", "scaling.num_workers=2", "data.batch_size=8",
+             "train.ema_decay=0.9"]
     cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[*extra, "run.max_failures=2"])
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_train_worker_mid_epoch, args=(tmp_path / "runs" / "fault", killed),
@@ -160,6 +162,9 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     # uninterrupted one.
     assert [h["lr"] for h in hist] == [h["lr"] for h in clean["history"]]
     assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in clean["history"]]
+    assert [h["ema_val_loss"] for h in hist] == [h["ema_val_loss"] for h in clean["history"]]
+    exported = load_model_file(Path(res["model"]))["metrics"]["ema_weights"]
+    assert res["exported_weights"] == ("ema" if exported else "raw")  # summary.json says which weights model.pt holds
     resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
@@ -307,6 +312,28 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(r
     history, model = fit_in_process(cfg, monkeypatch, tmp_path / "es")
     assert [h["epoch"] for h in history] == [0, 1, 2] and model["metrics"]["epoch"] == 2
     assert "early stop after epoch 3/6: val_acc has not beaten" in capsys.readouterr().out
+
+
+def test_ema_weights_are_validated_beside_the_raw_ones_and_the_better_is_exported(ray_session, tiny_digits_dir,
+                                                                                   tmp_path, monkeypatch,
+                                                                                   fresh_accelerate_state):
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="ema", extra=["train.epochs=3", "train.ema_decay=0.9"])
+    history, model = fit_in_process(cfg, monkeypatch, tmp_path / "ema")
+    for h in history:
+        ema = bool(h["ema_exported"])
+        assert 0 < h["raw_val_acc"] <= 1 and 0 < h["ema_val_acc"] <= 1
+        assert h["val_acc"] == (h["ema_val_acc"] if ema else h["raw_val_acc"]) == max(h["raw_val_acc"], h["ema_val_acc"])
+        assert h["val_loss"] == (h["ema_val_loss"] if ema else h["raw_val_loss"])
+    assert history[0]["ema_val_loss"] != history[0]["raw_val_loss"]  # two different sets of weights
+    last = history[-1]
+    assert model["metrics"]["ema_weights"] == last["ema_exported"]
+    state = torch.load(tmp_path / "ema" / "train_state.pt", weights_only=True)
+    ema_sd = state["ema"]
+    assert state["ema_updates"] == 3 * -(-n_train(tiny_digits_dir) // 32)  # one per optimizer step
+    # The model file holds the weights named in it; the raw ones travel in the resume state when they are not it.
+    held = ema_sd if last["ema_exported"] else state["raw_model"] or model["state_dict"]
+    assert all(torch.equal(model["state_dict"][k], held[k]) for k in held)
+    assert (state["raw_model"] is not None) == bool(last["ema_exported"])
 
 
 def test_balanced_class_weights_reach_the_training_loss(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
