@@ -77,7 +77,8 @@ class AugmentConfig(Section):
 
 class ModelConfig(Section):
     arch: str = "resnet18"
-    # None (scratch) | torchvision weights name (DEFAULT, IMAGENET1K_V1, ...) | path to a checkpoint.
+    # None (scratch) | torchvision weights name (DEFAULT, IMAGENET1K_V1, ...; timm/* archs: DEFAULT or a timm
+    # pretrained tag) | path to a checkpoint (timm/* archs: also a timm/Hugging Face .safetensors/.pth/.bin file).
     weights: Optional[str] = None
     transfer: Transfer = "full"
     layer_decay: float = Field(1.0, gt=0.0, le=1.0, description="LR multiplier per stage from head to stem")

@@ -1,7 +1,8 @@
 """The one architecture registry: name -> ModelSpec, get_model() with our head/stem, and the `models` table.
 
 Every torchvision classification builder is reachable by its own name; the 14 in NAMED have hand-written,
-measured specs, the rest get a generic spec derived from torchvision's weights metadata.
+measured specs, the rest get a generic spec derived from torchvision's weights metadata. Every timm model is
+reachable as `timm/<timm name>` (family "timm"; models/timm_models.py), its spec from timm's pretrained config.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from imgcls_dist.errors import UserError
+from imgcls_dist.models import timm_models
 from imgcls_dist.models import weights as weights_mod
 from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.models.lenet import LeNet5
@@ -26,6 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 LIST_HINT = "list all with `imgcls-dist models` or imgcls_dist.models.registry.list_models()"
+TIMM_LIST_HINT = "list them with `imgcls-dist models 'timm/*'`"
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,10 @@ class ModelSpec:
     default_size: int  # the resolution the DEFAULT weights were trained/evaluated at
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    default_weights: str | None  # torchvision enum member name behind DEFAULT, None = no pretrained weights
-    fixed_size: bool = False  # vit_*/maxvit_t: only default_size works (position embeddings / window grid)
+    # torchvision enum member name behind DEFAULT; timm/*: timm's default pretrained tag (what DEFAULT loads);
+    # None = no pretrained weights
+    default_weights: str | None
+    fixed_size: bool = False  # vit_*/maxvit_t, timm fixed_input_size: only default_size works
 
     def normalization(self, in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(mean, std) for in_channels. 1 channel: the RGB average, which matches the summed-kernel stem
@@ -113,10 +118,28 @@ def _generic_spec(name: str) -> ModelSpec:
     return ModelSpec(name, _family_of(name), min_size, size, mean, std, default.name, fixed)
 
 
+# timm models forward at 32px (their usual total stride) unless their config fixes the input size; not measured
+# per model like the torchvision ones.
+_TIMM_MIN_SIZE = 32
+
+
+@functools.cache
+def _timm_spec(name: str) -> ModelSpec:
+    arch = timm_models.arch_of(name)
+    cfg = timm_models.pretrained_cfg(arch)
+    size = int((cfg.input_size or (3, 224, 224))[-1])
+    mean, std = tuple(cfg.mean or IMAGENET_MEAN), tuple(cfg.std or IMAGENET_STD)
+    fixed = bool(cfg.fixed_input_size)
+    min_size = size if fixed else _TIMM_MIN_SIZE
+    return ModelSpec(name, "timm", min_size, size, mean, std, timm_models.default_tag(arch), fixed)
+
+
 def get_spec(name: str) -> ModelSpec:
     key = str(name).strip().lower()
     if key in NAMED:
         return NAMED[key]
+    if key.startswith(timm_models.PREFIX):
+        return _get_timm_spec(name, key)
     if key in _torchvision_names():
         return _generic_spec(key)
     close = difflib.get_close_matches(key, list_models(), n=5, cutoff=0.6)
@@ -124,8 +147,20 @@ def get_spec(name: str) -> ModelSpec:
     raise UserError(f"unknown model '{name}'; {hint}({LIST_HINT})")
 
 
+def _get_timm_spec(name: str, key: str) -> ModelSpec:
+    if timm_models.arch_of(key) in timm_models.arch_names():
+        return _timm_spec(key)
+    close = difflib.get_close_matches(key, list_models(timm_models.PREFIX + "*"), n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise UserError(f"unknown timm model '{name}'; {hint}({TIMM_LIST_HINT})")
+
+
 def list_models(pattern: str | None = None) -> list[str]:
-    """Named architectures first (in NAMED order), then the other torchvision ones, sorted; fnmatch filter."""
+    """Named architectures first (in NAMED order), then the other torchvision ones, sorted; fnmatch filter.
+    A pattern starting with 'timm/' lists timm's models instead, as timm/<name>."""
+    if pattern is not None and pattern.lower().startswith(timm_models.PREFIX):
+        names = [timm_models.PREFIX + n for n in timm_models.arch_names()]
+        return [n for n in names if fnmatch.fnmatch(n, pattern.lower())]
     names = list(NAMED) + sorted(n for n in _torchvision_names() if n not in NAMED)
     return [n for n in names if pattern is None or fnmatch.fnmatch(n, pattern.lower())]
 
@@ -135,6 +170,8 @@ def list_models(pattern: str | None = None) -> list[str]:
 
 def head_name(model: nn.Module, family: str) -> str:
     """Qualified name of the classifier layer that get_model sizes to num_classes."""
+    if family == "timm":  # distilled/dual-branch models have two; transfer.stages takes them all
+        return timm_models.classifier_names(model)[0]
     if family == "lenet":
         return "fc3"
     if family in ("resnet", "regnet", "shufflenet", "googlenet", "inception"):
@@ -161,6 +198,9 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def replace_head(model: nn.Module, family: str, num_classes: int) -> None:
+    if family == "timm":
+        timm_models.reset_head(model, num_classes)
+        return
     path = head_name(model, family)
     old = model.get_submodule(path)
     if isinstance(old, nn.Linear):
@@ -176,8 +216,10 @@ def replace_head(model: nn.Module, family: str, num_classes: int) -> None:
 
 
 def stem_name(model: nn.Module) -> str:
-    """The input conv: the first Conv2d registered (true for every torchvision classifier and LeNet5)."""
-    return next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    """The input conv: the first Conv2d registered (true for every torchvision classifier and LeNet5); a timm
+    model's is the one its pretrained_cfg names (first_conv)."""
+    named = timm_models.first_conv(model) if hasattr(model, "pretrained_cfg") else None
+    return named or next(n for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
 
 
 def adapt_stem(model: nn.Module, in_channels: int, pretrained: bool) -> None:
@@ -219,6 +261,8 @@ def _build(spec: ModelSpec, num_classes: int | None, weights=None) -> nn.Module:
     """The bare 3-channel network: scratch with num_classes outputs, or torchvision's pretrained one."""
     if spec.family == "lenet":
         return LeNet5(num_classes=num_classes or 10, in_channels=3)
+    if spec.family == "timm":
+        return timm_models.create(timm_models.arch_of(spec.name), num_classes)
     kwargs: dict = {}
     if spec.family in ("googlenet", "inception"):
         kwargs["transform_input"] = False
@@ -237,8 +281,9 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, weights: weight
     """Build `name` with a num_classes head and an in_channels stem.
 
     weights: None/"none" (scratch), a torchvision weights name ("DEFAULT", "IMAGENET1K_V1",
-    "ResNet18_Weights.IMAGENET1K_V1"), a checkpoint path on any filesystem (our model file or a raw
-    state_dict), or a checkpoint already read (`weights.initial_weights`).
+    "ResNet18_Weights.IMAGENET1K_V1"; timm/*: "DEFAULT" or a timm pretrained tag), a checkpoint path on any
+    filesystem (our model file or a raw state_dict; timm/*: also a .safetensors file), or a checkpoint already
+    read (`weights.initial_weights`).
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
@@ -247,6 +292,8 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, weights: weight
     if in_channels not in (1, 3):
         raise UserError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {in_channels!r}")
     kind, source = weights_mod.classify(weights)
+    if spec.family == "timm":
+        return _get_timm_model(spec, num_classes, in_channels, kind, source)
     if kind == "torchvision":
         if spec.default_weights is None:
             raise UserError(f"{spec.name} has no pretrained weights; use weights=None or a checkpoint path")
@@ -269,6 +316,23 @@ def get_model(name: str, num_classes: int, in_channels: int = 3, weights: weight
     return model
 
 
+def _get_timm_model(spec: ModelSpec, num_classes: int, in_channels: int, kind: str, source) -> nn.Module:
+    """timm sizes the head and the in_channels stem itself (in_chans; pretrained RGB stems summed for 1 channel).
+    A weights file that is not our model file is timm's or Hugging Face's and loads through timm's loader."""
+    arch = timm_models.arch_of(spec.name)
+    if kind == "torchvision":  # a pretrained name: DEFAULT or a timm tag
+        if spec.default_weights is None:
+            raise UserError(f"{spec.name} has no pretrained weights; use weights=None or a weights file path")
+        return timm_models.pretrained(arch, timm_models.resolve_tag(arch, source), num_classes, in_channels)
+    ckpt = weights_mod.read_checkpoint(source) if kind == "path" else source
+    if ckpt is not None and ckpt.arch is None:
+        return timm_models.from_state_dict(arch, ckpt.state_dict, ckpt.source, num_classes, in_channels)
+    model = timm_models.create(arch, num_classes, in_channels)
+    if ckpt is not None:  # our model file
+        weights_mod.load_checkpoint(model, ckpt, arch=spec.name, head=head_name(model, "timm"), stem=stem_name(model))
+    return model
+
+
 def build_model_from_file(path) -> tuple[nn.Module, dict]:
     """Rebuild the network of a model file (any filesystem) and load its weights: (model in eval mode, metadata)."""
     payload = load_model_file(path)
@@ -287,16 +351,25 @@ def param_count(name: str) -> int:
     from accelerate import init_empty_weights  # params on 'meta'; regnet's builder does real tensor math
 
     spec = get_spec(name)
-    with init_empty_weights():
-        model = _build(spec, 10 if spec.family == "lenet" else 1000)
+    num_classes = 10 if spec.family == "lenet" else 1000
+    try:
+        with init_empty_weights():
+            model = _build(spec, num_classes)
+    except (NotImplementedError, RuntimeError):
+        if spec.family != "timm":
+            raise
+        model = _build(spec, num_classes)  # a few timm builders compute with their parameters (swinv2, vitamin)
     return sum(p.numel() for p in model.parameters())
 
 
 def weights_cached(name: str) -> bool | None:
-    """Whether the DEFAULT weights file is in the torch hub cache (None: the model has no weights)."""
+    """Whether the DEFAULT weights file is in the torch hub cache, for timm/* where timm looks for it (mostly
+    the Hugging Face cache); None: the model has no weights."""
     spec = get_spec(name)
     if spec.default_weights is None:
         return None
+    if spec.family == "timm":
+        return timm_models.weights_location(timm_models.arch_of(spec.name), spec.default_weights)[0] is not None
     w = weights_mod.torchvision_models().get_model_weights(spec.name)[spec.default_weights]
     return weights_mod.cache_file(w).is_file()
 
@@ -304,7 +377,8 @@ def weights_cached(name: str) -> bool | None:
 def models_table(pattern: str | None = None, named_only: bool = False) -> str:
     names = [n for n in list_models(pattern) if not named_only or n in NAMED]
     if not names:
-        return f"no model matches '{pattern}' ({LIST_HINT})"
+        timm_pattern = pattern is not None and pattern.lower().startswith(timm_models.PREFIX)
+        return f"no model matches '{pattern}' ({TIMM_LIST_HINT if timm_pattern else LIST_HINT})"
     header = ("name", "family", "params", "min size", "default weights", "cached?")
     rows = []
     for n in names:
@@ -312,4 +386,7 @@ def models_table(pattern: str | None = None, named_only: bool = False) -> str:
         cached = {None: "-", True: "yes", False: "no"}[weights_cached(n)]
         size = f"={s.min_size}" if s.fixed_size else str(s.min_size)
         rows.append((n, s.family, f"{param_count(n) / 1e6:.1f}M", size, s.default_weights or "-", cached))
-    return format_table(header, rows) + f"\n(cache: {Path(torch.hub.get_dir()) / 'checkpoints'})"
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    if names[0].startswith(timm_models.PREFIX):
+        cache = f"{timm_models.hf_cache_dir()}, else {cache}"
+    return format_table(header, rows) + f"\n(cache: {cache})"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 from typing import get_args
 
 from torch import nn
 
 from imgcls_dist.config import Transfer
 from imgcls_dist.errors import UserError
+from imgcls_dist.models import timm_models
 from imgcls_dist.models.registry import get_spec, head_name
 
 STRATEGIES = get_args(Transfer)
@@ -72,6 +74,10 @@ def _backbone(model: nn.Module, family: str, head: str) -> list[list[str]]:
         return [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
     if family == "regnet":
         return [["stem"]] + [[p] for p in _children(model, "trunk_output")]
+    if family == "timm":  # timm's own grouping; _generic for the few models without a group_matcher
+        heads = timm_models.classifier_names(model)
+        groups = timm_models.backbone_groups(model, heads) or _generic(model, head)
+        return [g for g in ([u for u in units if u not in heads] for units in groups) if g]  # 2nd head (pit)
     if family in ("lenet", "shufflenet", "googlenet", "inception"):
         return [[p] for p in _children(model, skip=head)]
     is_seq = isinstance(getattr(model, "classifier", None), nn.Sequential)
@@ -95,7 +101,8 @@ def stages(model: nn.Module, name: str) -> list[list[tuple[str, nn.Parameter]]]:
     """All parameters grouped stem -> head; the last stage is exactly the classifier head."""
     family = get_spec(name).family
     head = head_name(model, family)
-    layout = _backbone(model, family, head) + [[head]]
+    heads = timm_models.classifier_names(model) if family == "timm" else [head]
+    layout = _backbone(model, family, head) + [heads]
     out: list[list[tuple[str, nn.Parameter]]] = [[] for _ in layout]
     for pname, p in model.named_parameters():
         idx = next(
@@ -141,8 +148,10 @@ def param_groups(
     model: nn.Module, name: str, lr: float, weight_decay: float, layer_decay: float = 1.0
 ) -> list[dict]:
     """Optimizer groups over trainable params: lr * layer_decay**k for the stage k steps below the head,
-    weight decay 0 for 1-D params (norm weights, biases) and _NO_DECAY_NAMES."""
+    weight decay 0 for 1-D params (norm weights, biases), _NO_DECAY_NAMES and what a timm model's
+    no_weight_decay() names."""
     groups = stages(model, name)
+    exempt_names = tuple(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else ()
     head_idx = len(groups) - 1
     out = []
     for i, group in enumerate(groups):
@@ -151,12 +160,16 @@ def param_groups(
         decay, no_decay = [], []
         for pname, p in group:
             if p.requires_grad:
-                exempt = p.ndim <= 1 or pname.rsplit(".", 1)[-1] in _NO_DECAY_NAMES
+                exempt = p.ndim <= 1 or pname.rsplit(".", 1)[-1] in _NO_DECAY_NAMES or _matches(pname, exempt_names)
                 (no_decay if exempt else decay).append(p)
         for params, wd, kind in ((decay, weight_decay, "decay"), (no_decay, 0.0, "no_decay")):
             if params:
                 out.append({"params": params, "lr": stage_lr, "weight_decay": wd, "name": f"{label}/{kind}"})
     return out
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pat) for pat in patterns)  # timm's names may be patterns (xcit: pos_embed.*)
 
 
 def count_trainable(model: nn.Module) -> int:

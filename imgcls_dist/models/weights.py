@@ -22,7 +22,7 @@ from imgcls_dist.storage import Location, is_uri, location
 
 log = logging.getLogger(__name__)
 
-_CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / accelerate.prepare, torch.compile
 
 
@@ -70,11 +70,12 @@ def classify(weights: Weights) -> tuple[str, object]:
 
 
 def read_checkpoint(path: str | os.PathLike | Location) -> CheckpointWeights:
-    """Our model file (file or directory) or a raw state_dict, on any filesystem, read with weights_only=True."""
+    """Our model file (file or directory) or a raw state_dict (.safetensors too), on any filesystem, read with
+    weights_only=True."""
     loc = location(path)
     if loc.is_dir():
         loc = resolve_model_path(loc)
-    obj = read_tensors_file(loc)
+    obj = _read_safetensors(loc) if loc.suffix == ".safetensors" else read_tensors_file(loc)
     arch = classes = None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         arch, classes = obj.get("arch"), obj.get("classes")
@@ -85,6 +86,16 @@ def read_checkpoint(path: str | os.PathLike | Location) -> CheckpointWeights:
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return CheckpointWeights(loc.uri, obj, arch, list(classes) if classes is not None else None)
+
+
+def _read_safetensors(loc: Location) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return load(loc.read_bytes())
+    except SafetensorError as e:
+        raise UserError(f"{loc}: cannot load safetensors file ({_first_line(e)})") from None
 
 
 def initial_weights(weights: Weights) -> Weights:
