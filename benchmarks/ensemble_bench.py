@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from benchmarks.common import machine, print_table
-from imgcls_dist.config import load_config
+from imgcls_dist.config import SHIPPED_CONFIGS, load_config
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.ensemble.build import build_ensemble, collect_logits
 from imgcls_dist.ensemble.calibrate import softmax
@@ -26,7 +26,6 @@ from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.predictor import EnsemblePredictor
 from imgcls_dist.predictor.prepare import labelled_batches
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 CONFIGS = ("resnet18_digits", "lenet5_digits", "efficientnet_b0_digits")
 
 
@@ -37,7 +36,7 @@ def _train(config: str, data: str, seed: int, storage: Path) -> str:
     model = storage / name / "model.pt"
     if model.is_file():  # a rerun reuses what an earlier run of the bench trained
         return str(model)
-    cfg = load_config(CONFIG_DIR / f"{config}.yaml", [f"data.path={data}", f"run.storage_path={storage}",
+    cfg = load_config(SHIPPED_CONFIGS / f"{config}.yaml", [f"data.path={data}", f"run.storage_path={storage}",
                                                       f"run.name={name}", f"train.seed={seed}", "run.tensorboard=false"])
     return run_training(cfg, report_test=False)["model"]
 

@@ -50,7 +50,18 @@ def cmd_models(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from imgcls_dist.config import load_config
 
-    cfg = load_config(a.config, a.overrides)  # before importing Ray: a typo answers in milliseconds
+    # the config is complete before Ray is imported: a typo answers in milliseconds
+    if a.config:
+        if a.data or a.arch or a.recipe:
+            raise UserError("train: give either --config or --data/--arch/--recipe (the quick start), not both; "
+                            "--set works with either")
+        cfg = load_config(a.config, a.overrides)
+    else:
+        if not (a.data and a.arch):
+            raise UserError("train: needs --config FILE, or --data DATASET and --arch NAME (the quick start)")
+        from imgcls_dist.train.recipes import quickstart_config
+
+        cfg = quickstart_config(a.data, a.arch, a.recipe, a.overrides)
     from imgcls_dist.train.job import run_training
 
     result = run_training(cfg)
@@ -104,8 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="?", default=None, help="fnmatch pattern, e.g. 'resnet*'")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="fine-tune a model with Ray Train + accelerate")
-    add_config_args(p)
+    p = sub.add_parser("train", help="fine-tune a model with Ray Train + accelerate",
+                       description="Train from a config file (--config), or from a dataset, an architecture and a "
+                                   "recipe (--data, --arch, --recipe: the quick start, no config file to write).")
+    add_config_args(p, required=False)
+    p.add_argument("--data", help="quick start: an ingested dataset directory (local, s3:// or gs://)")
+    p.add_argument("--arch", help="quick start: an architecture name (imgcls-dist models lists them)")
+    p.add_argument("--recipe", help="quick start: small_images, photos_finetune or photos_scratch "
+                                    "(default: chosen from the dataset's image size and the weights in the cache)")
     p.set_defaults(func=cmd_train)
 
     from imgcls_dist.batch.commands import register_infer_command

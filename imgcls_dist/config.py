@@ -7,6 +7,7 @@ in checkpoints as a plain dict (`ExperimentConfig.model_dump(mode="json")`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
@@ -16,6 +17,7 @@ from imgcls_dist.errors import UserError
 from imgcls_dist.storage import Location, PathLike, location
 
 CONFIG_FILE = "config.yaml"  # the resolved config beside every run's (and campaign's, trial's) outputs
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the shipped configs and recipes: package data (pyproject.toml)
 
 Transfer = Literal["full", "feature_extraction", "freeze_early", "freeze_most"]
 Scheduler = Literal["none", "step", "cosine", "cosine_warm_restarts", "plateau"]

@@ -6,10 +6,9 @@ import shutil
 import time
 from pathlib import Path
 
-from imgcls_dist.config import load_config
+from imgcls_dist.config import SHIPPED_CONFIGS, load_config
 from imgcls_dist.data.schema import DATASET_FILE
 
-CONFIG_DIR = Path(__file__).parent / "configs"  # the shipped configs: package data (pyproject.toml)
 DEMO_MODELS = ("resnet18_digits", "lenet5_digits")
 # 30% test split (540 rows) instead of ingest's 15% (270): at ~99.5% accuracy one image is 0.37 points of a
 # 270-row split, too coarse to compare an ensemble with its members.
@@ -44,7 +43,7 @@ def run_demo(workdir: Path, quick: bool = False) -> dict:
         overrides = [f"data.path={data}", f"run.storage_path={workdir / 'runs'}"]
         if quick:
             overrides += ["train.epochs=2", "train.warmup_epochs=0", "data.max_train_samples=256"]
-        cfg = load_config(CONFIG_DIR / f"{name}.yaml", overrides)
+        cfg = load_config(SHIPPED_CONFIGS / f"{name}.yaml", overrides)
         previous = workdir / "runs" / cfg.run.name
         if previous.exists():  # Ray Train would resume a finished run of the same name instead of training
             print(f"removing the previous demo run {previous}")

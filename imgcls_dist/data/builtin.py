@@ -48,5 +48,5 @@ def builtin_rows(name: str, size: int = 32) -> tuple[Iterator[tuple[str, bytes, 
     images, labels, classes = digits_images(size)
     rows = ((f"digits-{i:05d}", encode_png(img), int(lbl)) for i, (img, lbl) in enumerate(zip(images, labels)))
     # A mirrored digit is a different glyph (or none): flips must stay off for this dataset.
-    extra = {"hflip": False, "vflip": False, "source": "sklearn.datasets.load_digits", "image_size": size}
+    extra = {"hflip": False, "vflip": False, "source": "sklearn.datasets.load_digits", "image_size": size, "gray": True}
     return rows, labels, classes, extra

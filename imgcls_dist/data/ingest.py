@@ -35,6 +35,9 @@ from imgcls_dist.storage import Location, PathLike, location
 # threads made a task reading local JPEGs slower (docs/benchmarks.md, "Ingest on Ray").
 READ_THREADS_REMOTE = 8
 PROGRESS_EVERY_S = 10.0
+# Images per shard whose size and colour are recorded: enough for the dataset's typical image (the quick start
+# picks image size and channels from it), and a fixed cost per shard whatever the shard's size.
+SHAPES_PER_SHARD = 64
 
 
 def _split_indices(labels: np.ndarray, fractions: tuple[float, float, float], seed: int) -> dict[str, np.ndarray]:
@@ -85,6 +88,7 @@ def write_image_shard(src_uri: str, items: list[tuple[str, int]], dest_uri: str)
     skipped: list[str] = []
     classes: Counter = Counter()
     nbytes = 0
+    shapes: list[tuple[int, int, bool]] = []  # (height, width, gray) of the first SHAPES_PER_SHARD images
 
     def read(item: tuple[str, int]) -> tuple[str, int, bytes | None, str | None]:
         try:
@@ -102,7 +106,9 @@ def write_image_shard(src_uri: str, items: list[tuple[str, int]], dest_uri: str)
         for start in range(0, len(items), threads * 4):  # bounded read-ahead
             for rel, label, data, err in pool.map(read, items[start:start + threads * 4]):
                 if err is None:
-                    err = decode_image(data).error  # a training set never carries rows that can't be used
+                    array, err = decode_image(data)  # a training set never carries rows that can't be used
+                    if err is None and len(shapes) < SHAPES_PER_SHARD:
+                        shapes.append((*array.shape[:2], _is_gray(array)))
                 if err is not None:
                     skipped.append(f"{src / rel}: {err}")
                     continue
@@ -110,8 +116,22 @@ def write_image_shard(src_uri: str, items: list[tuple[str, int]], dest_uri: str)
                 nbytes += len(data)
                 classes[label] += 1
     return {"file": dest_uri, "rows": writer.rows, "bytes": nbytes, "class_counts": dict(classes),
-            "skipped": skipped, "listed": len(items), "pid": os.getpid(), "node": _node_id(),
+            "skipped": skipped, "listed": len(items), "shapes": shapes, "pid": os.getpid(), "node": _node_id(),
             "seconds": time.perf_counter() - t0}
+
+
+def _is_gray(rgb: np.ndarray) -> bool:
+    """Whether an RGB array has no colour (the decoder returns gray files as three equal channels)."""
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+
+
+def image_stats(shapes: Sequence[tuple[int, int, bool]]) -> dict[str, Any]:
+    """dataset.json "images": the median height and width of the sampled images and whether they are all gray."""
+    if not shapes:
+        return {}
+    h, w, gray = (np.array(c) for c in zip(*shapes))
+    return {"median_height": int(np.median(h)), "median_width": int(np.median(w)), "gray": bool(gray.all()),
+            "sampled": len(shapes)}
 
 
 def _node_id() -> str | None:
@@ -219,6 +239,7 @@ def _ingest_tree(src: Location, out: Location, listing: Listing, plan: list, fra
         "layout": "pre-split" if listing.splits is not None else "split by ingest",
         "class_counts": {s: {listing.classes[k]: v for k, v in sorted(class_counts[s].items())} for s in SPLITS},
         "skipped": sorted(skipped),
+        "images": image_stats([sh for r in results for sh in r["shapes"]]),
         "notes": listing.notes,
         "ingest": {"shards": len(plan), "worker_processes": len({(r["node"], r["pid"]) for r in results}),
                    "nodes": len({r["node"] for r in results}), "bytes": sum(r["bytes"] for r in results)},
@@ -246,7 +267,8 @@ def _ingest_builtin(name: str, out: Location, image_size: int, fractions, rows_p
         "source": f"builtin:{name}",
         "class_counts": {s: {classes[k]: v for k, v in sorted(Counter(labels[parts[s]].tolist()).items())} for s in SPLITS},
         "skipped": [],
-        **{k: v for k, v in extra.items() if k != "source"},
+        "images": {"median_height": image_size, "median_width": image_size, "gray": extra["gray"], "sampled": len(rows)},
+        **{k: v for k, v in extra.items() if k not in ("source", "gray")},
     }
 
 

@@ -168,7 +168,8 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     write_config(cfg, out / CONFIG_FILE)
     print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
-          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}", flush=True)
+          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}\n"
+          f"resolved config: {out / CONFIG_FILE}", flush=True)
     if ds["class_weights"]:
         print(f"class weights (balanced): {min(ds['class_weights']):.3g} to {max(ds['class_weights']):.3g}",
               flush=True)

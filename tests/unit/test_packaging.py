@@ -28,13 +28,15 @@ def test_the_wheel_carries_the_demo_configs_and_the_demo_reads_them_from_the_ins
     names = zipfile.ZipFile(wheel).namelist()
     for model in DEMO_MODELS:
         assert f"imgcls_dist/configs/{model}.yaml" in names
+    assert "imgcls_dist/configs/recipes/small_images.yaml" in names  # the quick start's recipes
     assert not [n for n in names if n.startswith(("benchmarks/", "tests/"))]
 
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, timeout=300)
-    probe = ("import sys; import imgcls_dist.demo as d; from imgcls_dist.config import load_config; "
-             "[load_config(d.CONFIG_DIR / f'{m}.yaml') for m in d.DEMO_MODELS]; "
+    probe = ("import sys; import imgcls_dist.demo as d; from imgcls_dist.config import SHIPPED_CONFIGS, load_config; "
+             "[load_config(SHIPPED_CONFIGS / f'{m}.yaml') for m in d.DEMO_MODELS]; "
+             "from imgcls_dist.train.recipes import list_recipes; assert 'small_images' in list_recipes(); "
              "print(sorted({m.__file__.rsplit('/imgcls_dist/', 1)[0] for n, m in sys.modules.items() "
              "if n.startswith('imgcls_dist') and getattr(m, '__file__', None)}))")
     env = {**os.environ, "PYTHONPATH": str(target)}
