@@ -75,9 +75,9 @@ def _ensemble(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _augment(a: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.augment_bench import bench_augment
+    from benchmarks.augment_bench import bench_augment, bench_policies
 
-    return bench_augment(image_size=a.image_size)
+    return bench_policies() if a.policies else bench_augment(image_size=a.image_size)
 
 
 def _decode(a: argparse.Namespace) -> dict[str, Any]:
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photo-rows", default="100,300", help="infer: 12 MP photo row counts of the photo-vs-thumbnail "
                    "arm ('' skips it)")
     p.add_argument("--image-size", type=int, default=64, help="augment: output size")
+    p.add_argument("--policies", action="store_true", help="augment: the policy presets' torchvision policies "
+                   "(uint8 tensor vs PIL, and their seeded wrapper) instead of the presets")
     p.add_argument("--files", default="10000,40000", help="ingest: JPEG tree sizes to compare memory at")
     p.add_argument("--gigabytes", default="1,4", help="train-ingest: training shard sizes to compare memory at")
     p.add_argument("--memory-rows", default="5000,20000", help="train-memory: training rows of the two datasets")

@@ -21,7 +21,7 @@ SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the shipped configs and r
 
 Transfer = Literal["full", "feature_extraction", "freeze_early", "freeze_most"]
 Scheduler = Literal["none", "step", "cosine", "cosine_warm_restarts", "plateau"]
-Preset = Literal["none", "light", "standard", "strong"]
+Preset = Literal["none", "light", "standard", "strong", "trivialaugment", "randaugment", "augmix"]
 
 
 class Section(BaseModel):
@@ -58,6 +58,8 @@ class DataConfig(Section):
 
 class AugmentConfig(Section):
     preset: Preset = "standard"
+    # trivialaugment / randaugment / augmix (torchvision's policies): strength scales only the light preset's crop
+    # and flip run before the policy; the policy's own magnitudes are the keys below.
     strength: float = Field(0.5, ge=0.0, le=1.0)
     # None: take it from dataset.json ("hflip": false for digits - a flipped 2 is not a 2).
     hflip: Optional[bool] = None
@@ -68,6 +70,12 @@ class AugmentConfig(Section):
     # erasing_scale is filled with uniform noise. 0: off.
     erasing_p: float = Field(0.0, ge=0.0, le=1.0)
     erasing_scale: tuple[float, float] = (0.02, 0.33)
+    # randaugment: ops applied to each image (N; 2 is the RandAugment paper's ImageNet value).
+    randaugment_n: int = Field(2, ge=1)
+    # randaugment: the one magnitude of all its ops (M), a bin of torchvision's 0..30 scale (9: the paper's ImageNet).
+    randaugment_m: int = Field(9, ge=0, le=30)
+    # augmix: its ops draw magnitude bins 0..severity-1 of 10: at 1 no shift, shear or rotation is left (3: the paper's).
+    augmix_severity: int = Field(3, ge=1, le=10)
 
     @field_validator("erasing_scale")
     @classmethod

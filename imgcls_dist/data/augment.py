@@ -1,7 +1,9 @@
 """CPU-side image augmentation: albumentations presets scaled by one `strength` knob, MixUp/CutMix.
 
 Every transform takes and returns uint8 HWC arrays of exactly image_size x image_size (normalization happens
-later, on the device); strength 0 is the eval transform. Entry points: `build_train_transform`,
+later, on the device); strength 0 is the eval transform, except that the policy presets (torchvision's
+TrivialAugmentWide, RandAugment, AugMix, inside the same albumentations pipeline) still run their policy.
+Entry points: `build_train_transform`,
 `build_eval_transform`, `build_batch_mix`, `reseed` (albumentations draws from its own RNGs: seeds come from
 `data/seeds.py`). Design: docs/design.md, "Augmentation and reseeding".
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 # albumentations asks pypi.org for a newer release at every import (an HTTPS request, 2 s timeout): every
 # Train worker, predictor actor and DataLoader process would phone out, and wait on clusters without internet.
@@ -22,8 +24,9 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from imgcls_dist.data.presets import PRESETS, scaled  # noqa: E402
+from imgcls_dist.data.presets import POLICY_PRESETS, PRESETS, AugmentSpec, scaled  # noqa: E402
 from imgcls_dist.errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -64,17 +67,33 @@ def build_train_transform(
     seed: int | None = None,
     erasing_p: float = 0.0,
     erasing_scale: tuple[float, float] = (0.02, 0.33),
+    randaugment_n: int = 2,
+    randaugment_m: int = 9,
+    augmix_severity: int = 3,
 ) -> A.Compose:
     """Training transform for ``preset`` scaled by ``strength``; uint8 HWC in, uint8 HWC out.
 
-    ``hflip=False`` removes the flip entirely (no other op mirrors the image).
+    ``hflip=False`` removes the flip entirely (no other op, the policies' included, mirrors the image).
     ``seed`` seeds the whole pipeline from one shared generator (see ``reseed``).
     ``erasing_p`` > 0 ends it with random erasing (albumentations' Erasing, uniform-noise fill) of that
-    probability, whatever the preset.
+    probability, whatever the preset. A policy preset (presets.POLICY_PRESETS) is the "light" preset's crop and
+    flip at ``strength`` followed by its torchvision policy, configured by the last three arguments.
     """
     _validate(preset, strength, image_size)
-    mag = scaled(preset, strength)  # magnitudes and probabilities at this strength
-    size = image_size
+    ops = _preset_ops(scaled(preset, strength), image_size, hflip)
+    if preset in POLICY_PRESETS:
+        policy = torchvision_policy(preset, randaugment_n, randaugment_m, augmix_severity)
+        ops.append(TorchvisionPolicy(policy, pil=POLICY_ON_PIL[preset]))
+    if erasing_p > 0:
+        ops.append(A.Erasing(scale=tuple(erasing_scale), ratio=(0.3, 3.3), fill="random_uniform", p=erasing_p))
+    transform = A.Compose(ops)
+    if seed is not None:
+        reseed(transform, seed)
+    return transform
+
+
+def _preset_ops(mag: AugmentSpec, size: int, hflip: bool) -> list:
+    """The albumentations ops of a preset's magnitudes ``mag`` (already scaled by strength)."""
     # Resize first, then crop the square: the crop at strength 0 is then exactly the eval
     # resize (a random crop on the raw, possibly non-square image could not be, since its
     # aspect-ratio range is absolute), and tiny inputs (8x8 digits) get sub-pixel crops.
@@ -116,12 +135,73 @@ def build_train_transform(
             num_holes_range=(1, mag.max_holes),
             hole_height_range=hole, hole_width_range=hole, fill=0, p=mag.dropout_p,
         ))
-    if erasing_p > 0:
-        ops.append(A.Erasing(scale=tuple(erasing_scale), ratio=(0.3, 3.3), fill="random_uniform", p=erasing_p))
-    transform = A.Compose(ops)
-    if seed is not None:
-        reseed(transform, seed)
-    return transform
+    return ops
+
+
+# Which input type each policy runs on in TorchvisionPolicy: the faster one as measured (its docstring).
+POLICY_ON_PIL = {"trivialaugment": True, "randaugment": True, "augmix": False}
+
+
+def torchvision_policy(preset: str, randaugment_n: int, randaugment_m: int, augmix_severity: int) -> T.Transform:
+    """The torchvision.transforms.v2 policy of a policy preset (takes uint8 CHW tensors or PIL images)."""
+    from torchvision.transforms import v2 as T  # lazy: decode workers never need torchvision
+
+    # Bilinear, as torchvision's reference ImageNet recipes pass: the classes' default, nearest, leaves jagged
+    # strokes when rotating or shearing 32 px digits. None of the three policies has a mirroring op.
+    bilinear = T.InterpolationMode.BILINEAR
+    if preset == "trivialaugment":
+        return T.TrivialAugmentWide(interpolation=bilinear)
+    if preset == "randaugment":
+        return T.RandAugment(num_ops=randaugment_n, magnitude=randaugment_m, interpolation=bilinear)
+    if preset == "augmix":
+        return T.AugMix(severity=augmix_severity, interpolation=bilinear)
+    raise ValueError(f"{preset!r} is not a policy preset")
+
+
+class TorchvisionPolicy(A.ImageOnlyTransform):
+    """A torchvision.transforms.v2 policy as an albumentations op, so it is seeded by ``reseed`` and pickles with
+    the rest of the pipeline; uint8 HWC in and out, 1 or 3 channels.
+
+    torchvision, because albumentations (2.0.8) has none of TrivialAugmentWide, RandAugment or AugMix. The
+    input type is the faster one per policy (``pil``, from ``POLICY_ON_PIL``; docs/benchmarks.md, "Augmentation
+    policies", one thread): PIL images for TrivialAugmentWide and RandAugment, whose PIL kernels ran 1.37-1.55x
+    the images/s of the uint8-tensor ones at 32 px gray and 1.18-1.27x at 224 px RGB, conversions included;
+    uint8 tensors (a zero-copy view of the array) for AugMix, which computes on tensors whatever it is given
+    (1.04-1.2x PIL). All three take 1-channel input as it is (their saturation op leaves one channel
+    unchanged), so gray images need no detour through 3 channels.
+    """
+
+    def __init__(self, policy: Callable[[Any], Any], pil: bool = False, p: float = 1.0):
+        super().__init__(p=p)
+        self.policy, self.pil = policy, pil
+
+    def get_params(self) -> dict[str, Any]:
+        # torchvision draws from torch's global generator: each image gets a seed from the generator the
+        # Compose hands down (set_random_state), so a reseeded pipeline replays.
+        return {"seed": int(self.random_generator.integers(2**63))}
+
+    def apply(self, img: np.ndarray, seed: int = 0, **params: Any) -> np.ndarray:
+        # Scoped: the caller's torch stream (dropout, MixUp in the same process) goes on as if nothing ran. By hand
+        # rather than torch.random.fork_rng(devices=[]), which does the same but measured +14-24 us per image in
+        # place against +2-7 us; the CPU generator's own manual_seed, not torch.manual_seed (+240-400 us: it seeds
+        # every accelerator backend too) - docs/benchmarks.md, "Augmentation policies".
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            out = self._on_pil(img) if self.pil else self._on_tensor(img)
+        finally:
+            generator.set_state(state)
+        return np.ascontiguousarray(out).reshape(img.shape)  # cv2 ops upstream may have dropped a 1-channel axis
+
+    def _on_tensor(self, img: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(img.reshape(*img.shape[:2], -1)).permute(2, 0, 1)
+        return self.policy(x).permute(1, 2, 0).numpy()
+
+    def _on_pil(self, img: np.ndarray) -> np.ndarray:
+        gray = img.ndim == 2 or img.shape[2] == 1
+        # np.array, not asarray: PIL's buffer comes back read-only, and the collate step wants writable arrays
+        return np.array(self.policy(Image.fromarray(img.reshape(img.shape[:2]) if gray else img)))
 
 
 def reseed(transform: A.BaseCompose, seed: int) -> None:
@@ -195,10 +275,11 @@ def build_batch_mix(
 
 
 def build_torchvision_train_transform(
-    preset: str, strength: float, image_size: int, hflip: bool = True
+    preset: str, strength: float, image_size: int, hflip: bool = True,
+    randaugment_n: int = 2, randaugment_m: int = 9, augmix_severity: int = 3,
 ) -> T.Compose:
-    """Closest torchvision.transforms.v2 equivalent of ``build_train_transform``, on uint8 CHW
-    tensors; exists so the benchmark can compare images/s between the two libraries."""
+    """Closest torchvision.transforms.v2 equivalent of ``build_train_transform`` (without erasing), on uint8
+    CHW tensors; exists so the benchmark can compare images/s between the two libraries."""
     from torchvision.transforms import v2 as T
 
     _validate(preset, strength, image_size)
@@ -236,4 +317,6 @@ def build_torchvision_train_transform(
         # RandomErasing cuts one hole; area range matches one CoarseDropout hole
         hole_max = mag.hole_size
         ops.append(T.RandomErasing(p=mag.dropout_p, scale=((hole_max / 2) ** 2, hole_max**2), value=0))
+    if preset in POLICY_PRESETS:
+        ops.append(torchvision_policy(preset, randaugment_n, randaugment_m, augmix_severity))
     return T.Compose(ops)

@@ -7,9 +7,9 @@ to decide which test-time views a model saw during training.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import get_args
+from typing import Any, Callable, get_args
 
-from imgcls_dist.config import Preset
+from imgcls_dist.config import AugmentConfig, Preset
 
 PRESETS = get_args(Preset)
 
@@ -58,6 +58,39 @@ SPECS: dict[str, AugmentSpec] = {
         max_holes=4, hole_size=0.25, dropout_p=0.5,
     ),
 }
+
+
+# The policy presets: torchvision.transforms.v2's automatic augmentation policies (albumentations has none), run
+# after POLICY_BASE's geometry. Value: the largest translation the policy draws, as a fraction of the side, from
+# the augment config (torchvision's magnitude tables; `predictor.tta` compares it with its shift view):
+# TrivialAugmentWide up to 32 px whatever the side, so at least 1/32 of any side up to data.image_size's
+# maximum (1024); RandAugment exactly 150/331 of the side x M/30; AugMix up to 1/3 of the side x (severity - 1)/9.
+POLICY_PRESETS: dict[str, Callable[[dict[str, Any]], float]] = {
+    "trivialaugment": lambda aug: 32 / 1024,
+    "randaugment": lambda aug: 150 / 331 * _policy_key(aug, "randaugment_m") / 30,
+    "augmix": lambda aug: (_policy_key(aug, "augmix_severity") - 1) / 9 / 3,
+}
+# The policies bring their own colour and geometry ops; of this preset they keep the crop and the flip, so that
+# augment.strength still scales something and augment.hflip still decides on mirroring.
+POLICY_BASE = "light"
+
+
+def _policy_key(aug: dict[str, Any], key: str) -> int:
+    # A model file written before the key existed trained with its default.
+    return int(aug.get(key, AugmentConfig.model_fields[key].default))
+
+
+def _geometry(spec: AugmentSpec) -> AugmentSpec:
+    return AugmentSpec(crop_area=spec.crop_area, crop_ratio=spec.crop_ratio, crop_p=spec.crop_p, flip_p=spec.flip_p)
+
+
+SPECS.update({name: _geometry(SPECS[POLICY_BASE]) for name in POLICY_PRESETS})
+
+
+def policy_max_shift(aug: dict[str, Any]) -> float:
+    """Largest translation (fraction of the side) the policy of augment config `aug` draws; 0 without a policy."""
+    policy = POLICY_PRESETS.get(aug.get("preset"))
+    return policy(aug) if policy else 0.0
 
 
 def scaled(preset: str, strength: float) -> AugmentSpec:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from imgcls_dist.data.presets import scaled
+from imgcls_dist.data.presets import policy_max_shift, scaled
 from imgcls_dist.errors import UserError
 from imgcls_dist.predictor.options import VIEW_NAMES
 
@@ -106,6 +106,8 @@ def training_views(meta: dict[str, Any]) -> list[str]:
     aug = (meta.get("config") or {}).get("augment")
     try:
         a = scaled(aug["preset"], float(aug.get("strength", 1.0)))
+        # the policy presets translate in ops of their own, whatever the strength (it scales their crop and flip)
+        policy_shift = policy_max_shift(aug)
     except (TypeError, KeyError, ValueError, AttributeError):
         return list(FALLBACK_VIEWS[hflip_ok])
     views = ["identity"]
@@ -113,7 +115,7 @@ def training_views(meta: dict[str, Any]) -> list[str]:
     if hflip_ok and a.flip_p > 0:
         views.append("hflip")
     affine = a.affine_p > 0
-    if affine and a.shift >= SHIFT_FRACTION - _EPS:
+    if max(a.shift if affine else 0.0, policy_shift) >= SHIFT_FRACTION - _EPS:
         views += _SHIFTS
     # zoom_in = a centered crop of ZOOM_IN_KEEP of the side: inside RandomResizedCrop's area range, or an
     # affine zoom by 1 / ZOOM_IN_KEEP.

@@ -1,10 +1,13 @@
 import copy
+import pickle
 
+import albumentations as A
 import numpy as np
 import pytest
 import torch
 
 from imgcls_dist.data import augment as aug
+from imgcls_dist.data.presets import POLICY_PRESETS
 from imgcls_dist.data.schema import hflip_allowed
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.errors import UserError
@@ -37,7 +40,10 @@ def _looks_flipped(out):
     return bool(votes) and np.mean(votes) > 0
 
 
-@pytest.mark.parametrize("preset", aug.PRESETS)
+POLICIES = list(POLICY_PRESETS)
+
+
+@pytest.mark.parametrize("preset", [p for p in aug.PRESETS if p not in POLICY_PRESETS])  # a policy runs at any strength
 @pytest.mark.parametrize("shape,size", [((40, 30, 3), 32), ((8, 8, 1), 32), ((100, 60, 3), 24), ((50, 70, 1), 24)])
 def test_strength_zero_is_eval_resize(preset, shape, size):
     img = _image(*shape)
@@ -60,9 +66,11 @@ def test_output_shape_and_dtype(preset, channels, strength, src, size):
         assert out.dtype == np.uint8 and out.flags.c_contiguous
 
 
-def test_apply_accepts_2d_grayscale():
-    out = aug.apply(aug.build_train_transform("strong", 1.0, 16, seed=0), _image(10, 12, 1)[:, :, 0])
-    assert out.shape == (16, 16, 1)
+@pytest.mark.parametrize("preset", ["strong", *POLICIES])
+def test_apply_accepts_2d_grayscale(preset):
+    t = aug.build_train_transform(preset, 1.0, 16, seed=0)
+    for _ in range(5):
+        assert aug.apply(t, _image(10, 12, 1)[:, :, 0]).shape == (16, 16, 1)
 
 
 def test_hflip_false_never_flips_and_true_sometimes_does():
@@ -193,20 +201,27 @@ def test_torchvision_equivalent_shape_and_dtype(preset, channels, strength):
         assert out.shape == (channels, 24, 24) and out.dtype == torch.uint8
 
 
+@pytest.mark.parametrize("preset", ["none", *POLICIES])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_random_erasing_replaces_one_rectangle_of_the_area_share_asked(channels):
+def test_random_erasing_replaces_one_rectangle_of_the_area_share_asked(preset, channels):
     size = 32
-    img = np.full((size, size, channels), 200, np.uint8)  # flat: any changed pixel is the erased rectangle
-    t = aug.build_train_transform("none", 0.0, size, seed=0, erasing_p=1.0, erasing_scale=(0.1, 0.2))
-    for _ in range(10):
-        out = aug.apply(t, img)
+    img = np.full((size, size, channels), 200, np.uint8)
+    # Erasing is the last op, so the same seed without it gives the image it erased in (the policies change
+    # even a flat image: solarize, posterize, a translation's black border)
+    erased = aug.build_train_transform(preset, 0.5, size, erasing_p=1.0, erasing_scale=(0.1, 0.2))
+    plain = aug.build_train_transform(preset, 0.5, size)
+    for seed in range(10):
+        aug.reseed(erased, seed)
+        aug.reseed(plain, seed)
+        out = aug.apply(erased, img)
         assert out.shape == (size, size, channels) and out.dtype == np.uint8
-        changed = np.argwhere((out != 200).any(axis=2))
+        changed = np.argwhere((out != aug.apply(plain, img)).any(axis=2))
         rows, cols = changed[:, 0], changed[:, 1]
         box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)  # bounding box of the noise
-        assert 0.05 * size * size <= box <= 0.25 * size * size  # ~the area share (noise may equal 200 at edges)
-    off = aug.build_train_transform("none", 0.0, size, seed=0, erasing_p=0.0)
-    np.testing.assert_array_equal(aug.apply(off, img), img)
+        assert 0.05 * size * size <= box <= 0.25 * size * size  # ~the area share (noise may equal the image at edges)
+    if preset == "none":
+        off = aug.build_train_transform("none", 0.0, size, seed=0, erasing_p=0.0)
+        np.testing.assert_array_equal(aug.apply(off, img), img)
 
 
 def test_erasing_scale_is_checked():
@@ -214,3 +229,99 @@ def test_erasing_scale_is_checked():
 
     with pytest.raises(UserError, match=r"augment.erasing_scale: Value error, needs 0 < low <= high < 1"):
         build_config({"augment": {"erasing_p": 0.5, "erasing_scale": [0.5, 0.2]}})
+
+
+@pytest.mark.parametrize("preset", POLICIES)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("src,size", [((8, 8), 32), ((50, 70), 24), ((224, 224), 224)])
+def test_policy_presets_keep_size_channels_and_dtype(preset, channels, src, size):
+    img = _image(*src, channels)
+    for seed in range(6):
+        out = aug.apply(aug.build_train_transform(preset, 0.5, size, seed=seed), img)
+        assert out.shape == (size, size, channels)
+        assert out.dtype == np.uint8 and out.flags.c_contiguous and out.flags.writeable
+
+
+@pytest.mark.parametrize("preset", POLICIES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_policy_presets_replay_a_seed_and_differ_across_seeds(preset, channels):
+    images = [_image(40, 40, channels, seed=i) for i in range(8)]
+
+    def batch(seed):
+        t = aug.build_train_transform(preset, 0.5, 32, seed=seed)
+        return np.stack([aug.apply(t, img) for img in images])
+
+    a = batch(3)
+    np.testing.assert_array_equal(a, batch(3))
+    assert not np.array_equal(a, batch(4))
+    # per image, as the DataLoader reseeds each sample: most of a batch differs between two seeds
+    assert sum(not np.array_equal(x, y) for x, y in zip(a, batch(4))) >= 6
+
+
+@pytest.mark.parametrize("preset", POLICIES)
+def test_policy_leaves_the_callers_torch_rng_alone(preset):
+    t = aug.build_train_transform(preset, 1.0, 32, seed=0)
+    torch.manual_seed(11)
+    expected = torch.rand(4)
+    torch.manual_seed(11)
+    aug.apply(t, _image(40, 40, 3))
+    torch.testing.assert_close(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("preset", POLICIES)
+def test_policy_pipeline_has_no_mirroring_op_without_hflip(preset):
+    def op_types(hflip, strength):
+        return [type(op).__name__ for op in aug.build_train_transform(preset, strength, 32, hflip=hflip).transforms]
+
+    assert op_types(False, 1.0) == ["Resize", "RandomResizedCrop", "TorchvisionPolicy"]
+    assert op_types(True, 1.0) == ["Resize", "RandomResizedCrop", "HorizontalFlip", "TorchvisionPolicy"]
+    assert op_types(True, 0.0) == ["Resize", "TorchvisionPolicy"]  # strength scales the light base only
+    policy = aug.build_train_transform(preset, 1.0, 32, hflip=False).transforms[-1].policy
+    spaces = [policy._AUGMENTATION_SPACE, getattr(policy, "_PARTIAL_AUGMENTATION_SPACE", {})]
+    names = {name for space in spaces for name in space}
+    assert "TranslateX" in names  # the op names torchvision uses: none of them mirrors
+    assert not any(word in name.lower() for name in names for word in ("flip", "mirror"))
+
+
+@pytest.mark.parametrize("preset", POLICIES)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_policy_pipeline_pickles_and_replays(preset, channels):
+    # DataLoader worker processes receive the pipeline pickled
+    t = aug.build_train_transform(preset, 0.5, 32, seed=0, erasing_p=0.5)
+    copy_ = pickle.loads(pickle.dumps(t))
+    img = _image(40, 40, channels)
+    for seed in (5, 6):
+        aug.reseed(t, seed)
+        aug.reseed(copy_, seed)
+        np.testing.assert_array_equal(aug.apply(copy_, img), aug.apply(t, img))
+
+
+def test_policy_arguments_reach_torchvision():
+    t = aug.build_train_transform("randaugment", 0.5, 32, randaugment_n=3, randaugment_m=14)
+    policy = t.transforms[-1].policy
+    assert (policy.num_ops, policy.magnitude) == (3, 14)
+    assert aug.build_train_transform("augmix", 0.5, 32, augmix_severity=7).transforms[-1].policy.severity == 7
+    tv = aug.build_torchvision_train_transform("augmix", 0.5, 32, augmix_severity=7)
+    assert tv.transforms[-1].severity == 7
+
+
+def test_torchvision_policy_op_in_any_compose():
+    # the wrapper alone, outside build_train_transform: 2-D gray in, same shape out
+    op = aug.TorchvisionPolicy(aug.torchvision_policy("trivialaugment", 2, 9, 3), pil=True)
+    t = A.Compose([op])
+    aug.reseed(t, 0)
+    out = t(image=_image(20, 20, 1)[:, :, 0])["image"]
+    assert out.shape == (20, 20) and out.dtype == np.uint8
+
+
+def test_policy_config_keys():
+    from imgcls_dist.config import build_config
+
+    cfg = build_config({"augment": {"preset": "randaugment", "randaugment_n": 1, "randaugment_m": 30}})
+    assert (cfg.augment.randaugment_n, cfg.augment.randaugment_m, cfg.augment.augmix_severity) == (1, 30, 3)
+    assert build_config({"augment": {"preset": "augmix", "augmix_severity": 10}}).augment.augmix_severity == 10
+    assert build_config({"augment": {"preset": "trivialaugment"}}).augment.preset == "trivialaugment"
+    for key, bad in (("randaugment_n", 0), ("randaugment_m", -1), ("randaugment_m", 31), ("augmix_severity", 0),
+                     ("augmix_severity", 11)):
+        with pytest.raises(UserError, match=f"augment.{key}"):
+            build_config({"augment": {key: bad}})

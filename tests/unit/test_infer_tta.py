@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from imgcls_dist.errors import UserError
-from imgcls_dist.data.presets import SPECS
+from imgcls_dist.data.presets import POLICY_BASE, POLICY_PRESETS, SPECS
 from imgcls_dist.predictor.tta import FALLBACK_VIEWS, SHIFT_FRACTION, VIEWS, apply_views, default_views, resolve_views, training_views
 
 
@@ -93,6 +93,50 @@ def test_training_views_stay_inside_the_training_augmentation(preset, strength, 
     spec = SPECS[preset]
     if any(v.startswith("shift_") for v in expected):
         assert spec.shift * strength >= SHIFT_FRACTION - 1e-9
+
+
+_SHIFTS = ["shift_left", "shift_right", "shift_up", "shift_down"]
+
+
+@pytest.mark.parametrize("preset", list(POLICY_PRESETS))
+def test_training_views_of_policy_presets(preset):
+    # the light crop (>= 85% of the area: no zoom_in) and flip, scaled by strength; the policy's translations
+    # reach a shift view at any strength
+    light = SPECS[POLICY_BASE]
+    assert (SPECS[preset].crop_area, SPECS[preset].flip_p) == (light.crop_area, light.flip_p)
+    assert SPECS[preset].affine_p == SPECS[preset].color_p == 0
+    assert training_views(_meta(preset, 0.5, True)) == ["identity", "hflip", *_SHIFTS]
+    assert training_views(_meta(preset, 1.0, False)) == ["identity", *_SHIFTS]
+    assert training_views(_meta(preset, 0.0, True)) == ["identity", *_SHIFTS]
+
+
+@pytest.mark.parametrize("key, value, shifts", [
+    ("randaugment_m", 2, False), ("randaugment_m", 3, True), ("augmix_severity", 1, False), ("augmix_severity", 2, True),
+])
+def test_policy_shift_views_follow_the_policy_magnitude(key, value, shifts):
+    meta = _meta(key.split("_")[0], 1.0, False)
+    meta["config"]["augment"][key] = value
+    assert training_views(meta) == ["identity", *(_SHIFTS if shifts else [])]
+
+
+@pytest.mark.parametrize("side", [32, 224, 1024])
+def test_policy_translation_table_matches_torchvision(side):
+    # policy_max_shift restates torchvision's magnitude tables; the pixels it translates by are int()-truncated
+    from torchvision.transforms import v2 as T
+
+    def max_pixels(space, bins, index):
+        return int(space["TranslateX"][0](bins, side, side)[index])
+
+    shift_px = max(1, round(side * SHIFT_FRACTION))  # the shift view's pixels (tta._shift_pixels)
+    for m in (2, 3, 9):
+        covers = max_pixels(T.RandAugment._AUGMENTATION_SPACE, 31, m) >= shift_px
+        assert covers == ("shift_left" in training_views({"hflip": False, "config": {"augment": {
+            "preset": "randaugment", "strength": 1.0, "randaugment_m": m}}}))
+    for severity in (1, 2, 3):
+        covers = max_pixels(T.AugMix._AUGMENTATION_SPACE, 10, severity - 1) >= shift_px
+        assert covers == ("shift_left" in training_views({"hflip": False, "config": {"augment": {
+            "preset": "augmix", "strength": 1.0, "augmix_severity": severity}}}))
+    assert max_pixels(T.TrivialAugmentWide._AUGMENTATION_SPACE, 31, -1) >= shift_px
 
 
 def test_training_views_without_config_fall_back():
