@@ -108,10 +108,16 @@ def _study(a: argparse.Namespace) -> dict[str, Any]:
     return bench_study(config=a.config or "configs/study_pretrained.yaml", overrides=tuple(a.overrides))
 
 
+def _distill(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.distill_bench import bench_distill
+
+    return bench_distill(data=a.data or "data/digits-test30", overrides=tuple(a.overrides))
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
-    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study,
+    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
 }
 
 
@@ -120,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=sorted(BENCHMARKS))
     add_config_args(p, required=False)  # train/tune/checkpoint: experiment config and overrides
     p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
-                   "ensemble: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
+                   "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
     p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
     p.add_argument("--arch", default="resnet18", help="infer: model")

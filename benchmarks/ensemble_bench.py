@@ -29,15 +29,16 @@ from imgcls_dist.predictor.prepare import labelled_batches
 CONFIGS = ("resnet18_digits", "lenet5_digits", "efficientnet_b0_digits")
 
 
-def _train(config: str, data: str, seed: int, storage: Path) -> str:
+def _train(config: str, data: str, seed: int, storage: Path, extra: Sequence[str] = (), name: str | None = None) -> str:
     from imgcls_dist.train.job import run_training
 
-    name = f"{config}_s{seed}"
+    name = name or f"{config}_s{seed}"
     model = storage / name / "model.pt"
     if model.is_file():  # a rerun reuses what an earlier run of the bench trained
         return str(model)
     cfg = load_config(SHIPPED_CONFIGS / f"{config}.yaml", [f"data.path={data}", f"run.storage_path={storage}",
-                                                      f"run.name={name}", f"train.seed={seed}", "run.tensorboard=false"])
+                                                           f"run.name={name}", f"train.seed={seed}",
+                                                           "run.tensorboard=false", *extra])
     return run_training(cfg, report_test=False)["model"]
 
 

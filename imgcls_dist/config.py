@@ -46,6 +46,10 @@ class DataConfig(Section):
     train_per_class: Optional[int] = Field(None, ge=1)
     train_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
     subset_seed: Optional[int] = None
+    # oversample: every class trains as many samples an epoch as the largest one, by repeating rows of the
+    # rarer classes (after the subset and caps above; each copy is its own sample, trained once an epoch and
+    # augmented differently; the copies, drawn from the subset seed, stay fixed for the run). none: as stored.
+    balance: Literal["none", "oversample"] = "none"
 
     @model_validator(mode="after")
     def _one_subset(self) -> "DataConfig":
@@ -139,6 +143,12 @@ class TrainConfig(Section):
     # ramps up from 0 over the first steps (timm's warm-up), so a short run does not average in its random start.
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     ema_warmup: bool = True
+    # Knowledge distillation (train/distill.py): an ensemble.json or model file whose probabilities on each
+    # (augmented) training batch the student also learns from; loss = alpha x T^2 x KL(teacher_T, student_T)
+    # + (1 - alpha) x cross-entropy on the labels, with T = distill_temperature. None: no teacher.
+    teacher: Optional[str] = None
+    distill_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    distill_temperature: float = Field(4.0, gt=0.0)
     # Progress line inside an epoch at most this often (rank 0), and per-step loss/LR in TensorBoard.
     progress_every_s: float = Field(30.0, gt=0)
     seed: int = 0

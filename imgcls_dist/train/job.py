@@ -20,9 +20,10 @@ from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
+from imgcls_dist.train.distill import check_teacher
 from imgcls_dist.train.state import load_history
 from imgcls_dist.train.stream import list_row_groups, optimizer_steps, total_rows
-from imgcls_dist.train.subset import balanced_class_weights, subset_row_groups
+from imgcls_dist.train.subset import balanced_class_weights, oversample_row_groups, subset_row_groups
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
@@ -59,13 +60,17 @@ def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
     # the dataset's size in bytes.
     train_files = [f.uri for f in meta["files"]["train"]]
     d = cfg.data
+    seed = cfg.train.seed if d.subset_seed is None else d.subset_seed
     if d.train_per_class is not None or d.train_fraction is not None:
         train_groups = subset_row_groups(
-            train_files, meta["classes"], seed=cfg.train.seed if d.subset_seed is None else d.subset_seed,
-            per_class=d.train_per_class, fraction=d.train_fraction)
+            train_files, meta["classes"], seed=seed, per_class=d.train_per_class, fraction=d.train_fraction)
     else:
         train_groups = list_row_groups(train_files, limit=d.max_train_samples)
+    if d.balance == "oversample":  # before the class weights: they then count the balanced epoch
+        train_groups = oversample_row_groups(train_groups, len(meta["classes"]), seed)
     val_groups = list_row_groups([f.uri for f in meta["files"]["val"]], limit=cfg.data.max_val_samples)
+    if cfg.train.teacher:
+        check_teacher(cfg.train.teacher, meta["classes"])
     weights = (balanced_class_weights(train_groups, len(meta["classes"])) if cfg.train.class_weights == "balanced"
                else None)
     return {

@@ -25,6 +25,7 @@ from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.transfer import freeze_bn_stats
 from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch
+from imgcls_dist.train.distill import distillation_loss
 from imgcls_dist.train.distributed import all_agree, all_gather_list
 from imgcls_dist.train.early_stop import should_stop
 from imgcls_dist.train.progress import EpochProgress
@@ -58,14 +59,36 @@ def start_epoch(run: WorkerRun, epoch: int, first_step: int = 0) -> int:
     return size
 
 
-def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _loss(run: WorkerRun, logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor | None):
+    t = run.cfg.train
+    if teacher_probs is None:
+        return F.cross_entropy(logits, targets, weight=run.class_weight, label_smoothing=t.label_smoothing)
+    return distillation_loss(logits, targets, teacher_probs, temperature=t.distill_temperature,
+                             alpha=t.distill_alpha, weight=run.class_weight, label_smoothing=t.label_smoothing)
+
+
+def _inputs(run: WorkerRun, images: torch.Tensor, labels: torch.Tensor, empty: bool):
+    """(normalized input, targets, teacher probabilities or None) of a uint8 batch. MixUp/CutMix mix the
+    pixels before normalizing (the same images, as both are linear per channel), so the teacher sees exactly
+    the mixed images the student sees."""
+    targets = labels.clamp(min=0)
+    pixels = images
+    if run.mix is not None and not empty:
+        mixed, targets = run.mix(images.float(), targets)
+        pixels = mixed.round().clamp(0, 255).to(torch.uint8) if run.teacher is not None else mixed
+    x = normalize(pixels, run.mean, run.std, channels_last=run.channels_last)
+    teacher_probs = run.teacher.probs(pixels) if run.teacher is not None and not empty else None
+    return x, targets, teacher_probs
+
+
+def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty: bool,
+                   teacher_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Forward, backward, optimizer step; (loss, logits, finite). Every worker takes the same branch."""
     accelerator, model = run.accelerator, run.model
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), targets, weight=run.class_weight,
-                                   label_smoothing=run.cfg.train.label_smoothing)
+            loss = _loss(run, logits.float(), targets, teacher_probs)
         finite = bool(torch.isfinite(loss))
         ok = all_agree(empty or not finite, run.device, run.world)
         if not ok:
@@ -118,11 +141,8 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
         stats.skipped_rows += nbad
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         empty = bool((labels < 0).all())
-        x = normalize(images, run.mean, run.std, channels_last=run.channels_last)
-        targets = labels.clamp(min=0)
-        if run.mix is not None and not empty:
-            x, targets = run.mix(x, targets)
-        loss, logits, finite = _training_step(run, x, targets, empty)
+        x, targets, teacher_probs = _inputs(run, images, labels, empty)
+        loss, logits, finite = _training_step(run, x, targets, empty, teacher_probs)
         _count_nonfinite(run, finite, epoch)
         if finite and not empty:
             valid = labels >= 0

@@ -15,6 +15,7 @@ from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
 from imgcls_dist.models.weights import CheckpointWeights, initial_weights
 from imgcls_dist.train.data import make_eval_loader, make_train_loader
+from imgcls_dist.train.distill import Teacher
 from imgcls_dist.train.ema import build_ema
 from imgcls_dist.train.optim import build_optimizer
 from imgcls_dist.train.schedulers import EpochSchedule
@@ -65,6 +66,7 @@ class WorkerRun:
     class_weight: torch.Tensor | None = None  # train.class_weights, on the device
     ema: Any = None  # timm's ModelEmaV3 of the model (train.ema_decay), on every rank
     ema_updates: int = 0  # optimizer steps averaged in so far: the EMA decay warm-up's position
+    teacher: Teacher | None = None  # train.teacher, on the device
 
     @property
     def device(self) -> torch.device:
@@ -145,7 +147,8 @@ def setup(loop_config: dict) -> WorkerRun:
         class_weight=(torch.tensor(ds["class_weights"], dtype=torch.float32, device=accelerator.device)
                       if ds.get("class_weights") else None),
         ema=build_ema(accelerator.unwrap_model(model), train_cfg, resume.ema if resume else None),
-        ema_updates=resume.ema_updates if resume else 0)
+        ema_updates=resume.ema_updates if resume else 0,
+        teacher=Teacher(train_cfg.teacher, accelerator.device) if train_cfg.teacher else None)
     if resume:
         if rank == 0:
             at = f", batch {resume.step + 1}/{len(sampler)}" if resume.step else ""

@@ -5,6 +5,7 @@ of every class's order: exactly K of a class that has K (all of one that has few
 round(f x its rows). For one seed, the 100-per-class subset is therefore inside the 500-per-class one, and
 another seed draws others. Only the label column is read (8 bytes a row); the workers stream the picked rows
 of each row group through the same exactly-once plan as the whole split (`train/stream.py`).
+`data.balance: oversample` (`oversample_row_groups`) repeats rows of the rarer classes in those picks.
 """
 
 from __future__ import annotations
@@ -95,3 +96,49 @@ def balanced_class_weights(groups: Sequence[RowGroup], num_classes: int) -> list
     if len(present):
         weights[present] = compute_class_weight("balanced", classes=present, y=labels)
     return weights.tolist()
+
+
+def copies_per_row(labels: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
+    """How many times each row (in sample-id order) is trained an epoch so that every class present has as many
+    samples as the largest, N: each of a class's n rows N // n times, and N % n of them, drawn by a permutation
+    seeded by (seed, class), once more."""
+    counts = np.bincount(labels, minlength=num_classes)
+    largest = counts.max(initial=0)
+    copies = np.zeros(len(labels), np.int64)
+    # One stable sort instead of a scan per class: a thousand classes over a million rows stay cheap.
+    by_class = np.split(np.argsort(labels, kind="stable"), np.cumsum(counts)[:-1])
+    for c, rows in enumerate(by_class):
+        if len(rows):
+            base, extra = divmod(largest, len(rows))
+            order = np.random.default_rng(derive_seed(seed, c, 0x0B)).permutation(len(rows))
+            copies[rows] = base
+            copies[rows[order[:extra]]] += 1
+    return copies
+
+
+def _picks(group: RowGroup) -> np.ndarray:
+    return np.frombuffer(group.picks, np.int32) if group.picks is not None else np.arange(group.rows, dtype=np.int32)
+
+
+def oversample_row_groups(groups: list[RowGroup], num_classes: int, seed: int) -> list[RowGroup]:
+    """`data.balance: oversample`: `groups` with each row's position repeated in its group's picks
+    (`copies_per_row`), and dense sample ids in file order. Each copy is then a sample of its own: the epoch
+    plan trains it exactly once, and augmentation, seeded by sample id, transforms it differently. The copies
+    are fixed for the run (the same rows repeated every epoch). Already balanced: `groups` itself."""
+    per_group = map_files(_group_labels, list(groups))
+    labels = np.concatenate(per_group) if per_group else np.zeros(0, np.int64)
+    copies = copies_per_row(labels, num_classes, seed)
+    present = np.count_nonzero(np.bincount(labels, minlength=num_classes))
+    print(f"train: data.balance=oversample: {present} classes x {copies.sum() // max(present, 1)} = {copies.sum()} "
+          f"samples an epoch (from {len(labels)} rows; copies per row {copies.min(initial=1)} to "
+          f"{copies.max(initial=1)})", flush=True)
+    if (copies == 1).all():
+        return groups
+    out, start, first = [], 0, 0
+    for g, lab in zip(groups, per_group):
+        # Repeats of sorted picks stay sorted: a group is still read once, in row order.
+        picks = np.repeat(_picks(g), copies[start:start + len(lab)])
+        start += len(lab)
+        out.append(RowGroup(g.file, g.index, len(picks), first, picks.astype(np.int32).tobytes()))
+        first += len(picks)
+    return out

@@ -23,7 +23,7 @@ from helpers.ray_procs import ray_worker_processes
 from helpers.model_files import save_model, save_nan_model
 
 from imgcls_dist.config import load_config
-from imgcls_dist.errors import JobFailed
+from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.data.shards import read_rows
 from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.train.job import build_trainer, resolve_dataset, run_training
@@ -336,6 +336,33 @@ def test_ema_weights_are_validated_beside_the_raw_ones_and_the_better_is_exporte
     assert (state["raw_model"] is not None) == bool(last["ema_exported"])
 
 
+def test_a_student_learns_what_its_teacher_says(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
+                                               fresh_accelerate_state):
+    """A teacher (a model file of another input size) that says "3" for every image, alone in the loss
+    (alpha 1): the student ends up saying "3" too, where the same run on the labels learns the digits."""
+    logits = [0.0] * 10
+    logits[3] = 8.0
+    teacher = save_model(tmp_path / "teacher.pt", size=24, logits=logits)
+    accs = {}
+    for name, extra in (("labels", []), ("taught", [f"train.teacher={teacher}", "train.distill_alpha=1.0",
+                                                    "train.distill_temperature=2.0", "augment.mixup_alpha=0.2"])):
+        cfg = tiny_cfg(tiny_digits_dir, tmp_path, name=name, extra=["train.epochs=3", *extra])
+        history, _ = fit_in_process(cfg, monkeypatch, tmp_path / name)
+        accs[name] = history[-1]["val_acc"]
+    threes = float((read_rows(sorted((tiny_digits_dir / "val").glob("*.parquet"))).labels == 3).mean())
+    assert accs["taught"] == pytest.approx(threes, abs=0.02) and accs["labels"] > 2 * threes
+
+
+def test_a_teacher_of_other_classes_is_refused_before_training(tiny_digits_dir, tmp_path):
+    teacher = save_model(tmp_path / "t.pt", classes=["a", "b"])
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, extra=[f"train.teacher={teacher}"])
+    with pytest.raises(UserError, match=r"train.teacher: .*t.pt predicts the classes a, b, the dataset has 0, 1"):
+        resolve_dataset(cfg)
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, extra=[f"train.teacher={tmp_path / 'missing.pt'}"])
+    with pytest.raises(UserError, match="train.teacher: .*missing.pt"):
+        resolve_dataset(cfg)
+
+
 def test_balanced_class_weights_reach_the_training_loss(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
                                                         fresh_accelerate_state):
     losses = {}
@@ -346,6 +373,23 @@ def test_balanced_class_weights_reach_the_training_loss(ray_session, tiny_digits
         losses[mode] = history[0]["train_loss"]
         assert math.isfinite(losses[mode]) and history[0]["train_samples"] == 48
     assert losses["balanced"] != pytest.approx(losses["none"], rel=1e-4)
+
+
+def test_oversampling_trains_every_copy_of_a_rare_class_row_exactly_once(ray_session, tiny_digits_dir, tmp_path,
+                                                                         monkeypatch, fresh_accelerate_state):
+    import pyarrow.parquet as pq
+    from collections import Counter
+
+    files = sorted((tiny_digits_dir / "train").glob("*.parquet"))
+    labels = [v for f in files for v in pq.read_table(f, columns=["label"]).column("label").to_pylist()][:48]
+    counts = Counter(labels)
+    assert len(set(counts.values())) > 1  # an uneven mix, or there is nothing to oversample
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="over", extra=[
+        "train.epochs=1", "data.max_train_samples=48", "data.balance=oversample"])
+    history, _ = fit_in_process(cfg, monkeypatch, tmp_path / "over")
+    h = history[0]
+    assert math.isfinite(h["train_loss"])
+    assert h["train_samples"] == h["unique_samples"] == len(counts) * max(counts.values())
 
 
 def test_min_steps_trains_a_small_set_for_more_epochs(ray_session, tiny_digits_dir, tmp_path, monkeypatch,

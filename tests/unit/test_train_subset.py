@@ -16,8 +16,8 @@ from imgcls_dist.config import load_config
 from imgcls_dist.data.shards import write_shards
 from imgcls_dist.errors import UserError
 from imgcls_dist.train.job import resolve_dataset
-from imgcls_dist.train.stream import EpochBatches
-from imgcls_dist.train.subset import subset_row_groups
+from imgcls_dist.train.stream import EpochBatches, group_rows, list_row_groups
+from imgcls_dist.train.subset import oversample_row_groups, subset_row_groups
 
 CLASSES = ["a", "b", "c", "d"]
 PER_CLASS = {0: 40, 1: 25, 2: 12, 3: 3}  # imbalanced: class d has fewer rows than most subsets ask for
@@ -127,3 +127,79 @@ def test_balanced_class_weights_count_the_rows_the_run_trains_on(dataset):
     cfg = load_config(None, [f"data.path={dataset}", "train.class_weights=balanced", "data.train_per_class=10",
                              "model.arch=lenet5", "data.image_size=16"])
     assert resolve_dataset(cfg)["class_weights"] == pytest.approx([33 / 40] * 3 + [33 / 12])
+
+
+def whole_split(dataset: Path):
+    return list_row_groups(train_files(dataset))
+
+
+def test_oversampling_gives_every_class_the_largest_class_count_by_repeating_rows(dataset, capsys):
+    groups = oversample_row_groups(whole_split(dataset), len(CLASSES), seed=0)
+    ids = picked_ids(groups)
+    labels = labels_of(dataset)
+    assert Counter(labels[i] for i in ids) == {c: 40 for c in range(4)}
+    assert set(ids) == set(labels)  # every row stays, none is dropped
+    # a row of a class with n rows: 40 // n times, or once more (40 % n of them)
+    per_row = Counter(ids)
+    for c, n in PER_CLASS.items():
+        copies = Counter(per_row[i] for i in labels if labels[i] == c)
+        assert copies == ({40 // n: n - 40 % n, 40 // n + 1: 40 % n} if 40 % n else {40 // n: n})
+    for g in groups:
+        picks = np.frombuffer(g.picks, np.int32)
+        assert len(picks) == g.rows and (np.diff(picks) >= 0).all()  # sorted: the group is still read in order
+    assert [g.first_id for g in groups] == list(np.cumsum([0] + [g.rows for g in groups[:-1]]))  # dense ids
+    assert "train: data.balance=oversample: 4 classes x 40 = 160 samples an epoch (from 80 rows; copies per row " \
+           "1 to 14)" in capsys.readouterr().out
+
+
+def test_the_extra_copies_are_drawn_by_the_seed(dataset):
+    def extras(seed):
+        return picked_ids(oversample_row_groups(whole_split(dataset), len(CLASSES), seed=seed))
+
+    assert extras(5) == extras(5)
+    assert extras(5) != extras(6) and Counter(extras(5)).total() == Counter(extras(6)).total() == 160
+
+
+def test_oversampling_a_subset_balances_the_subset_and_a_balanced_input_is_left_as_it_is(dataset):
+    subset = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=10)  # 10 / 10 / 10 / 3 rows
+    ids = picked_ids(oversample_row_groups(subset, len(CLASSES), seed=0))
+    labels = labels_of(dataset)
+    assert Counter(labels[i] for i in ids) == {c: 10 for c in range(4)}
+    assert set(ids) == set(picked_ids(subset))
+    assert sorted(Counter(i for i in ids if labels[i] == 3).values()) == [3, 3, 4]
+    balanced = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=3)
+    assert oversample_row_groups(balanced, len(CLASSES), seed=0) is balanced
+
+
+def test_a_repeated_row_is_read_once_per_copy(dataset):
+    groups = oversample_row_groups(whole_split(dataset), len(CLASSES), seed=0)
+    for g in groups:
+        table = pq.ParquetFile(g.file).read_row_group(g.index)
+        got = group_rows(table, g).column("id").to_pylist()
+        assert got == [table.column("id")[int(p)].as_py() for p in np.frombuffer(g.picks, np.int32)]
+        assert len(got) == g.rows > len(set(got))  # the rare classes' rows come several times
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_every_copy_is_a_sample_streamed_exactly_once(dataset, world):
+    groups = oversample_row_groups(whole_split(dataset), len(CLASSES), seed=0)
+    ids, labels = picked_ids(groups), labels_of(dataset)
+    seen = []
+    for rank in range(world):
+        sampler = EpochBatches(groups, batch_size=8, rank=rank, world=world, seed=0, buffer=16)
+        sampler.set_epoch(2)
+        for batch in sampler:
+            for sid, image, label in batch:
+                assert image.decode() == ids[sid] and label == labels[ids[sid]]
+                seen.append(sid)
+    assert sorted(seen) == list(range(160))
+
+
+def test_the_config_oversamples_before_the_class_weights_count_the_rows(dataset):
+    cfg = load_config(None, [f"data.path={dataset}", "model.arch=lenet5", "data.balance=oversample",
+                             "train.class_weights=balanced"])
+    ds = resolve_dataset(cfg)
+    assert ds["train_rows"] == 4 * 40
+    assert ds["class_weights"] == pytest.approx([1.0] * 4)  # balanced samples: nothing left to weigh
+    plain = resolve_dataset(load_config(None, [f"data.path={dataset}", "model.arch=lenet5"]))
+    assert plain["train_rows"] == 80 and all(g.picks is None for g in plain["train_groups"])
