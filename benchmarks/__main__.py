@@ -114,17 +114,29 @@ def _distill(a: argparse.Namespace) -> dict[str, Any]:
     return bench_distill(data=a.data or "data/digits-test30", overrides=tuple(a.overrides))
 
 
+def _short_epochs(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.short_epochs_bench import bench_short_epochs
+
+    return bench_short_epochs()
+
+
+def _recipes(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.recipe_bench import LAYERS, bench_recipes
+
+    return bench_recipes(configs=a.config.split(",") if a.config else LAYERS, overrides=tuple(a.overrides))
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
-    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
+    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill, "short-epochs": _short_epochs, "recipes": _recipes,
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("what", choices=sorted(BENCHMARKS))
-    add_config_args(p, required=False)  # train/tune/checkpoint: experiment config and overrides
+    add_config_args(p, required=False, layered=False)  # train/tune/checkpoint: experiment config and overrides
     p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
                    "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")

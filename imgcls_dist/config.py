@@ -253,9 +253,15 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"{source}: invalid config: " + "; ".join(parts)
 
 
-def add_config_args(parser, required: bool = True, example: str = "train.lr=0.01") -> None:
-    """--config and --set, the same on every subcommand that takes an experiment config."""
-    parser.add_argument("--config", required=required, help="YAML experiment config (local, s3:// or gs://)")
+def add_config_args(parser, required: bool = True, example: str = "train.lr=0.01", layered: bool = True) -> None:
+    """--config and --set, the same on every subcommand that takes an experiment config. `layered`: --config may
+    be repeated, each file merged over the ones before it (a recipe, then a study's arms)."""
+    if layered:
+        parser.add_argument("--config", required=required, action="append", metavar="CONFIG",
+                            help="YAML experiment config (local, s3:// or gs://); repeatable: later files are "
+                                 "merged over earlier ones, key by key")
+    else:
+        parser.add_argument("--config", required=required, help="YAML experiment config (local, s3:// or gs://)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value, e.g. --set {example} (repeatable)")
 
@@ -315,9 +321,21 @@ def read_yaml(path: PathLike) -> dict[str, Any]:
     return raw
 
 
-def load_config(path: PathLike | None, overrides: list[str] | None = None) -> ExperimentConfig:
-    raw = read_yaml(path) if path else {}
-    return build_config(raw, overrides, source=str(path) if path else "config")
+def merge_raw(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`: mappings key by key, at every depth; any other value replaces."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_raw(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: PathLike | list[PathLike] | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """One config file, or several merged in order (`merge_raw`), then the overrides."""
+    paths = [] if not path else list(path) if isinstance(path, (list, tuple)) else [path]
+    raw: dict[str, Any] = {}
+    for p in paths:
+        raw = merge_raw(raw, read_yaml(p))
+    return build_config(raw, overrides, source=" + ".join(str(p) for p in paths) or "config")
 
 
 def config_yaml(cfg: ExperimentConfig) -> str:

@@ -67,6 +67,7 @@ class WorkerRun:
     ema: Any = None  # timm's ModelEmaV3 of the model (train.ema_decay), on every rank
     ema_updates: int = 0  # optimizer steps averaged in so far: the EMA decay warm-up's position
     teacher: Teacher | None = None  # train.teacher, on the device
+    val_cache: list | None = None  # this worker's decoded validation batches, when they fit (loop.val_batches)
 
     @property
     def device(self) -> torch.device:
