@@ -161,9 +161,9 @@ def _plan_shards(listing: Listing, parts: dict[str, np.ndarray], out: Location,
 def _progress_line(done: int, total: int, files: int, all_files: int, skipped: int, t0: float) -> str:
     el = time.perf_counter() - t0
     rate = files / el if el > 0 else 0.0
-    eta = (all_files - files) / rate if rate > 0 else float("nan")
+    eta = f"{(all_files - files) / rate:,.0f}s" if rate > 0 else "unknown until a shard is done"
     return (f"ingest: {done}/{total} shards, {files:,}/{all_files:,} files ({skipped} skipped), "
-            f"{rate:,.0f} files/s, ETA {eta:,.0f}s")
+            f"{rate:,.0f} files/s, ETA {eta}")
 
 
 def _run_shard_tasks(src: Location, plan: list[tuple[str, list, str]], verbose: bool) -> list[dict[str, Any]]:
