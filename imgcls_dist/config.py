@@ -143,6 +143,10 @@ class TrainConfig(Section):
     # ramps up from 0 over the first steps (timm's warm-up), so a short run does not average in its random start.
     ema_decay: Optional[float] = Field(None, gt=0.0, lt=1.0)
     ema_warmup: bool = True
+    # Before each validation, BatchNorm running statistics are re-estimated from this many un-augmented, shuffled
+    # training batches (train/precise_bn.py): on small data, where an epoch is a few steps, the momentum-averaged
+    # ones lag the weights. 0: off.
+    precise_bn_batches: int = Field(0, ge=0)
     # Knowledge distillation (train/distill.py): an ensemble.json or model file whose probabilities on each
     # (augmented) training batch the student also learns from; loss = alpha x T^2 x KL(teacher_T, student_T)
     # + (1 - alpha) x cross-entropy on the labels, with T = distill_temperature. None: no teacher.

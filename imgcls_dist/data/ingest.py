@@ -27,6 +27,7 @@ from imgcls_dist.data.builtin import builtin_classes, builtin_rows
 from imgcls_dist.data.decode import decode_image
 from imgcls_dist.data.listing import Listing, keep_classes, list_image_tree, relabel_classes
 from imgcls_dist.data.schema import DATASET_FILE, SPLITS
+from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.data.shards import ShardWriter, write_shards
 from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.storage import Location, PathLike, location
@@ -146,12 +147,17 @@ def _node_id() -> str | None:
 # ---------------------------------------------------------------- the job
 
 
-def _plan_shards(listing: Listing, parts: dict[str, np.ndarray], out: Location,
-                 rows_per_shard: int) -> list[tuple[str, list[tuple[str, int]], str]]:
-    """(split, items, destination URI) per shard; each split's rows in path order."""
+def _plan_shards(listing: Listing, parts: dict[str, np.ndarray], out: Location, rows_per_shard: int,
+                 seed: int) -> list[tuple[str, list[tuple[str, int]], str]]:
+    """(split, items, destination URI) per shard; each split's rows in an order seeded by (seed, split).
+    Not path order: a tree's paths are grouped by class, so every row group would hold one class or two, and
+    a training batch (or a worker's share of a small split, or the BatchNorm statistics it keeps) would see
+    a few classes at a time."""
     plan = []
-    for split in SPLITS:
-        chosen = sorted(parts[split].tolist(), key=lambda i: listing.paths[i])
+    for k_split, split in enumerate(SPLITS):
+        by_path = sorted(parts[split].tolist(), key=lambda i: listing.paths[i])  # independent of listing order
+        order = np.random.default_rng(derive_seed(seed, k_split, 0x1A6)).permutation(len(by_path))
+        chosen = [by_path[i] for i in order]
         for k, start in enumerate(range(0, len(chosen), rows_per_shard)):
             items = [(listing.paths[i], listing.labels[i]) for i in chosen[start:start + rows_per_shard]]
             plan.append((split, items, (out / split / f"part-{k:05d}.parquet").uri))
@@ -210,7 +216,7 @@ def _plan_tree(src: Location, out: Location, fractions, rows_per_shard: int, see
         parts = {s: np.flatnonzero(sp == s) for s in SPLITS}
     else:
         parts = _split_indices(np.asarray(listing.labels, dtype=np.int64), fractions, seed)
-    return listing, _plan_shards(listing, parts, out, rows_per_shard)
+    return listing, _plan_shards(listing, parts, out, rows_per_shard, seed)
 
 
 def _ingest_tree(src: Location, out: Location, listing: Listing, plan: list, fractions,

@@ -28,6 +28,7 @@ from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch
 from imgcls_dist.train.distill import distillation_loss
 from imgcls_dist.train.distributed import all_agree, all_gather_list
 from imgcls_dist.train.early_stop import should_stop
+from imgcls_dist.train.precise_bn import recalibrate_bn
 from imgcls_dist.train.progress import EpochProgress
 from imgcls_dist.train.setup import NonFiniteLossError, WorkerRun, setup
 from imgcls_dist.train.state import EpochStats, count_unique
@@ -216,6 +217,10 @@ def validate(run: WorkerRun) -> dict[str, Any]:
     """val_loss/val_acc of the weights the epoch's checkpoint exports: with `train.ema_decay`, both the raw and
     the EMA weights are validated and the better (accuracy, then loss) is exported; both are recorded."""
     raw = run.accelerator.unwrap_model(run.model)
+    if run.bn_loader is not None:
+        for model in (raw, run.ema.module) if run.ema is not None else (raw,):
+            recalibrate_bn(model, run.bn_loader, run.cfg.train.precise_bn_batches, run.device, run.mean, run.std,
+                           run.channels_last)
     if run.ema is None:
         (val_loss, val_acc), = evaluate(run, [raw])
         return {"val_loss": val_loss, "val_acc": val_acc}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from imgcls_dist.config import ExperimentConfig
-from imgcls_dist.data.augment import build_batch_mix
+from imgcls_dist.data.augment import build_batch_mix, build_eval_transform
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
@@ -68,6 +68,7 @@ class WorkerRun:
     ema_updates: int = 0  # optimizer steps averaged in so far: the EMA decay warm-up's position
     teacher: Teacher | None = None  # train.teacher, on the device
     val_cache: list | None = None  # this worker's decoded validation batches, when they fit (loop.val_batches)
+    bn_loader: Any = None  # this worker's share of the training split, un-augmented (train.precise_bn_batches)
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +98,17 @@ def _accelerator(cfg: ExperimentConfig, cuda: bool):
     return Accelerator(cpu=not cuda, mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, cuda),
                        gradient_accumulation_steps=cfg.train.grad_accum_steps,
                        dynamo_backend="inductor" if cfg.train.compile else None)
+
+
+def _bn_loader(cfg: ExperimentConfig, ds: dict, rank: int, world: int):
+    """Un-augmented training batches for train.precise_bn_batches, drawn like an epoch's (shuffled across row
+    groups and in the buffer, always epoch 0's order): a rank's contiguous share in file order can hold a
+    few classes only, and statistics of those mislead the others."""
+    d = cfg.data
+    size = ds["image_size"]
+    return make_train_loader(ds["train_groups"], channels=d.in_channels, transform=build_eval_transform(size),
+                             image_size=size, batch_size=d.batch_size, rank=rank, world=world, seed=cfg.train.seed,
+                             shuffle_buffer=d.shuffle_buffer, loader_workers=d.loader_workers)[0]
 
 
 def setup(loop_config: dict) -> WorkerRun:
@@ -149,7 +161,8 @@ def setup(loop_config: dict) -> WorkerRun:
                       if ds.get("class_weights") else None),
         ema=build_ema(accelerator.unwrap_model(model), train_cfg, resume.ema if resume else None),
         ema_updates=resume.ema_updates if resume else 0,
-        teacher=Teacher(train_cfg.teacher, accelerator.device) if train_cfg.teacher else None)
+        teacher=Teacher(train_cfg.teacher, accelerator.device) if train_cfg.teacher else None,
+        bn_loader=_bn_loader(cfg, ds, rank, world) if train_cfg.precise_bn_batches else None)
     if resume:
         if rank == 0:
             at = f", batch {resume.step + 1}/{len(sampler)}" if resume.step else ""

@@ -11,6 +11,7 @@ import yaml
 from imgcls_dist.cli import main
 from imgcls_dist.data.builtin import digits_images
 from imgcls_dist.data.ingest import ingest
+from imgcls_dist.data.shards import read_rows
 from imgcls_dist.data.synthetic import photo_jpeg
 
 pytestmark = pytest.mark.e2e
@@ -35,6 +36,10 @@ def test_ingest_records_the_typical_image_and_the_quick_start_trains_from_it(ray
     data = tmp_path / "photos3"
     meta = ingest(str(photo_tree), data, fractions=(0.6, 0.2, 0.2), seed=0, verbose=False)
     assert meta["images"] == {"median_height": 150, "median_width": 200, "gray": False, "sampled": 90}
+    # rows are not in path order (grouped by class): a worker's share of a small split sees every class
+    labels = read_rows(sorted((data / "train").glob("*.parquet"))).labels
+    changes = int((labels[1:] != labels[:-1]).sum())
+    assert changes > 10 and set(labels[: len(labels) // 2]) == {0, 1, 2}
     # the test keeps it short; every other choice is the recipe's
     rc = main(["train", "--data", str(data), "--arch", "resnet18", "--set", f"run.storage_path={tmp_path / 'runs'}",
                "--set", "train.epochs=3", "--set", "train.min_steps=null", "--set", "data.image_size=48"])
@@ -45,7 +50,8 @@ def test_ingest_records_the_typical_image_and_the_quick_start_trains_from_it(ray
     assert f"resolved config: {run / 'config.yaml'}" in out and "test accuracy" in out
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["data"]["in_channels"] == 3 and cfg["data"]["image_size"] == 48
-    assert cfg["augment"]["preset"] == "strong" and cfg["train"]["early_stop_patience"] == 8
+    assert cfg["augment"]["preset"] == "strong" and cfg["train"]["early_stop_patience"] == 6
+    assert cfg["train"]["precise_bn_batches"] == 8  # run before every validation (train/precise_bn.py)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs"] == 3 and 0.0 <= summary["test_acc"] <= 1.0
 

@@ -49,7 +49,7 @@ def test_photos_fine_tune_only_when_the_weights_are_in_the_cache(tmp_path, empty
     data = _dataset(tmp_path, images={"median_height": 150, "median_width": 200, "gray": False})
     raw, recipe, why = R.quickstart_raw(data, "resnet18")
     assert recipe == R.SCRATCH and "not in the cache" in why
-    assert raw["data"]["image_size"] == 128 and raw["data"]["in_channels"] == 3  # the recipe's size
+    assert raw["data"]["image_size"] == 96 and raw["data"]["in_channels"] == 3  # the recipe's size
     assert R.quickstart_raw(data, "lenet5")[1:] == (R.SCRATCH, "photos, lenet5 has no pretrained weights")
     spec = get_spec("resnet18")
     cached = cache_file(torchvision_models().get_model_weights("resnet18")[spec.default_weights])
@@ -63,7 +63,7 @@ def test_photos_fine_tune_only_when_the_weights_are_in_the_cache(tmp_path, empty
 def test_an_asked_recipe_wins_and_overrides_apply_last(tmp_path, empty_hub, capsys):
     data = _dataset(tmp_path, images={"median_height": 32, "median_width": 32, "gray": False})
     cfg = R.quickstart_config(data, "resnet18", "photos_scratch", ["train.epochs=3"])
-    assert cfg.train.epochs == 3 and cfg.augment.preset == "strong" and cfg.data.image_size == 128
+    assert cfg.train.epochs == 3 and cfg.augment.preset == "strong" and cfg.data.image_size == 96
     assert "recipe photos_scratch (asked for)" in capsys.readouterr().out
 
 
