@@ -120,6 +120,12 @@ def _short_epochs(a: argparse.Namespace) -> dict[str, Any]:
     return bench_short_epochs()
 
 
+def _precision(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.precision_bench import bench_precision
+
+    return bench_precision(models=a.models, data=a.data, accuracy=not a.speed_only)
+
+
 def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.recipe_bench import LAYERS, bench_recipes
 
@@ -130,6 +136,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill, "short-epochs": _short_epochs, "recipes": _recipes,
+    "precision": _precision,
 }
 
 
@@ -138,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=sorted(BENCHMARKS))
     add_config_args(p, required=False, layered=False)  # train/tune/checkpoint: experiment config and overrides
     p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
-                   "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3")
+                   "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3; precision: default "
+                   "builtin:digits ingested into runs/bench_precision")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
     p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
     p.add_argument("--arch", default="resnet18", help="infer: model")
@@ -155,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,16", help="serve: client threads per load level")
     p.add_argument("--requests", type=int, default=200, help="serve: requests per load level")
     p.add_argument("--time-limit", type=float, default=60.0, help="serve: seconds per load level at most")
+    p.add_argument("--models", nargs="+", default=None, metavar="PATH",
+                   help="precision: trained model files for the bf16-vs-fp32 agreement (default: lenet5_digits and "
+                        "resnet18_digits trained for 10 epochs on --data, or on builtin:digits ingested here)")
+    p.add_argument("--speed-only", action="store_true", help="precision: the speed arms only, no agreement")
     p.add_argument("--out", default=None, help="write the result as JSON")
     return p
 

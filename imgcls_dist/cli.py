@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_infer_command(sub)
     register_predict_command(sub)
     register_evaluate_command(sub)
+    from imgcls_dist.export.commands import register_export_command
+
+    register_export_command(sub)
     from imgcls_dist.serve.commands import register_serve_command
 
     register_serve_command(sub)

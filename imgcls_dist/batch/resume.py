@@ -42,7 +42,9 @@ def _sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(job: InferJob, run_id: str, decode: str) -> dict[str, Any]:
+def fingerprint(job: InferJob, run_id: str, decode: str, precision: str) -> dict[str, Any]:
+    """What makes a run the same job as the one that wrote a staging: `decode` and `precision` as resolved for
+    the actors' device ("cpu"/"device"; "fp32"/"bf16"/"fp16")."""
     return {
         "format": FORMAT,
         "run_id": run_id,  # the run that started this staging (informational)
@@ -56,6 +58,7 @@ def fingerprint(job: InferJob, run_id: str, decode: str) -> dict[str, Any]:
         "classes": job.classes,
         "label_passthrough": job.with_label,
         "decode": decode,  # CPU (reduced-size) and device decodes give slightly different pixels
+        "precision": precision,  # bf16 moves probabilities by up to ~0.01 from fp32's
     }
 
 
@@ -89,7 +92,7 @@ def _fmt(v: Any) -> str:
 
 _PLAIN = {"tta_views": "TTA views", "weights": "weights", "temperatures": "temperatures", "combine": "combine",
           "classes": "classes", "label_passthrough": "label passthrough", "decode": "decode",
-          "format": "staging format"}
+          "precision": "precision", "format": "staging format"}
 
 
 def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

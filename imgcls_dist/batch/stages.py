@@ -79,14 +79,15 @@ class PredictActor:
     """Ray Data actor UDF: loads the ensemble once per actor, predicts the rows that decoded."""
 
     def __init__(self, model_paths, views, weights, combine, temperatures, batch_size, torch_threads, with_label,
-                 compile=False):
+                 compile=False, precision="auto"):
         import torch
 
         from imgcls_dist.predictor.predictor import EnsemblePredictor
 
         torch.set_num_threads(torch_threads)
         self.predictor = EnsemblePredictor(model_paths, views=views, weights=weights, combine=combine,
-                                           temperatures=temperatures, batch_size=batch_size, compile=compile)
+                                           temperatures=temperatures, batch_size=batch_size, compile=compile,
+                                           precision=precision)
         self.with_label = with_label
         self.schema = output_schema(with_label)
 

@@ -104,9 +104,11 @@ def _relative(path: str, root: Location) -> str:
 
 
 def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: PathLike, *, batch_size: int = BATCH_SIZE,
-                   max_rows: int | None = None, verbose: bool = True) -> dict[str, Any]:
+                   max_rows: int | None = None, precision: str = "auto", verbose: bool = True) -> dict[str, Any]:
     """Fit temperatures, choose members and views on `val`; write ensemble.json to `out` (a .json path, or a
-    directory to hold ensemble.json). Returns the manifest."""
+    directory to hold ensemble.json). Returns the manifest. `precision` (--precision): the validation logits
+    are computed in it, so temperatures fit the logits inference computes with the same setting on the same
+    hardware; the manifest records it (validation.precision)."""
     say = print if verbose else (lambda *a, **k: None)
     out_loc = location(out)
     manifest_path = out_loc if out_loc.suffix == ".json" else out_loc / ENSEMBLE_FILE
@@ -114,14 +116,15 @@ def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: Pa
     paths = candidate_paths(models)
     files, classes = validation_files(val)
     # Each candidate with its own training views (the ensemble's candidate views come after selection).
-    predictors = [EnsemblePredictor([p], batch_size=batch_size) for p in paths]
+    predictors = [EnsemblePredictor([p], batch_size=batch_size, precision=precision) for p in paths]
     names = _member_names(paths)
     for p, name in zip(predictors, names):
         if p.classes != predictors[0].classes:
             raise UserError(f"{paths[names.index(name)]}: classes differ from {paths[0]}")
     if classes is not None and classes != predictors[0].classes:
         raise UserError(f"{val}: dataset classes differ from the models' classes")
-    say(f"ensemble build: {len(paths)} candidate(s) on {val} -> {manifest_path}", flush=True)
+    say(f"ensemble build: {len(paths)} candidate(s) on {val}, {predictors[0].precision_choice} -> {manifest_path}",
+        flush=True)
     logits, y = collect_logits(predictors, files, batch_size, max_rows, say)
     if y.max() >= len(predictors[0].classes):
         raise UserError(f"{val}: label {int(y.max())} outside the models' {len(predictors[0].classes)} classes")
@@ -149,7 +152,7 @@ def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: Pa
                           **{f"{k}_calibrated": v for k, v in _scores(calibrated[i], y).items()}})
     validation = {
         "split": ",".join(f.uri for f in files[:3]) + (f",... ({len(files)} files)" if len(files) > 3 else ""),
-        "rows": int(len(y)), "candidates": cand_rows,
+        "rows": int(len(y)), "precision": predictors[0].precision, "candidates": cand_rows,
         "plain_mean": _scores(sum(raw) / len(raw), y),
         "selected_no_tta": _scores(per_view["identity"], y),
         "result": _scores(result, y),

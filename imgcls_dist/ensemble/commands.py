@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from imgcls_dist.predictor.commands import add_precision_arg
 from imgcls_dist.predictor.options import BATCH_SIZE
 
 
 def cmd_ensemble_build(a: argparse.Namespace) -> int:
     from imgcls_dist.ensemble.build import build_ensemble
 
-    build_ensemble(a.models, a.val, a.out, batch_size=a.batch_size, max_rows=a.max_rows)
+    build_ensemble(a.models, a.val, a.out, batch_size=a.batch_size, max_rows=a.max_rows, precision=a.precision)
     return 0
 
 
@@ -35,4 +36,5 @@ def register_ensemble_commands(sub) -> None:
     b.add_argument("--out", required=True, help="ensemble.json to write (or a directory to hold it)")
     b.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="images per forward, before TTA views")
     b.add_argument("--max-rows", type=_positive, default=None, help="use at most this many validation rows")
+    add_precision_arg(b)  # temperatures are fitted on logits of the precision inference runs in
     b.set_defaults(func=cmd_ensemble_build)

@@ -1,10 +1,11 @@
-"""CLI subcommand `predict`, and the model arguments every inference command shares (predict, infer, serve)."""
+"""CLI subcommand `predict`, and the model arguments every inference command shares (predict, infer, serve;
+`ensemble build` takes --precision too)."""
 
 from __future__ import annotations
 
 import argparse
 
-from imgcls_dist.predictor.options import COMBINES, VIEW_NAMES
+from imgcls_dist.predictor.options import COMBINES, PRECISION_HELP, PRECISIONS, VIEW_NAMES
 
 
 def _weights(s: str) -> list[float]:
@@ -12,6 +13,10 @@ def _weights(s: str) -> list[float]:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers like 0.6,0.4") from None
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,12 +28,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", type=_weights, default=None, help="per-model weights, e.g. 0.6,0.4")
     p.add_argument("--combine", choices=COMBINES, default=None,
                    help="how members are combined (default: the manifest's; weighted with --weights; else mean)")
+    add_precision_arg(p)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from imgcls_dist.predictor.predict import format_predictions, predict_images
 
-    results = predict_images(a.images, a.models, topk=a.topk, tta=a.tta, weights=a.weights, combine=a.combine)
+    results = predict_images(a.images, a.models, topk=a.topk, tta=a.tta, weights=a.weights, combine=a.combine,
+                             precision=a.precision)
     print(format_predictions(results))
     return 0
 

@@ -21,11 +21,13 @@ def load_predictor(
     combine: str | None = None,
     device: str | None = None,
     batch_size: int = 64,
+    precision: str = "auto",
 ) -> EnsemblePredictor:
     """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's,
-    --tta its views; its temperatures always apply."""
+    --tta its views; its temperatures always apply. `precision`: --precision (predictor/precision.py)."""
     spec = resolve_ensemble(models, weights, combine)
-    predictor = EnsemblePredictor.from_spec(spec, views=tta, device=device, batch_size=batch_size)
+    predictor = EnsemblePredictor.from_spec(spec, views=tta, device=device, batch_size=batch_size,
+                                            precision=precision)
     print_spread_note(spec, predictor.describe())
     return predictor
 
@@ -61,10 +63,11 @@ def predict_images(
     weights: Sequence[float] | None = None,
     combine: str | None = None,
     device: str | None = None,
+    precision: str = "auto",
 ) -> list[dict[str, Any]]:
     if not images:
         raise UserError("predict: give at least one image file")
-    predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device)
+    predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device, precision=precision)
     return predict_with(predictor, images, topk)
 
 

@@ -19,6 +19,7 @@ import torch
 from imgcls_dist.predictor.manifest import EnsembleSpec, resolve_combine
 from imgcls_dist.errors import UserError
 from imgcls_dist.predictor.device_feed import DeviceFeed
+from imgcls_dist.predictor.precision import choose_precision, use_channels_last
 from imgcls_dist.predictor.tta import apply_views, default_views, resolve_views
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import build_model_from_file
@@ -66,6 +67,9 @@ class EnsemblePredictor:
     `compile`: each member goes through `torch.compile` (inductor) with static shapes; a call's last, shorter
     micro-batch is padded to batch_size so that one graph per member serves every call (each new shape would
     otherwise compile again).
+    `precision`: "auto", "fp32" or "bf16" (or "fp16" on CUDA), resolved for the device by
+    `predictor.precision.choose_precision`: `precision` holds the result ("fp32", "bf16", "fp16"),
+    `precision_choice` also why (its str is what a job's first line says: "precision bf16 (auto: CPU has ...)").
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class EnsemblePredictor:
         batch_size: int = BATCH_SIZE,
         temperatures: Sequence[float] | None = None,
         compile: bool = False,
+        precision: str = "auto",
     ):
         if not model_paths:
             raise UserError("no models given")
@@ -90,10 +95,11 @@ class EnsemblePredictor:
             raise UserError(f"temperatures: need one > 0 per model, got {list(temperatures or [])}")
         self.device = pick_device(device)
         self.batch_size = int(batch_size)
-        cuda = self.device.type == "cuda"
-        # bf16 keeps fp32's range (no overflow in logits); fp16 only on GPUs without bf16 (pre-Ampere).
-        self.amp_dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else None
-        self.channels_last = cuda
+        self.precision_choice = choose_precision(precision, self.device)
+        self.precision = self.precision_choice.precision
+        self.amp_dtype = self.precision_choice.amp_dtype
+        self.channels_last = use_channels_last(self.precision, self.device)
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.compiled = bool(compile)
         self.feed = DeviceFeed(self.device, self.batch_size)
         self.members: list[Member] = []
@@ -105,7 +111,7 @@ class EnsemblePredictor:
                     f"models disagree on classes: {first.meta['path']} has {_short(first.meta['classes'])}, "
                     f"{meta['path']} has {_short(meta['classes'])}"
                 )
-            model = model.to(self.device, memory_format=torch.channels_last) if cuda else model.to(self.device)
+            model = model.to(self.device, memory_format=memory_format)
             model = torch.compile(model.eval(), dynamic=False) if self.compiled else model.eval()
             self.members.append(Member(meta["path"], model, meta, w, t))
         self.classes: list[str] = list(self.members[0].meta["classes"])

@@ -27,6 +27,7 @@ from ray.serve import Application
 
 from imgcls_dist.predictor.device_decode import prepare_on_device
 from imgcls_dist.predictor.decode_mode import resolve_decode
+from imgcls_dist.predictor.precision import PrecisionChoice, choose_precision
 from imgcls_dist.predictor.predict import load_predictor, top_classes
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.predictor.scores import entropy_nats
@@ -76,7 +77,7 @@ class Classifier:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.torch_threads = torch.get_num_threads()
         self.predictor = load_predictor(s.models, tta=s.tta, weights=s.weights, combine=s.combine,
-                                        device=s.device, batch_size=s.max_batch_size)
+                                        device=s.device, batch_size=s.max_batch_size, precision=s.precision)
         self.id = ensemble_id(self.predictor.describe(), self.predictor.views, self.predictor.combine)
         # The batch job's rule: JPEGs decoded by nvJPEG on a GPU replica, by PIL on CPU ones.
         self.decode = resolve_decode(s.decode, 1.0 if self.predictor.device.type == "cuda" else 0.0)
@@ -129,7 +130,8 @@ class Classifier:
         p, s = self.predictor, self.settings
         return {"ensemble_id": self.id, "members": p.describe(), "classes": p.classes, "views": p.views,
                 "combine": p.combine, "input_sizes": [{"image_size": k[0], "channels": k[1]} for k in p.input_keys],
-                "device": str(p.device), "torch_threads": self.torch_threads, "max_batch_size": s.max_batch_size,
+                "device": str(p.device), "precision": p.precision, "precision_reason": p.precision_choice.reason,
+                "torch_threads": self.torch_threads, "max_batch_size": s.max_batch_size,
                 "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_body_bytes": s.max_body_bytes}
 
     @api.get("/stats")
@@ -158,6 +160,15 @@ def replica_options(cpus: float = 1.0, gpus: float | None = None, replicas: int 
     if replicas is not None:
         opts["num_replicas"] = replicas
     return opts
+
+
+def replica_settings(settings: ServeSettings, options: dict[str, Any]) -> tuple[ServeSettings, PrecisionChoice]:
+    """`settings` with its precision resolved for the replicas' device (settings.device, else a GPU when
+    `options` (replica_options) gives them one), and that choice: `imgcls-dist serve` prints it and every
+    replica runs it, as the batch job's actors run the one its driver resolved."""
+    gpus = options.get("ray_actor_options", {}).get("num_gpus") or 0
+    chosen = choose_precision(settings.precision, settings.device or ("cuda" if gpus > 0 else "cpu"))
+    return settings.model_copy(update={"precision": chosen.precision}), chosen
 
 
 def app(args: dict[str, Any]) -> Application:

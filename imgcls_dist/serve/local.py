@@ -7,7 +7,7 @@ import signal
 import threading
 from typing import Any
 
-from imgcls_dist.serve.deployment import build_app, replica_options
+from imgcls_dist.serve.deployment import build_app, replica_options, replica_settings
 from imgcls_dist.serve.settings import ServeSettings
 
 APP_NAME = "imgcls"
@@ -31,16 +31,22 @@ def start_app(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8
 
 
 def serve_forever(settings: ServeSettings, *, host: str, port: int, **options: Any) -> None:
-    """Serve until SIGINT/SIGTERM, then shut Serve down (its controller, proxies and replicas)."""
+    """Serve until SIGINT/SIGTERM, then shut Serve down (its controller, proxies and replicas). The replicas run
+    the precision resolved here for their device, the one the first line names."""
     from ray import serve
+
+    from imgcls_dist.ray_utils import ensure_ray
 
     # Serve's driver-side INFO ("Started Serve", "Application ... is ready") repeats what the line below says.
     logging.getLogger("ray.serve").setLevel(logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    ensure_ray()  # replica_options looks for GPUs in the cluster
+    settings, chosen = replica_settings(settings, replica_options(**options))
     url = start_app(settings, host=host, port=port, **options)
-    print(f"serving {', '.join(settings.models)} at {url}/predict  (GET {url}/info; Ctrl-C stops)", flush=True)
+    print(f"serving {', '.join(settings.models)} at {url}/predict, {chosen}  (GET {url}/info; Ctrl-C stops)",
+          flush=True)
     try:
         stop.wait()
     finally:

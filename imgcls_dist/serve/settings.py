@@ -7,6 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imgcls_dist.predictor.decode_mode import DECODE_MODES
+from imgcls_dist.predictor.options import HANDED_ON_PRECISIONS, PRECISIONS
 
 # A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
 # accidental uploads of video or archives before they are read.
@@ -31,6 +32,7 @@ class ServeSettings(BaseModel):
     topk: int = Field(5, ge=1, description="default for ?topk=")
     device: str | None = Field(None, description="None: cuda when the replica has a GPU, else cpu")
     decode: str = Field("auto", description="as infer --decode: auto (on the device when it is a GPU), cpu, device")
+    precision: str = Field("auto", description="as infer --precision: auto, fp32, bf16 (predictor/precision.py)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -43,6 +45,13 @@ class ServeSettings(BaseModel):
     def _decode(cls, v):
         if v not in DECODE_MODES:
             raise ValueError(f"must be one of {', '.join(DECODE_MODES)}")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v):
+        if v not in HANDED_ON_PRECISIONS:  # fp16: what `imgcls-dist serve` hands on for a GPU without bf16
+            raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
         return v
 
     @field_validator("weights", mode="before")

@@ -109,6 +109,9 @@ LAYERS = [
     {"data"},
     {"models"},
     {"predictor"},  # the Ray-free ensemble + TTA predictor, its inputs and the ensemble manifest
+    # ONNX export: builds its graphs from the predictor's members (and checks against the predictor), with
+    # models' preprocessing inside; needs nothing that runs Ray, and nothing runs it but the CLI
+    {"export"},
     {"batch"},  # the Ray Data batch job
     {"evaluate"},
     {"ensemble"},

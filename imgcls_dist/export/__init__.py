@@ -1,0 +1,1 @@
+"""Model files and ensembles as standalone inference files (ONNX), for runtimes without PyTorch."""
