@@ -100,17 +100,22 @@ def test_the_config_picks_the_subset_and_leaves_validation_whole(dataset):
 @pytest.mark.parametrize("world", [1, 2])
 def test_every_picked_row_is_streamed_exactly_once_with_its_label(dataset, world):
     groups = subset_row_groups(train_files(dataset), CLASSES, seed=0, per_class=9)
-    ids = picked_ids(groups)
-    labels = labels_of(dataset)
+    seen = streamed_ids(dataset, groups, world, batch_size=4, buffer=8, epoch=1)
+    assert sorted(seen) == list(range(len(picked_ids(groups))))
+
+
+def streamed_ids(dataset, groups, world: int, *, batch_size: int, buffer: int, epoch: int) -> list[int]:
+    """The sample ids every rank's epoch streams, each checked to carry its own row's image and label."""
+    ids, labels = picked_ids(groups), labels_of(dataset)
     seen = []
     for rank in range(world):
-        sampler = EpochBatches(groups, batch_size=4, rank=rank, world=world, seed=0, buffer=8)
-        sampler.set_epoch(1)
+        sampler = EpochBatches(groups, batch_size=batch_size, rank=rank, world=world, seed=0, buffer=buffer)
+        sampler.set_epoch(epoch)
         for batch in sampler:
             for sid, image, label in batch:
                 assert image.decode() == ids[sid] and label == labels[ids[sid]]
                 seen.append(sid)
-    assert sorted(seen) == list(range(len(ids)))
+    return seen
 
 
 
@@ -183,15 +188,7 @@ def test_a_repeated_row_is_read_once_per_copy(dataset):
 @pytest.mark.parametrize("world", [1, 2])
 def test_every_copy_is_a_sample_streamed_exactly_once(dataset, world):
     groups = oversample_row_groups(whole_split(dataset), len(CLASSES), seed=0)
-    ids, labels = picked_ids(groups), labels_of(dataset)
-    seen = []
-    for rank in range(world):
-        sampler = EpochBatches(groups, batch_size=8, rank=rank, world=world, seed=0, buffer=16)
-        sampler.set_epoch(2)
-        for batch in sampler:
-            for sid, image, label in batch:
-                assert image.decode() == ids[sid] and label == labels[ids[sid]]
-                seen.append(sid)
+    seen = streamed_ids(dataset, groups, world, batch_size=8, buffer=16, epoch=2)
     assert sorted(seen) == list(range(160))
 
 
