@@ -132,10 +132,17 @@ def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     return bench_recipes(configs=a.config.split(",") if a.config else LAYERS, overrides=tuple(a.overrides))
 
 
+def _train_precision(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.train_precision_bench import bench_train_precision
+
+    return bench_train_precision()
+
+
 BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
-    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill, "short-epochs": _short_epochs, "recipes": _recipes,
+    "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
+    "short-epochs": _short_epochs, "recipes": _recipes, "train-precision": _train_precision,
     "precision": _precision,
 }
 

@@ -3,6 +3,7 @@ loaders, restored from the run's latest checkpoint when there is one."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,7 @@ from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
 from imgcls_dist.models.weights import CheckpointWeights, initial_weights
 from imgcls_dist.train.data import make_eval_loader, make_train_loader
+from imgcls_dist.predictor.precision import cpu_has_native_bf16
 from imgcls_dist.train.distill import Teacher
 from imgcls_dist.train.ema import build_ema
 from imgcls_dist.train.optim import build_optimizer
@@ -28,11 +30,23 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_mixed_precision(setting: str, cuda: bool) -> str:
-    if not cuda:
-        return "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs and changes numerics
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return setting
+    """accelerate's mixed_precision for `train.mixed_precision`. On a CPU, `auto` stays fp32 (bf16 training's
+    final accuracy against fp32 has not been measured over seeds yet), `bf16` is honoured (CPU autocast; fast
+    only where the CPU has native bf16: predictor/precision.py says which), and `fp16` has no CPU autocast for
+    training, so it falls back to fp32 with a warning."""
+    if cuda:
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return setting
+    if setting == "bf16":
+        if not cpu_has_native_bf16():
+            print("warning: train.mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, "
+                  "slower than fp32", file=sys.stderr, flush=True)
+        return "bf16"
+    if setting == "fp16":
+        print("warning: train.mixed_precision=fp16 has no CPU autocast for training: training in fp32",
+              file=sys.stderr, flush=True)
+    return "no"
 
 
 @dataclass

@@ -121,8 +121,9 @@ def test_rayjob_entrypoint_is_a_real_job_with_valid_arguments(manifest, command)
     assert argv[:2] == ["python", JOB_SCRIPTS[command]] and (ROOT / argv[1]).is_file()
     args = build_parser().parse_args([command, *argv[2:]])  # argparse exits (fails the test) on a bad flag
     if command in ("train", "tune"):
-        assert (ROOT / args.config).is_file()
-        cfg = load_config(ROOT / args.config, args.overrides)  # unknown keys / bad values raise
+        configs = [ROOT / c for c in args.config]  # --config may be repeated
+        assert configs and all(c.is_file() for c in configs)
+        cfg = load_config(configs, args.overrides)  # unknown keys / bad values raise
         assert cfg.data.path.startswith("/mnt/shared/") and cfg.run.storage_path.startswith("/mnt/shared/")
         assert cfg.scaling.use_gpu is True
     else:

@@ -336,6 +336,15 @@ def test_ema_weights_are_validated_beside_the_raw_ones_and_the_better_is_exporte
     assert (state["raw_model"] is not None) == bool(last["ema_exported"])
 
 
+def test_bf16_autocast_trains_on_a_cpu(ray_session, tiny_digits_dir, tmp_path, monkeypatch, fresh_accelerate_state):
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="bf16", extra=["train.epochs=3", "train.mixed_precision=bf16"])
+    history, model = fit_in_process(cfg, monkeypatch, tmp_path / "bf16")
+    assert all(math.isfinite(h["train_loss"]) and h["nonfinite_steps"] == 0 for h in history)
+    assert history[-1]["train_loss"] < history[0]["train_loss"] and history[-1]["val_acc"] > 0.3
+    # autocast computes in bf16; the weights (and the exported model) stay fp32
+    assert all(t.dtype == torch.float32 for t in model["state_dict"].values() if t.is_floating_point())
+
+
 def test_a_student_learns_what_its_teacher_says(ray_session, tiny_digits_dir, tmp_path, monkeypatch,
                                                fresh_accelerate_state):
     """A teacher (a model file of another input size) that says "3" for every image, alone in the loss
