@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import machine, print_table
 from imgcls_dist.config import ExperimentConfig, load_config
-from imgcls_dist.data.augment import build_train_transform
+from imgcls_dist.data.augment import train_transform_for
 from imgcls_dist.data.schema import validate_dataset
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import get_model, get_spec
@@ -36,8 +36,7 @@ def plain_epoch_times(cfg: ExperimentConfig, image_size: int, hflip: bool) -> li
     model = get_model(cfg.model.arch, num_classes=len(meta["classes"]), in_channels=cfg.data.in_channels)
     opt = build_optimizer(param_groups(model, cfg.model.arch, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay),
                           cfg.train)
-    transform = build_train_transform(cfg.augment.preset, cfg.augment.strength, image_size, hflip=hflip,
-                                      seed=cfg.train.seed)
+    transform = train_transform_for(cfg.augment, image_size, hflip=hflip, seed=cfg.train.seed)
     loader, ds, sampler = make_train_loader(
         groups, channels=cfg.data.in_channels, transform=transform, image_size=image_size,
         batch_size=cfg.data.batch_size, rank=0, world=1, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,

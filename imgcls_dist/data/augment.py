@@ -30,6 +30,7 @@ from imgcls_dist.data.presets import POLICY_PRESETS, PRESETS, AugmentSpec, scale
 from imgcls_dist.errors import UserError  # noqa: E402
 
 if TYPE_CHECKING:
+    from imgcls_dist.config import AugmentConfig
     from torchvision.transforms import v2 as T
 
 
@@ -202,6 +203,15 @@ class TorchvisionPolicy(A.ImageOnlyTransform):
         gray = img.ndim == 2 or img.shape[2] == 1
         # np.array, not asarray: PIL's buffer comes back read-only, and the collate step wants writable arrays
         return np.array(self.policy(Image.fromarray(img.reshape(img.shape[:2]) if gray else img)))
+
+
+def train_transform_for(aug: AugmentConfig, image_size: int, hflip: bool, seed: int | None = None) -> A.Compose:
+    """The training transform an `augment:` config section describes: every key of it passed on here, in one
+    place, so no caller (the training loop, a benchmark's baseline) can leave one out."""
+    return build_train_transform(aug.preset, aug.strength, image_size, hflip=hflip, seed=seed,
+                                 erasing_p=aug.erasing_p, erasing_scale=aug.erasing_scale,
+                                 randaugment_n=aug.randaugment_n, randaugment_m=aug.randaugment_m,
+                                 augmix_severity=aug.augmix_severity)
 
 
 def reseed(transform: A.BaseCompose, seed: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-from imgcls_dist.data.augment import build_train_transform
+from imgcls_dist.data.augment import train_transform_for
 from imgcls_dist.data.seeds import derive_seed
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.transfer import freeze_bn_stats
@@ -44,16 +44,12 @@ def size_for_epoch(phases: list[tuple[int, int]] | list[list[int]], epoch: int, 
 
 def start_epoch(run: WorkerRun, epoch: int, first_step: int = 0) -> int:
     """Input size and transform of the epoch's phase; the stream positioned at batch `first_step`."""
-    aug_cfg, seed = run.cfg.augment, run.cfg.train.seed
     size = size_for_epoch(run.cfg.train.progressive_resizing, epoch, run.dataset["image_size"])
     transform = None
     if size != run.transform_size:
         # Same model, new input size: only the CPU-side transform changes (the nets are fully conv +
         # adaptive pooling), so phases switch without rebuilding or re-wrapping anything.
-        transform = build_train_transform(aug_cfg.preset, aug_cfg.strength, size, hflip=run.dataset["hflip"], seed=seed,
-                                          erasing_p=aug_cfg.erasing_p, erasing_scale=aug_cfg.erasing_scale,
-                                          randaugment_n=aug_cfg.randaugment_n, randaugment_m=aug_cfg.randaugment_m,
-                                          augmix_severity=aug_cfg.augmix_severity)
+        transform = train_transform_for(run.cfg.augment, size, hflip=run.dataset["hflip"], seed=run.cfg.train.seed)
         run.transform_size = size
     run.train_dataset.set_epoch(epoch, transform, size if transform is not None else None)
     run.sampler.set_epoch(epoch, skip=sum(run.sampler.sizes()[:first_step]))

@@ -325,3 +325,16 @@ def test_policy_config_keys():
                      ("augmix_severity", 11)):
         with pytest.raises(UserError, match=f"augment.{key}"):
             build_config({"augment": {key: bad}})
+
+
+def test_a_config_section_reaches_the_transform_whole():
+    from imgcls_dist.config import AugmentConfig
+    from imgcls_dist.data.augment import TorchvisionPolicy, train_transform_for
+
+    aug = AugmentConfig(preset="randaugment", randaugment_n=3, randaugment_m=5, erasing_p=1.0,
+                        erasing_scale=(0.1, 0.2))
+    ops = list(train_transform_for(aug, 32, hflip=False, seed=0).transforms)
+    policy = next(op for op in ops if isinstance(op, TorchvisionPolicy)).policy
+    assert (policy.num_ops, policy.magnitude) == (3, 5)
+    erasing = next(op for op in ops if isinstance(op, A.Erasing))
+    assert erasing.p == 1.0 and tuple(erasing.scale) == (0.1, 0.2)
