@@ -131,8 +131,8 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # A worker's report waits until the controller has taken the previous one (a queue of one), and the
     # controller looks every health-check interval, 2 s by default: epochs shorter than that (small data,
-    # min_steps stretching a run over hundreds of epochs) would each last 2 s. Polling 8x as often halves a
-    # small-data run (docs/benchmarks.md, "Short epochs"); a user's setting wins.
+    # min_steps stretching a run over hundreds of epochs) would each last 2 s. Polling 8x as often shortens a
+    # small-data run several-fold (docs/benchmarks.md, "Short epochs"); a user's setting wins.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     storage_path, storage_fs = ray_storage(cfg.run.storage_path)
     return TorchTrainer(
