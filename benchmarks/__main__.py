@@ -132,6 +132,12 @@ def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     return bench_recipes(configs=a.config.split(",") if a.config else LAYERS, overrides=tuple(a.overrides))
 
 
+def _imbalance(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.imbalance_bench import LAYERS, bench_imbalance
+
+    return bench_imbalance(configs=a.config.split(",") if a.config else LAYERS, overrides=tuple(a.overrides))
+
+
 def _train_precision(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.train_precision_bench import bench_train_precision
 
@@ -142,7 +148,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train": _train, "checkpoint": _checkpoint, "infer": _infer, "ingest": _ingest, "train-ingest": _train_ingest,
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
-    "short-epochs": _short_epochs, "recipes": _recipes, "train-precision": _train_precision,
+    "short-epochs": _short_epochs, "recipes": _recipes, "imbalance": _imbalance, "train-precision": _train_precision,
     "precision": _precision,
 }
 
