@@ -126,6 +126,12 @@ def _precision(a: argparse.Namespace) -> dict[str, Any]:
     return bench_precision(models=a.models, data=a.data, accuracy=not a.speed_only)
 
 
+def _backends(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.backend_bench import bench_backends
+
+    return bench_backends(models=a.models, data=a.data, accuracy=not a.speed_only)
+
+
 def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.recipe_bench import LAYERS, bench_recipes
 
@@ -149,7 +155,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
     "short-epochs": _short_epochs, "recipes": _recipes, "imbalance": _imbalance, "train-precision": _train_precision,
-    "precision": _precision,
+    "precision": _precision, "backends": _backends,
 }
 
 
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=None, metavar="PATH",
                    help="precision: trained model files for the bf16-vs-fp32 agreement (default: lenet5_digits and "
                         "resnet18_digits trained for 10 epochs on --data, or on builtin:digits ingested here)")
-    p.add_argument("--speed-only", action="store_true", help="precision: the speed arms only, no agreement")
+    p.add_argument("--speed-only", action="store_true", help="precision, backends: the speed arms only, no agreement")
     p.add_argument("--out", default=None, help="write the result as JSON")
     return p
 

@@ -50,6 +50,7 @@ def _predictor(path: str | Path, precision: str, channels_last: bool, batch_size
         layout = torch.channels_last if channels_last else torch.contiguous_format
         for m in pred.members:
             m.model.to(memory_format=layout)
+            m.forward.channels_last = channels_last  # the layout its normalization hands the model
     return pred
 
 

@@ -132,12 +132,12 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
 
 
 def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float,
-            decode: str, compile: bool = False, precision: str = "auto") -> None:
+            decode: str, compile: bool = False, precision: str = "auto", backend: str = "torch") -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
     Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
     the actors get the encoded rows and decode them themselves (predictor/device_decode.py). compile: the actors
-    torch.compile their members (EnsemblePredictor). precision: as resolved by the driver, so that every actor
-    runs the one its fingerprint says."""
+    torch.compile their members (EnsemblePredictor). precision, backend: as resolved by the driver, so that every
+    actor runs what its fingerprint says."""
     import ray
 
     with _quiet_ray_data():
@@ -153,7 +153,7 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
                                            combine=job.combine, temperatures=job.temperatures,
                                            batch_size=job.batch_size,
                                            torch_threads=plan.torch_threads, with_label=job.with_label,
-                                           compile=compile, precision=precision),
+                                           compile=compile, precision=precision, backend=backend),
                 compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                 batch_size=job.batch_size * (MICRO_BATCHES_PER_GPU_CALL if plan.gpus_per_actor else 1),
@@ -175,7 +175,7 @@ def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
 
 
 def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease: publish.Lease, run_id: str,
-                t0: float, decode: str, precision: str) -> dict[str, Any]:
+                t0: float, decode: str, precision: str, backend: str) -> dict[str, Any]:
     """Check that adopted + own parts hold every input row once, publish them in input order and commit the
     manifest (batch/publish.py, steps 3-5)."""
     own = own_parts(takeover.staging, run_id)
@@ -210,6 +210,7 @@ def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease
         "batch_size": job.batch_size,
         "decode": decode,
         "precision": precision,
+        "backend": backend,
         "actors": asdict(plan),
         "wall_s": round(wall, 3),
         "images_per_s": round(rows_predicted / wall, 2) if wall > 0 else None,  # this run's own rate
@@ -233,6 +234,7 @@ def run_batch_inference(
     decode: str = "auto",
     compile: bool = False,
     precision: str = "auto",
+    backend: str = "auto",
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT as docs/design.md, "Predictions"
@@ -245,32 +247,35 @@ def run_batch_inference(
     `compile`: torch.compile each member in the actors (worth it for long jobs on GPUs; measured by
     `python -m benchmarks.gpu_bench`). `precision`: "auto", "fp32" or "bf16", resolved here for the actors'
     device (predictor/precision.py): on a cluster whose nodes differ from the one this runs on, name it.
+    `backend`: "auto", "torch" or "onnxruntime", resolved here with the precision (predictor/backend.py).
     """
-    from imgcls_dist.predictor.precision import check_precision, choose_precision
+    from imgcls_dist.predictor.backend import check_backend, choose_runtime
+    from imgcls_dist.predictor.precision import check_precision
 
     say = print if verbose else (lambda *a, **k: None)
     t0 = time.perf_counter()
     check_precision(precision)
+    check_backend(backend)
     job = validate_job(models, input, output, tta=tta, batch_size=batch_size, weights=weights, combine=combine)
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     with publish.exclusive(job.out, run_id) as lease:
         plan, cpus_before = plan_job(num_actors)
         decode = resolve_decode(decode, plan.gpus_per_actor)
-        chosen = choose_precision(precision, "cuda" if plan.gpus_per_actor else "cpu")
-        fp = resume.fingerprint(job, run_id, decode, chosen.precision)
+        runtime, chosen = choose_runtime(backend, precision, "cuda" if plan.gpus_per_actor else "cpu")
+        fp = resume.fingerprint(job, run_id, decode, chosen.precision, runtime.backend)
         takeover = resume.take_over(job.out, fp, job.layout, run_id, fresh)
         model_list = ", ".join(f"{m['arch']}@{m['image_size']}" for m in job.members)
         say(f"infer {run_id}: {job.rows_in} rows in {len(job.files)} files, {len(job.members)} model(s) "
             f"[{model_list}], views {','.join(job.views)}, combine {job.combine}, "
             f"{plan.num_actors} actor(s) x {plan.cpus_per_actor:g} CPU"
             + (f" x {plan.gpus_per_actor:g} GPU" if plan.gpus_per_actor else "") + f", decode on {decode}, "
-            + f"{chosen} -> {job.out}", flush=True)
+            + f"{chosen}, {runtime} -> {job.out}", flush=True)
         if takeover.resumed_from:
             say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
                 f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
         if takeover.rows_todo:
-            execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision)
-        manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode, chosen.precision)
+            execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision, runtime.backend)
+        manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode, chosen.precision, runtime.backend)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "
         f"{manifest['images_per_s']} img/s -> {job.out}", flush=True)
     return manifest

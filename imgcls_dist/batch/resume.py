@@ -42,9 +42,9 @@ def _sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(job: InferJob, run_id: str, decode: str, precision: str) -> dict[str, Any]:
-    """What makes a run the same job as the one that wrote a staging: `decode` and `precision` as resolved for
-    the actors' device ("cpu"/"device"; "fp32"/"bf16"/"fp16")."""
+def fingerprint(job: InferJob, run_id: str, decode: str, precision: str, backend: str) -> dict[str, Any]:
+    """What makes a run the same job as the one that wrote a staging: `decode`, `precision` and `backend` as
+    resolved for the actors' device ("cpu"/"device"; "fp32"/"bf16"/"fp16"; "torch"/"onnxruntime")."""
     return {
         "format": FORMAT,
         "run_id": run_id,  # the run that started this staging (informational)
@@ -59,6 +59,7 @@ def fingerprint(job: InferJob, run_id: str, decode: str, precision: str) -> dict
         "label_passthrough": job.with_label,
         "decode": decode,  # CPU (reduced-size) and device decodes give slightly different pixels
         "precision": precision,  # bf16 moves probabilities by up to ~0.01 from fp32's
+        "backend": backend,  # onnxruntime's fp32 differs from torch's in the last bits
     }
 
 
@@ -92,13 +93,17 @@ def _fmt(v: Any) -> str:
 
 _PLAIN = {"tta_views": "TTA views", "weights": "weights", "temperatures": "temperatures", "combine": "combine",
           "classes": "classes", "label_passthrough": "label passthrough", "decode": "decode",
-          "precision": "precision", "format": "staging format"}
+          "precision": "precision", "backend": "backend", "format": "staging format"}
+# Stagings written before a key existed ran what it now says by default.
+_BEFORE = {"backend": "torch"}
 
 
 def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
     """What makes two fingerprints different jobs, in a few words; None when they are the same job."""
     diffs = [_inputs_diff(old.get("inputs", []), new["inputs"]), _models_diff(old.get("models", []), new["models"])]
-    diffs += [f"{label} ({_fmt(old.get(k))} -> {_fmt(new[k])})" for k, label in _PLAIN.items() if old.get(k) != new[k]]
+    diffs += [f"{label} ({_fmt(old.get(k, _BEFORE.get(k)))} -> {_fmt(new[k])})"
+              for k, label in _PLAIN.items()
+              if old.get(k, _BEFORE.get(k)) != new[k]]
     diffs = [d for d in diffs if d]
     return ", ".join(diffs) if diffs else None
 

@@ -19,7 +19,6 @@ Every exported file is run in ONNX Runtime at batch 1 and 7 against the PyTorch 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,20 +33,15 @@ from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, EnsembleSpec, resolve_model_args
+from imgcls_dist.predictor.onnx_runtime import BATCH_AXIS, OPSET, export_program, require_runtime
 from imgcls_dist.predictor.predictor import EnsemblePredictor, InputKey, Member
 from imgcls_dist.storage import PathLike, location
 
 FORMATS = ("onnx",)
-OPSET = 18
 FORMAT_VERSION = "1"  # of the metadata_props below; bumped when a key changes meaning
-INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "images", "probabilities", "batch"
-# torch.export specializes a dimension whose example value is 0 or 1 into a constant: the example batch
-# must be >= 2 for the batch axis to stay symbolic.
-EXAMPLE_BATCH = 2
+INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 CHECK_BATCHES = (1, 7)
 TOLERANCE = 1e-4  # max |p_onnx - p_torch|, fp32 on the CPU
-INSTALL_HINT = "pip install 'imgcls-dist[onnx]'"
-RUNTIME_MODULES = ("onnx", "onnxscript", "onnxruntime")  # the exporter needs the first two, the check the third
 
 
 @dataclass
@@ -95,18 +89,8 @@ class ProbabilityGraph(nn.Module):
 
 def export_graph(members: Sequence[Member], path: Path, metadata: dict[str, str]) -> None:
     """Trace `members` as one ProbabilityGraph and write it, metadata included, as one self-contained file."""
-    size, channels = members[0].key
-    graph = ProbabilityGraph(members, weighted=len(members) > 1).eval()
-    example = torch.randint(0, 256, (EXAMPLE_BATCH, channels, size, size), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
-    try:
-        # dynamic_shapes is keyed by forward()'s parameter name, which is the graph's input name
-        program = torch.onnx.export(
-            graph, (example,), dynamo=True, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_AXIS)}}, verbose=False)
-    except Exception as e:  # noqa: BLE001 - torch.export and the ONNX translation raise many types, pages long
-        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:200]
-        raise JobFailed(f"{path}: the ONNX exporter failed ({type(e).__name__}: {first})") from None
+    graph = ProbabilityGraph(members, weighted=len(members) > 1)
+    program = export_program(graph, members[0].key, INPUT_NAME, OUTPUT_NAME, str(path))
     program.model.metadata_props.update(metadata)
     program.model.doc_string = "imgcls-dist: uint8 NCHW images -> class probabilities"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,12 +172,6 @@ def check_files(predictor: EnsemblePredictor, files: Sequence[ExportedFile], com
 # ---------------------------------------------------------------------------------------------- the command
 
 
-def require_runtime() -> None:
-    missing = [m for m in RUNTIME_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"ONNX export needs {', '.join(missing)}, not installed: {INSTALL_HINT}")
-
-
 def resolve_source(models: PathLike | Sequence[PathLike]) -> tuple[EnsembleSpec, str]:
     """--models -> (spec, the file it came from: the ensemble.json, or the model file)."""
     items = [models] if isinstance(models, (str, os.PathLike)) else list(models)
@@ -253,7 +231,7 @@ def export_onnx(models: PathLike | Sequence[PathLike], out: PathLike | None = No
     """Export a model file, run directory or ensemble.json to ONNX and check it against the PyTorch predictor."""
     if fmt not in FORMATS:
         raise UserError(f"--format: unknown format {fmt!r}; supported: {', '.join(FORMATS)}")
-    require_runtime()
+    require_runtime("ONNX export")
     spec, source = resolve_source(models)
     dest = output_dir(source, out)
     # fp32: the graph is fp32, and the check's tolerance is for fp32 (precision "auto" may pick bf16 on a CPU)

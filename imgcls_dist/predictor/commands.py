@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from imgcls_dist.predictor.options import COMBINES, PRECISION_HELP, PRECISIONS, VIEW_NAMES
+from imgcls_dist.predictor.options import BACKEND_HELP, BACKENDS, COMBINES, PRECISION_HELP, PRECISIONS, VIEW_NAMES
 
 
 def _weights(s: str) -> list[float]:
@@ -29,13 +29,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--combine", choices=COMBINES, default=None,
                    help="how members are combined (default: the manifest's; weighted with --weights; else mean)")
     add_precision_arg(p)
+    p.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from imgcls_dist.predictor.predict import format_predictions, predict_images
 
     results = predict_images(a.images, a.models, topk=a.topk, tta=a.tta, weights=a.weights, combine=a.combine,
-                             precision=a.precision)
+                             precision=a.precision, backend=a.backend)
     print(format_predictions(results))
     return 0
 

@@ -1,7 +1,7 @@
 """What the inference commands accept, in one torch-free module so the CLI builds its help without importing
 torch: the test-time augmentation views (`predictor/tta.py` implements one function per name, in this order),
-the ways members combine, the forward precisions (`predictor/precision.py` resolves them) and the default batch
-size."""
+the ways members combine, the forward precisions (`predictor/precision.py` resolves them), the backends that run
+the forward (`predictor/backend.py`) and the default batch size."""
 
 from typing import Literal, get_args
 
@@ -17,3 +17,8 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 HANDED_ON_PRECISIONS = (*PRECISIONS, "fp16")
 PRECISION_HELP = ("forward precision: fp32, bf16 (autocast) or auto: bf16 on CUDA GPUs (fp16 on those without "
                   "bf16) and on CPUs with native bf16 (AVX512-BF16 or AMX-BF16), else fp32 (default auto)")
+
+Backend = Literal["auto", "torch", "onnxruntime"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+BACKEND_HELP = ("what runs the forward: torch, onnxruntime (CPU, fp32; needs the onnx extra) or auto: onnxruntime "
+                "where auto precision gives fp32 on a CPU and onnxruntime is installed, else torch (default auto)")

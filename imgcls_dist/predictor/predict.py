@@ -22,12 +22,14 @@ def load_predictor(
     device: str | None = None,
     batch_size: int = 64,
     precision: str = "auto",
+    backend: str = "auto",
 ) -> EnsemblePredictor:
     """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's,
-    --tta its views; its temperatures always apply. `precision`: --precision (predictor/precision.py)."""
+    --tta its views; its temperatures always apply. `precision`, `backend`: --precision and --backend
+    (predictor/precision.py, predictor/backend.py)."""
     spec = resolve_ensemble(models, weights, combine)
     predictor = EnsemblePredictor.from_spec(spec, views=tta, device=device, batch_size=batch_size,
-                                            precision=precision)
+                                            precision=precision, backend=backend)
     print_spread_note(spec, predictor.describe())
     return predictor
 
@@ -64,10 +66,12 @@ def predict_images(
     combine: str | None = None,
     device: str | None = None,
     precision: str = "auto",
+    backend: str = "auto",
 ) -> list[dict[str, Any]]:
     if not images:
         raise UserError("predict: give at least one image file")
-    predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device, precision=precision)
+    predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device, precision=precision,
+                               backend=backend)
     return predict_with(predictor, images, topk)
 
 

@@ -11,7 +11,7 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,9 +19,10 @@ import torch
 from imgcls_dist.predictor.manifest import EnsembleSpec, resolve_combine
 from imgcls_dist.errors import UserError
 from imgcls_dist.predictor.device_feed import DeviceFeed
-from imgcls_dist.predictor.precision import choose_precision, use_channels_last
+from imgcls_dist.predictor.backend import choose_runtime
+from imgcls_dist.predictor.onnx_runtime import OrtForward, UInt8Logits
+from imgcls_dist.predictor.precision import use_channels_last
 from imgcls_dist.predictor.tta import apply_views, default_views, resolve_views
-from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.registry import build_model_from_file
 from imgcls_dist.predictor.options import BATCH_SIZE
 
@@ -36,6 +37,8 @@ class Member:
     meta: dict[str, Any]
     weight: float
     temperature: float = 1.0
+    # uint8 [N, C, H, W] -> logits: the model behind its normalization, in torch or in ONNX Runtime (--backend)
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def key(self) -> InputKey:
@@ -70,6 +73,8 @@ class EnsemblePredictor:
     `precision`: "auto", "fp32" or "bf16" (or "fp16" on CUDA), resolved for the device by
     `predictor.precision.choose_precision`: `precision` holds the result ("fp32", "bf16", "fp16"),
     `precision_choice` also why (its str is what a job's first line says: "precision bf16 (auto: CPU has ...)").
+    `backend`: "torch", "onnxruntime" (CPU, fp32) or "auto" (`predictor.backend.choose_runtime` resolves it with
+    the precision; `backend_choice` holds the result and why).
     """
 
     def __init__(
@@ -83,6 +88,7 @@ class EnsemblePredictor:
         temperatures: Sequence[float] | None = None,
         compile: bool = False,
         precision: str = "auto",
+        backend: str = "torch",
     ):
         if not model_paths:
             raise UserError("no models given")
@@ -95,12 +101,15 @@ class EnsemblePredictor:
             raise UserError(f"temperatures: need one > 0 per model, got {list(temperatures or [])}")
         self.device = pick_device(device)
         self.batch_size = int(batch_size)
-        self.precision_choice = choose_precision(precision, self.device)
+        self.backend_choice, self.precision_choice = choose_runtime(backend, precision, self.device)
+        self.backend = self.backend_choice.backend
         self.precision = self.precision_choice.precision
         self.amp_dtype = self.precision_choice.amp_dtype
         self.channels_last = use_channels_last(self.precision, self.device)
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         self.compiled = bool(compile)
+        if self.compiled and self.backend != "torch":
+            raise UserError(f"--compile: compiles torch models; the forward runs in {self.backend_choice}")
         self.feed = DeviceFeed(self.device, self.batch_size)
         self.members: list[Member] = []
         for path, w, t in zip(model_paths, self.weights, self.temperatures):
@@ -111,12 +120,17 @@ class EnsemblePredictor:
                     f"models disagree on classes: {first.meta['path']} has {_short(first.meta['classes'])}, "
                     f"{meta['path']} has {_short(meta['classes'])}"
                 )
-            model = model.to(self.device, memory_format=memory_format)
-            model = torch.compile(model.eval(), dynamic=False) if self.compiled else model.eval()
-            self.members.append(Member(meta["path"], model, meta, w, t))
+            model = model.to(self.device, memory_format=memory_format).eval()
+            self.members.append(Member(meta["path"], model, meta, w, t, forward=self._forward(model, meta)))
         self.classes: list[str] = list(self.members[0].meta["classes"])
         self.hflip_ok = all(bool(m.meta.get("hflip", True)) for m in self.members)
         self.views = resolve_views(views, self.hflip_ok, default_views([m.meta for m in self.members]))
+
+    def _forward(self, model: torch.nn.Module, meta: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+        logits = UInt8Logits(model, meta["mean"], meta["std"], channels_last=self.channels_last).eval()
+        if self.backend == "onnxruntime":
+            return OrtForward(logits, (int(meta["image_size"]), int(meta["in_channels"])), meta["path"])
+        return torch.compile(logits, dynamic=False) if self.compiled else logits
 
     @classmethod
     def from_spec(cls, spec: EnsembleSpec, views: str | Sequence[str] | None = None, **kw) -> EnsemblePredictor:
@@ -185,8 +199,7 @@ class EnsemblePredictor:
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         amp = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with torch.inference_mode(), amp:
-            xv = normalize(apply_views(x, self.views), m.meta["mean"], m.meta["std"], channels_last=self.channels_last)
-            return m.model(xv).float().view(len(self.views), x.shape[0], -1)[:, :n]
+            return m.forward(apply_views(x, self.views)).float().view(len(self.views), x.shape[0], -1)[:, :n]
 
     def _member_probs(self, m: Member, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

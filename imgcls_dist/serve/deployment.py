@@ -27,7 +27,8 @@ from ray.serve import Application
 
 from imgcls_dist.predictor.device_decode import prepare_on_device
 from imgcls_dist.predictor.decode_mode import resolve_decode
-from imgcls_dist.predictor.precision import PrecisionChoice, choose_precision
+from imgcls_dist.predictor.backend import BackendChoice, choose_runtime
+from imgcls_dist.predictor.precision import PrecisionChoice
 from imgcls_dist.predictor.predict import load_predictor, top_classes
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.predictor.scores import entropy_nats
@@ -77,7 +78,8 @@ class Classifier:
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.torch_threads = torch.get_num_threads()
         self.predictor = load_predictor(s.models, tta=s.tta, weights=s.weights, combine=s.combine,
-                                        device=s.device, batch_size=s.max_batch_size, precision=s.precision)
+                                        device=s.device, batch_size=s.max_batch_size, precision=s.precision,
+                                        backend=s.backend)
         self.id = ensemble_id(self.predictor.describe(), self.predictor.views, self.predictor.combine)
         # The batch job's rule: JPEGs decoded by nvJPEG on a GPU replica, by PIL on CPU ones.
         self.decode = resolve_decode(s.decode, 1.0 if self.predictor.device.type == "cuda" else 0.0)
@@ -131,6 +133,7 @@ class Classifier:
         return {"ensemble_id": self.id, "members": p.describe(), "classes": p.classes, "views": p.views,
                 "combine": p.combine, "input_sizes": [{"image_size": k[0], "channels": k[1]} for k in p.input_keys],
                 "device": str(p.device), "precision": p.precision, "precision_reason": p.precision_choice.reason,
+                "backend": p.backend, "backend_reason": p.backend_choice.reason,
                 "torch_threads": self.torch_threads, "max_batch_size": s.max_batch_size,
                 "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_body_bytes": s.max_body_bytes}
 
@@ -162,13 +165,15 @@ def replica_options(cpus: float = 1.0, gpus: float | None = None, replicas: int 
     return opts
 
 
-def replica_settings(settings: ServeSettings, options: dict[str, Any]) -> tuple[ServeSettings, PrecisionChoice]:
-    """`settings` with its precision resolved for the replicas' device (settings.device, else a GPU when
-    `options` (replica_options) gives them one), and that choice: `imgcls-dist serve` prints it and every
-    replica runs it, as the batch job's actors run the one its driver resolved."""
+def replica_settings(settings: ServeSettings,
+                     options: dict[str, Any]) -> tuple[ServeSettings, PrecisionChoice, BackendChoice]:
+    """`settings` with its precision and backend resolved for the replicas' device (settings.device, else a GPU
+    when `options` (replica_options) gives them one), and those choices: `imgcls-dist serve` prints them and
+    every replica runs them, as the batch job's actors run what its driver resolved."""
     gpus = options.get("ray_actor_options", {}).get("num_gpus") or 0
-    chosen = choose_precision(settings.precision, settings.device or ("cuda" if gpus > 0 else "cpu"))
-    return settings.model_copy(update={"precision": chosen.precision}), chosen
+    runtime, chosen = choose_runtime(settings.backend, settings.precision,
+                                     settings.device or ("cuda" if gpus > 0 else "cpu"))
+    return settings.model_copy(update={"precision": chosen.precision, "backend": runtime.backend}), chosen, runtime
 
 
 def app(args: dict[str, Any]) -> Application:

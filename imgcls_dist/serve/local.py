@@ -32,7 +32,7 @@ def start_app(settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8
 
 def serve_forever(settings: ServeSettings, *, host: str, port: int, **options: Any) -> None:
     """Serve until SIGINT/SIGTERM, then shut Serve down (its controller, proxies and replicas). The replicas run
-    the precision resolved here for their device, the one the first line names."""
+    the precision and backend resolved here for their device, the ones the first line names."""
     from ray import serve
 
     from imgcls_dist.ray_utils import ensure_ray
@@ -43,9 +43,9 @@ def serve_forever(settings: ServeSettings, *, host: str, port: int, **options: A
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     ensure_ray()  # replica_options looks for GPUs in the cluster
-    settings, chosen = replica_settings(settings, replica_options(**options))
+    settings, chosen, runtime = replica_settings(settings, replica_options(**options))
     url = start_app(settings, host=host, port=port, **options)
-    print(f"serving {', '.join(settings.models)} at {url}/predict, {chosen}  (GET {url}/info; Ctrl-C stops)",
+    print(f"serving {', '.join(settings.models)} at {url}/predict, {chosen}, {runtime}  (GET {url}/info; Ctrl-C stops)",
           flush=True)
     try:
         stop.wait()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imgcls_dist.predictor.decode_mode import DECODE_MODES
-from imgcls_dist.predictor.options import HANDED_ON_PRECISIONS, PRECISIONS
+from imgcls_dist.predictor.options import BACKENDS, HANDED_ON_PRECISIONS, PRECISIONS
 
 # A 12 MP phone JPEG is 2-6 MB; 16 MiB leaves room for a few per multipart request and refuses
 # accidental uploads of video or archives before they are read.
@@ -33,6 +33,7 @@ class ServeSettings(BaseModel):
     device: str | None = Field(None, description="None: cuda when the replica has a GPU, else cpu")
     decode: str = Field("auto", description="as infer --decode: auto (on the device when it is a GPU), cpu, device")
     precision: str = Field("auto", description="as infer --precision: auto, fp32, bf16 (predictor/precision.py)")
+    backend: str = Field("auto", description="as infer --backend: auto, torch, onnxruntime (predictor/backend.py)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -52,6 +53,13 @@ class ServeSettings(BaseModel):
     def _precision(cls, v):
         if v not in HANDED_ON_PRECISIONS:  # fp16: what `imgcls-dist serve` hands on for a GPU without bf16
             raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+        return v
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v):
+        if v not in BACKENDS:
+            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
         return v
 
     @field_validator("weights", mode="before")

@@ -300,3 +300,19 @@ def test_decode_on_the_actors_device_gives_the_cpu_decodes_rows_and_errors(ray_s
         elif r["error"] is None:
             assert np.abs(np.subtract(r["probs"], cpu[i]["probs"])).max() < 0.05, i
     assert any(i in jpegs and dev[i]["error"] is None for i in dev)
+
+
+def test_the_onnxruntime_backend_gives_torchs_rows(ray_session, models, inputs, clean_out, tmp_path):
+    """`--backend onnxruntime` through the Ray Data job: every row, the same classes, probabilities within
+    fp32 rounding of the torch job's (fp32 forced there: auto may pick bf16 on this CPU)."""
+    torch_out = tmp_path / "torch"
+    ref = run_batch_inference(models, inputs.clean, torch_out, batch_size=32, precision="fp32", backend="torch",
+                              verbose=False)
+    m = run_batch_inference(models, inputs.clean, tmp_path / "ort", batch_size=32, backend="onnxruntime",
+                            verbose=False)
+    assert (m["backend"], m["precision"], ref["backend"]) == ("onnxruntime", "fp32", "torch")
+    got, want = by_id(read_out(tmp_path / "ort")), by_id(read_out(torch_out))
+    assert got.keys() == want.keys() and m["rows_out"] == len(inputs.good_rows)
+    for i, r in got.items():
+        assert r["pred"] == want[i]["pred"] and r["error"] is None, i
+        assert np.abs(np.array(r["probs"]) - np.array(want[i]["probs"])).max() <= 1e-4, i

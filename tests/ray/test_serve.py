@@ -261,13 +261,14 @@ def test_shutdown_leaves_no_serve_actors(server, digits_dir):  # last: it stops 
 
 def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, digits_dir):
     """`imgcls-dist serve` as a user runs it, joined to the session's Ray (RAY_ADDRESS) to skip a second
-    Ray start-up; after the module's server is gone (the test above), so Serve starts fresh."""
+    Ray start-up; after the module's server is gone (the test above), so Serve starts fresh. With the
+    onnxruntime backend (the module's server runs torch): the answer is the in-process ONNX Runtime predictor's."""
     import threading
 
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imgcls_dist.cli", "serve", "--models", str(model),
-                             "--port", str(port), "--tta", "none"],
+                             "--port", str(port), "--tta", "none", "--backend", "onnxruntime"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -277,9 +278,14 @@ def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, 
         while not any("serving" in ln for ln in lines) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        assert any(f"{url}/predict" in ln for ln in lines), "".join(lines)
-        status, r = post(f"{url}/predict", digit_pngs(digits_dir, 1)[0][0])
-        assert status == 200 and r["pred_name"] in [str(i) for i in range(10)]
+        assert any(f"{url}/predict" in ln and "backend onnxruntime (given)" in ln for ln in lines), "".join(lines)
+        image = digit_pngs(digits_dir, 1)[0][0]
+        status, r = post(f"{url}/predict", image)
+        predictor = load_predictor([model], tta="none", backend="onnxruntime")
+        want = predictor.predict_uint8(prepare_encoded([image], predictor.input_keys)[0])[0]
+        assert status == 200 and r["pred"] == int(want.argmax())
+        assert r["confidence"] == pytest.approx(float(want.max()), abs=1e-5)
+        assert get(f"{url}/info")[1]["backend"] == "onnxruntime"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "".join(lines)
     finally:

@@ -207,10 +207,16 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys, args, message):
 
 
 def test_without_onnxruntime_the_error_says_what_to_install(monkeypatch, tmp_path):
-    real = onnx_export.importlib.util.find_spec
-    monkeypatch.setattr(onnx_export.importlib.util, "find_spec", lambda m: None if m == "onnxruntime" else real(m))
-    with pytest.raises(UserError, match=r"needs onnxruntime, not installed: pip install 'imgcls-dist\[onnx\]'"):
+    import imgcls_dist.predictor.onnx_runtime as runtime
+
+    real = runtime.importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda m: None if m == "onnxruntime" else real(m))
+    with pytest.raises(UserError, match=r"ONNX export needs onnxruntime, not installed: "
+                                        r"pip install 'imgcls-dist\[onnx\]'"):
         export_onnx(save_model(tmp_path / "m", "lenet5", 16))
+    with pytest.raises(UserError, match=r"--backend onnxruntime needs onnxruntime, not installed"):
+        EnsemblePredictor([save_model(tmp_path / "m", "lenet5", 16)], backend="onnxruntime")
+
 
 
 def test_a_vote_ensemble_is_not_one_graph(tmp_path):

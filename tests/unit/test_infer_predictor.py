@@ -233,8 +233,8 @@ def test_compiled_members_use_one_graph_for_every_call_size_and_match_eager(tmp_
     views = ["identity", "shift_up"]
     eager = EnsemblePredictor([path], views=views, batch_size=4)
     compiled = EnsemblePredictor([path], views=views, batch_size=4, compile=True)
-    assert isinstance(compiled.members[0].model, torch._dynamo.eval_frame.OptimizedModule)
-    assert not isinstance(eager.members[0].model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.members[0].forward, torch._dynamo.eval_frame.OptimizedModule)
+    assert not isinstance(eager.members[0].forward, torch._dynamo.eval_frame.OptimizedModule)
     x = np.random.default_rng(0).integers(0, 256, (11, 16, 16, 3), dtype=np.uint8)
     before = dynamo_utils.counters["stats"]["unique_graphs"]
     for n in (11, 6):

@@ -132,8 +132,8 @@ def test_batch_job_fingerprint_holds_the_resolved_precision(tmp_path):
                    combine="mean", views=["identity"], keys=[(16, 3)], members=[{"path": str(model)}],
                    classes=[str(i) for i in range(10)], norm_weights=[1.0], temperatures=[1.0], batch_size=8,
                    out=location(tmp_path / "out"))
-    fp32, bf16 = (fingerprint(job, "run", "cpu", p) for p in ("fp32", "bf16"))
-    assert difference(fp32, fingerprint(job, "other-run", "cpu", "fp32")) is None
+    fp32, bf16 = (fingerprint(job, "run", "cpu", p, "torch") for p in ("fp32", "bf16"))
+    assert difference(fp32, fingerprint(job, "other-run", "cpu", "fp32", "torch")) is None
     assert difference(fp32, bf16) == "precision (fp32 -> bf16)"
     before = {k: v for k, v in fp32.items() if k != "precision"}  # a staging written before precision was recorded
     assert difference(before, fp32) == "precision (None -> fp32)"
@@ -143,8 +143,13 @@ def test_serve_hands_its_replicas_the_precision_it_prints(native):
     from imgcls_dist.serve.deployment import replica_settings
 
     native(True)
-    settings, chosen = replica_settings(ServeSettings(models=["m.pt"]), {"ray_actor_options": {"num_gpus": 0}})
+    settings, chosen, runtime = replica_settings(ServeSettings(models=["m.pt"]),
+                                                 {"ray_actor_options": {"num_gpus": 0}})
     assert settings.precision == "bf16" and str(chosen) == "precision bf16 (auto: CPU has AVX512-BF16)"
+    assert settings.backend == "torch" and str(runtime) == "backend torch (auto: bf16 on this CPU)"
     native(False)
-    settings, chosen = replica_settings(ServeSettings(models=["m.pt"], precision="fp32"), {})
-    assert (settings.precision, chosen.reason) == ("fp32", "given")
+    settings, chosen, runtime = replica_settings(ServeSettings(models=["m.pt"], precision="fp32"), {})
+    assert (settings.precision, chosen.reason, settings.backend) == ("fp32", "given", "torch")
+    settings, chosen, runtime = replica_settings(ServeSettings(models=["m.pt"]), {})
+    assert (settings.precision, settings.backend) == ("fp32", "onnxruntime")
+    assert str(runtime) == "backend onnxruntime (auto: fp32 on this CPU, where onnxruntime is faster)"
