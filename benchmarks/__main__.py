@@ -132,6 +132,12 @@ def _backends(a: argparse.Namespace) -> dict[str, Any]:
     return bench_backends(models=a.models, data=a.data, accuracy=not a.speed_only)
 
 
+def _bulk_cpu(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.bulk_cpu_bench import bench_bulk_cpu
+
+    return bench_bulk_cpu()
+
+
 def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.recipe_bench import LAYERS, bench_recipes
 
@@ -155,7 +161,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
     "short-epochs": _short_epochs, "recipes": _recipes, "imbalance": _imbalance, "train-precision": _train_precision,
-    "precision": _precision, "backends": _backends,
+    "precision": _precision, "backends": _backends, "bulk-cpu": _bulk_cpu,
 }
 
 

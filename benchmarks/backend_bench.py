@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import machine, print_table
-from benchmarks.precision_bench import BATCH, SIZE, SPEED_CASES, _dataset, _photo_batch, _trained_models, best_rates
+from benchmarks.precision_bench import BATCH, _dataset, _trained_models, measure_cases
 
 ARMS = ("torch fp32", "torch bf16", "onnxruntime fp32", "onnxruntime int8")
-SPEED_COLUMNS = ["model", "threads", "arm", "img/s", "vs torch fp32", "img/CPU-s", "vs torch fp32 (CPU)"]
 CALIBRATION_ROWS = 256
 
 
@@ -79,27 +78,11 @@ def predictors(path: str | Path, calibration: Sequence[np.ndarray], work: Path, 
 
 
 def speed_rows(work: Path, rounds: int, seconds: float) -> list[dict[str, Any]]:
-    from benchmarks.infer_bench import make_bench_model
+    def arms(path: Path, batch: dict) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory() as tmp:
+            return predictors(path, [_nchw(batch)], Path(tmp), BATCH)
 
-    batch, rows, saved = _photo_batch(), [], torch.get_num_threads()
-    try:
-        for arch, threads in SPEED_CASES:
-            torch.set_num_threads(threads)  # before the sessions are made: they take torch's thread count
-            path, _ = make_bench_model(work, arch, SIZE)
-            with tempfile.TemporaryDirectory() as tmp:
-                preds = predictors(path, [_nchw(batch)], Path(tmp), BATCH)
-            for p in preds.values():
-                p.predict_uint8(batch)  # warm-up
-            rates = best_rates({arm: p.predict_uint8 for arm, p in preds.items()}, batch, rounds, seconds)
-            wall0, cpu0 = rates["torch fp32"]
-            case = [{"model": f"{arch}@{SIZE}", "threads": threads, "arm": arm, "img/s": wall * BATCH,
-                     "vs torch fp32": wall / wall0, "img/CPU-s": cpu * BATCH, "vs torch fp32 (CPU)": cpu / cpu0}
-                    for arm, (wall, cpu) in rates.items()]
-            print_table(case, SPEED_COLUMNS)
-            rows += case
-    finally:
-        torch.set_num_threads(saved)
-    return rows
+    return measure_cases(work, rounds, seconds, arms, "torch fp32")
 
 
 def _split_arrays(data: Path, split: str, key, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:

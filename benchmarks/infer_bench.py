@@ -243,21 +243,23 @@ def format_bench(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _photo_inputs(workdir: Path, rows: Sequence[int], distinct: int = 8, per_shard: int = 25) -> dict[int, list[Path]]:
-    """max(rows) rows of 12 MP photo JPEGs (`data.synthetic.photo_jpeg`, ~1.3 MB each): `distinct` different
-    photos repeated (a repeat costs the job what a new photo does; making one takes ~0.7 s), in shards of
-    `per_shard` rows; each count is a prefix of files."""
+def _photo_inputs(workdir: Path, rows: Sequence[int], distinct: int = 8, per_shard: int = 25,
+                  size: tuple[int, int] = (4000, 3000)) -> dict[int, list[Path]]:
+    """max(rows) rows of photo JPEGs (`data.synthetic.photo_jpeg`; 12 MP, ~1.3 MB each, by default): `distinct`
+    different photos repeated (a repeat costs the job what a new photo does; making a 12 MP one takes ~0.7 s),
+    in shards of `per_shard` rows; each count is a prefix of files."""
     from imgcls_dist.data.builtin import digits_images
     from imgcls_dist.data.shards import write_shards
     from imgcls_dist.data.synthetic import photo_jpeg
 
-    src = workdir / f"photos-{max(rows)}-{per_shard}"
+    src = workdir / f"photos-{size[0]}x{size[1]}-{max(rows)}-{per_shard}"
     files = sorted(src.glob("*.parquet"))
     if not files:
         digits, labels, _ = digits_images(32)
-        photos = [photo_jpeg(digits[i], 4000, 3000, seed=i) for i in range(distinct)]
+        photos = [photo_jpeg(digits[i], *size, seed=i) for i in range(distinct)]
         rows_iter = ((f"photo-{i:06d}", photos[i % distinct], int(labels[i % distinct])) for i in range(max(rows)))
-        files = write_shards(rows_iter, src, rows_per_shard=per_shard, prefix="photo")
+        write_shards(rows_iter, src, rows_per_shard=per_shard, prefix="photo")
+        files = sorted(src.glob("*.parquet"))
     return {n: files[: max(1, round(n / per_shard))] for n in rows}
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ TRAINED = ("lenet5_digits", "resnet18_digits")
 # An epoch on the digits takes seconds; 10 make both real classifiers (test acc ~0.97 and ~0.99), not
 # near-uniform guessers whose near-ties would flip under any rounding.
 EPOCHS = 10
-SPEED_COLUMNS = ["model", "threads", "arm", "img/s", "vs fp32", "img/CPU-s", "vs fp32 (CPU)"]
 
 
 def _predictor(path: str | Path, precision: str, channels_last: bool, batch_size: int = BATCH):
@@ -84,7 +83,10 @@ def best_rates(fns: dict[str, Any], batch, rounds: int, seconds: float) -> dict[
     return best
 
 
-def speed_rows(work: Path, rounds: int, seconds: float) -> list[dict[str, Any]]:
+def measure_cases(work: Path, rounds: int, seconds: float, make_arms: Callable[[Path, dict], dict[str, Any]],
+                  baseline: str) -> list[dict[str, Any]]:
+    """Every SPEED_CASES model and thread count: {arm: predictor} from `make_arms(model path, batch)` (made after
+    the thread count is set), warmed up, timed by best_rates, printed and returned with ratios to `baseline`."""
     from benchmarks.infer_bench import make_bench_model
 
     batch, rows, saved = _photo_batch(), [], torch.get_num_threads()
@@ -92,19 +94,25 @@ def speed_rows(work: Path, rounds: int, seconds: float) -> list[dict[str, Any]]:
         for arch, threads in SPEED_CASES:
             torch.set_num_threads(threads)
             path, _ = make_bench_model(work, arch, SIZE)
-            preds = {arm: _predictor(path, *spec) for arm, spec in ARMS.items()}
+            preds = make_arms(path, batch)
             for p in preds.values():
                 p.predict_uint8(batch)  # warm-up: oneDNN builds its kernels on the first call
             rates = best_rates({arm: p.predict_uint8 for arm, p in preds.items()}, batch, rounds, seconds)
-            (wall0, cpu0) = rates["fp32"]
+            (wall0, cpu0) = rates[baseline]
             case = [{"model": f"{arch}@{SIZE}", "threads": threads, "arm": arm, "img/s": wall * BATCH,
-                     "vs fp32": wall / wall0, "img/CPU-s": cpu * BATCH, "vs fp32 (CPU)": cpu / cpu0}
+                     f"vs {baseline}": wall / wall0, "img/CPU-s": cpu * BATCH, f"vs {baseline} (CPU)": cpu / cpu0}
                     for arm, (wall, cpu) in rates.items()]
-            print_table(case, SPEED_COLUMNS)
+            print_table(case, ["model", "threads", "arm", "img/s", f"vs {baseline}", "img/CPU-s",
+                               f"vs {baseline} (CPU)"])
             rows += case
     finally:
         torch.set_num_threads(saved)
     return rows
+
+
+def speed_rows(work: Path, rounds: int, seconds: float) -> list[dict[str, Any]]:
+    return measure_cases(work, rounds, seconds,
+                         lambda path, _: {arm: _predictor(path, *spec) for arm, spec in ARMS.items()}, "fp32")
 
 
 def _dataset(data: str | None, work: Path) -> Path:

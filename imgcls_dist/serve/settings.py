@@ -44,9 +44,7 @@ class ServeSettings(BaseModel):
     @field_validator("decode")
     @classmethod
     def _decode(cls, v):
-        if v not in DECODE_MODES:
-            raise ValueError(f"must be one of {', '.join(DECODE_MODES)}")
-        return v
+        return _one_of(v, DECODE_MODES)
 
     @field_validator("precision")
     @classmethod
@@ -58,11 +56,15 @@ class ServeSettings(BaseModel):
     @field_validator("backend")
     @classmethod
     def _backend(cls, v):
-        if v not in BACKENDS:
-            raise ValueError(f"must be one of {', '.join(BACKENDS)}")
-        return v
+        return _one_of(v, BACKENDS)
 
     @field_validator("weights", mode="before")
     @classmethod
     def _weights(cls, v):
         return [float(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+def _one_of(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"must be one of {', '.join(choices)}")
+    return value
