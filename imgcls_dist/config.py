@@ -121,7 +121,8 @@ class TrainConfig(Section):
     min_lr: float = Field(0.0, ge=0.0)
     grad_accum_steps: int = Field(1, ge=1)
     grad_clip: Optional[float] = Field(None, gt=0.0)
-    # auto: bf16 on GPUs that support it, else fp16 on GPU, "no" on CPU.
+    # auto: bf16 on GPUs that support it, else fp16 on GPU; on a CPU bf16 where it computes bf16 natively
+    # (AVX512-BF16, AMX-BF16), else "no" (fp32).
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # [[epoch, size], ...]: from `epoch` (0-based) on, train at `size`; validation always at data.image_size.
     progressive_resizing: list[tuple[int, int]] = Field(default_factory=list)

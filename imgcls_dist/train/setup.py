@@ -16,7 +16,7 @@ from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
 from imgcls_dist.models.weights import CheckpointWeights, initial_weights
 from imgcls_dist.train.data import make_eval_loader, make_train_loader
-from imgcls_dist.predictor.precision import cpu_has_native_bf16
+from imgcls_dist.predictor.precision import cpu_has_native_bf16, use_channels_last
 from imgcls_dist.train.distill import Teacher
 from imgcls_dist.train.ema import build_ema
 from imgcls_dist.train.optim import build_optimizer
@@ -30,14 +30,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_mixed_precision(setting: str, cuda: bool) -> str:
-    """accelerate's mixed_precision for `train.mixed_precision`. On a CPU, `auto` stays fp32 (bf16 training's
-    final accuracy against fp32 has not been measured over seeds yet), `bf16` is honoured (CPU autocast; fast
-    only where the CPU has native bf16: predictor/precision.py says which), and `fp16` has no CPU autocast for
-    training, so it falls back to fp32 with a warning."""
+    """accelerate's mixed_precision for `train.mixed_precision`. On a CPU, `auto` is bf16 where the CPU computes
+    bf16 natively (predictor/precision.py says which; there bf16 autocast with channels_last trained faster than
+    fp32 and as accurately: docs/benchmarks.md, "Training steps" and "bf16 training"), else fp32; `bf16` is
+    honoured anywhere (emulated, slower, without native support), and `fp16` has no CPU autocast for training,
+    so it falls back to fp32 with a warning."""
     if cuda:
         if setting == "auto":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return setting
+    if setting == "auto":
+        return "bf16" if cpu_has_native_bf16() else "no"
     if setting == "bf16":
         if not cpu_has_native_bf16():
             print("warning: train.mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, "
@@ -147,7 +150,10 @@ def setup(loop_config: dict) -> WorkerRun:
     if resume:
         optimizer.load_state_dict(resume.optimizer)
         schedule.load_state_dict(resume.schedule)
-    if cuda:
+    # The predictor's layout rule: channels_last on GPUs, and on a CPU with bf16, where it made a training step
+    # faster still than bf16 alone (docs/benchmarks.md, "Training steps").
+    channels_last = use_channels_last(accelerator.mixed_precision, accelerator.device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     train_loader, train_dataset, sampler = make_train_loader(
@@ -169,7 +175,7 @@ def setup(loop_config: dict) -> WorkerRun:
         schedule=schedule, train_loader=train_loader, train_dataset=train_dataset, sampler=sampler,
         val_loader=val_loader, mix=build_batch_mix(aug_cfg.mixup_alpha, aug_cfg.cutmix_alpha, aug_cfg.mix_prob,
                                                    len(ds["classes"])),
-        mean=mean, std=std, channels_last=cuda, trainable_params=trainable,
+        mean=mean, std=std, channels_last=channels_last, trainable_params=trainable,
         tensorboard=TensorBoardLog(tb_dir) if rank == 0 and tb_dir else None, experiment=loop_config["experiment"],
         class_weight=(torch.tensor(ds["class_weights"], dtype=torch.float32, device=accelerator.device)
                       if ds.get("class_weights") else None),
