@@ -22,11 +22,13 @@ import torch
 
 from benchmarks.common import machine, print_table
 from benchmarks.infer_bench import _marginal_rate, _photo_inputs, make_bench_model
+from benchmarks.precision_bench import _dataset
 
 SIZE = 224
 ARMS = {"job fp32 torch": {"precision": "fp32", "backend": "torch"},
         "job auto": {"precision": "auto", "backend": "auto"},
-        "job onnxruntime fp32": {"precision": "auto", "backend": "onnxruntime"}}
+        "job onnxruntime fp32": {"precision": "auto", "backend": "onnxruntime"},
+        "job int8": {"precision": "int8", "backend": "auto"}}  # + calibration: the digits' validation split
 
 
 def plain_loop_rate(model_path: Path, files: Sequence[Path], batch_size: int) -> float:
@@ -54,7 +56,7 @@ def _preds(out: Path) -> dict[str, int]:
     return dict(zip(t.column("id").to_pylist(), t.column("pred").to_pylist()))
 
 
-def bench_bulk_cpu(rows: Sequence[int] = (64, 320), batch_size: int = 64,
+def bench_bulk_cpu(rows: Sequence[int] = (128, 640), batch_size: int = 64,
                    workdir: str = "runs/bench_bulk_cpu") -> dict[str, Any]:
     from imgcls_dist.batch.pipeline import run_batch_inference
     from imgcls_dist.ray_utils import ensure_ray
@@ -63,11 +65,13 @@ def bench_bulk_cpu(rows: Sequence[int] = (64, 320), batch_size: int = 64,
     work.mkdir(parents=True, exist_ok=True)
     model_path, _ = make_bench_model(work, "resnet18", SIZE)
     inputs = _photo_inputs(work, rows, distinct=16, per_shard=32, size=(640, 480))
+    calibration = _dataset(None, work)
     ensure_ray()
     job = {"tta": "none", "batch_size": batch_size, "fresh": True}
     run_batch_inference(model_path, inputs[min(rows)], work / "warmup", verbose=False, **job)
     rates, runs = {}, {}
     for arm, kw in ARMS.items():
+        kw = {**kw, "calibration": calibration} if kw["precision"] == "int8" else kw
         rates[arm], runs[arm] = _marginal_rate(model_path, inputs, work / arm.replace(" ", "_"), **job, **kw)
     loop = plain_loop_rate(model_path, inputs[max(rows)], batch_size)
     base, biggest = rates["job fp32 torch"], max(rows)

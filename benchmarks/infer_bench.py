@@ -318,8 +318,12 @@ def bench_predict_latency(
     repeats: int = 20,
     workdir: str | Path | None = None,
     verbose: bool = True,
+    precision: str = "auto",
+    backend: str = "auto",
+    calibration: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Median/p90 latency of predicting one PNG file (decode, resize, views, forward) after model load."""
+    """Median/p90 latency of predicting one PNG file (decode, resize, views, forward) after model load, with
+    `predict --precision precision --backend backend --calibration calibration`."""
     from imgcls_dist.data.builtin import digits_images, encode_png
     from imgcls_dist.predictor.predict import load_predictor, predict_with
 
@@ -330,7 +334,8 @@ def bench_predict_latency(
     result: dict[str, Any] = {"arch": arch, "image_size": size, "threads": torch.get_num_threads()}
     for tta in ttas:
         t0 = time.perf_counter()
-        predictor = load_predictor(model_path, tta=tta, batch_size=1)
+        predictor = load_predictor(model_path, tta=tta, batch_size=1, precision=precision, backend=backend,
+                                   calibration=calibration)
         load_ms = (time.perf_counter() - t0) * 1e3
         for _ in range(2):
             predict_with(predictor, [img], topk=5)  # warm-up
@@ -345,8 +350,8 @@ def bench_predict_latency(
                        "median_ms": round(statistics.median(times), 2),
                        "p90_ms": round(times[min(len(times) - 1, int(0.9 * len(times)))], 2)}
     if verbose:
-        print(f"predict latency, {arch}@{size}px, {result['threads']} torch thread(s), "
-              "after model load (goal < 100 ms):")
+        print(f"predict latency, {arch}@{size}px, {result['threads']} torch thread(s), {predictor.precision_choice}, "
+              f"{predictor.backend_choice}, after model load (goal < 100 ms):")
         for tta in ttas:
             r = result[tta]
             label = "none" if tta == "none" else "on"

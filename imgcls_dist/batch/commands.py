@@ -13,7 +13,7 @@ def cmd_infer(a: argparse.Namespace) -> int:
 
     run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
                         combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode, compile=a.compile,
-                        precision=a.precision, backend=a.backend)
+                        precision=a.precision, backend=a.backend, calibration=a.calibration)
     return 0
 
 
@@ -26,8 +26,8 @@ def register_infer_command(sub) -> None:
                         "and TTA into it is resumed: only rows it had not written are predicted)")
     p.add_argument("--fresh", action="store_true",
                    help="discard an interrupted run's staged predictions in --output and start from row 0 (needed "
-                        "to rerun with other inputs, models, views, weights, temperatures, precision or backend "
-                        "after a crash)")
+                        "to rerun with other inputs, models, views, weights, temperatures, precision, backend or "
+                        "calibration after a crash)")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per forward, before TTA views")
     p.add_argument("--decode", default="auto",  # checked by predictor.decode_mode.resolve_decode (one list of modes)
                    help="where images are decoded: cpu (Ray tasks, JPEGs at a reduced DCT scale), device (in the "

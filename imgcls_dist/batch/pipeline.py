@@ -22,7 +22,7 @@ from imgcls_dist.errors import JobFailed, UserError, root_cause
 from imgcls_dist.batch import parts, publish, resume
 from imgcls_dist.batch.job import InferJob, validate_job
 from imgcls_dist.predictor.decode_mode import resolve_decode
-from imgcls_dist.storage import Location, PathLike
+from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.predictor.options import BATCH_SIZE
 
 
@@ -132,12 +132,13 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
 
 
 def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float,
-            decode: str, compile: bool = False, precision: str = "auto", backend: str = "torch") -> None:
+            decode: str, compile: bool = False, precision: str = "auto", backend: str = "torch",
+            calibration: str | None = None) -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
     Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
     the actors get the encoded rows and decode them themselves (predictor/device_decode.py). compile: the actors
     torch.compile their members (EnsemblePredictor). precision, backend: as resolved by the driver, so that every
-    actor runs what its fingerprint says."""
+    actor runs what its fingerprint says; calibration: int8's dataset (each actor calibrates on the same images)."""
     import ray
 
     with _quiet_ray_data():
@@ -153,7 +154,8 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
                                            combine=job.combine, temperatures=job.temperatures,
                                            batch_size=job.batch_size,
                                            torch_threads=plan.torch_threads, with_label=job.with_label,
-                                           compile=compile, precision=precision, backend=backend),
+                                           compile=compile, precision=precision, backend=backend,
+                                           calibration=calibration),
                 compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                 batch_size=job.batch_size * (MICRO_BATCHES_PER_GPU_CALL if plan.gpus_per_actor else 1),
@@ -175,7 +177,7 @@ def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
 
 
 def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease: publish.Lease, run_id: str,
-                t0: float, decode: str, precision: str, backend: str) -> dict[str, Any]:
+                t0: float, decode: str, precision: str, backend: str, calibration: str | None) -> dict[str, Any]:
     """Check that adopted + own parts hold every input row once, publish them in input order and commit the
     manifest (batch/publish.py, steps 3-5)."""
     own = own_parts(takeover.staging, run_id)
@@ -211,6 +213,7 @@ def publish_job(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, lease
         "decode": decode,
         "precision": precision,
         "backend": backend,
+        "calibration": calibration,
         "actors": asdict(plan),
         "wall_s": round(wall, 3),
         "images_per_s": round(rows_predicted / wall, 2) if wall > 0 else None,  # this run's own rate
@@ -235,6 +238,7 @@ def run_batch_inference(
     compile: bool = False,
     precision: str = "auto",
     backend: str = "auto",
+    calibration: PathLike | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT as docs/design.md, "Predictions"
@@ -248,8 +252,9 @@ def run_batch_inference(
     `python -m benchmarks.gpu_bench`). `precision`: "auto", "fp32" or "bf16", resolved here for the actors'
     device (predictor/precision.py): on a cluster whose nodes differ from the one this runs on, name it.
     `backend`: "auto", "torch" or "onnxruntime", resolved here with the precision (predictor/backend.py).
+    `calibration`: with precision "int8", the dataset whose validation images calibrate the quantization.
     """
-    from imgcls_dist.predictor.backend import check_backend, choose_runtime
+    from imgcls_dist.predictor.backend import check_backend, check_calibration, choose_runtime
     from imgcls_dist.predictor.precision import check_precision
 
     say = print if verbose else (lambda *a, **k: None)
@@ -262,7 +267,9 @@ def run_batch_inference(
         plan, cpus_before = plan_job(num_actors)
         decode = resolve_decode(decode, plan.gpus_per_actor)
         runtime, chosen = choose_runtime(backend, precision, "cuda" if plan.gpus_per_actor else "cpu")
-        fp = resume.fingerprint(job, run_id, decode, chosen.precision, runtime.backend)
+        check_calibration(chosen.precision, calibration)
+        calib = None if calibration is None else location(calibration).uri
+        fp = resume.fingerprint(job, run_id, decode, chosen.precision, runtime.backend, calib)
         takeover = resume.take_over(job.out, fp, job.layout, run_id, fresh)
         model_list = ", ".join(f"{m['arch']}@{m['image_size']}" for m in job.members)
         say(f"infer {run_id}: {job.rows_in} rows in {len(job.files)} files, {len(job.members)} model(s) "
@@ -274,8 +281,10 @@ def run_batch_inference(
             say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
                 f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
         if takeover.rows_todo:
-            execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision, runtime.backend)
-        manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode, chosen.precision, runtime.backend)
+            execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision, runtime.backend,
+                    calib)
+        manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode, chosen.precision, runtime.backend,
+                               calib)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "
         f"{manifest['images_per_s']} img/s -> {job.out}", flush=True)
     return manifest

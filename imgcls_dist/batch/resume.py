@@ -42,9 +42,11 @@ def _sha256(uri: str) -> str:
     return h.hexdigest()
 
 
-def fingerprint(job: InferJob, run_id: str, decode: str, precision: str, backend: str) -> dict[str, Any]:
+def fingerprint(job: InferJob, run_id: str, decode: str, precision: str, backend: str,
+                calibration: str | None = None) -> dict[str, Any]:
     """What makes a run the same job as the one that wrote a staging: `decode`, `precision` and `backend` as
-    resolved for the actors' device ("cpu"/"device"; "fp32"/"bf16"/"fp16"; "torch"/"onnxruntime")."""
+    resolved for the actors' device ("cpu"/"device"; "fp32"/"bf16"/"fp16"/"int8"; "torch"/"onnxruntime"), and
+    the dataset an int8 run was calibrated on (its URI)."""
     return {
         "format": FORMAT,
         "run_id": run_id,  # the run that started this staging (informational)
@@ -60,6 +62,7 @@ def fingerprint(job: InferJob, run_id: str, decode: str, precision: str, backend
         "decode": decode,  # CPU (reduced-size) and device decodes give slightly different pixels
         "precision": precision,  # bf16 moves probabilities by up to ~0.01 from fp32's
         "backend": backend,  # onnxruntime's fp32 differs from torch's in the last bits
+        "calibration": calibration,  # other calibration images, other int8 ranges
     }
 
 
@@ -93,9 +96,9 @@ def _fmt(v: Any) -> str:
 
 _PLAIN = {"tta_views": "TTA views", "weights": "weights", "temperatures": "temperatures", "combine": "combine",
           "classes": "classes", "label_passthrough": "label passthrough", "decode": "decode",
-          "precision": "precision", "backend": "backend", "format": "staging format"}
+          "precision": "precision", "backend": "backend", "calibration": "calibration", "format": "staging format"}
 # Stagings written before a key existed ran what it now says by default.
-_BEFORE = {"backend": "torch"}
+_BEFORE = {"backend": "torch", "calibration": None}
 
 
 def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:

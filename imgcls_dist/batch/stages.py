@@ -79,7 +79,7 @@ class PredictActor:
     """Ray Data actor UDF: loads the ensemble once per actor, predicts the rows that decoded."""
 
     def __init__(self, model_paths, views, weights, combine, temperatures, batch_size, torch_threads, with_label,
-                 compile=False, precision="auto", backend="torch"):
+                 compile=False, precision="auto", backend="torch", calibration=None):
         import torch
 
         from imgcls_dist.predictor.predictor import EnsemblePredictor
@@ -87,7 +87,7 @@ class PredictActor:
         torch.set_num_threads(torch_threads)
         self.predictor = EnsemblePredictor(model_paths, views=views, weights=weights, combine=combine,
                                            temperatures=temperatures, batch_size=batch_size, compile=compile,
-                                           precision=precision, backend=backend)
+                                           precision=precision, backend=backend, calibration=calibration)
         self.with_label = with_label
         self.schema = output_schema(with_label)
 

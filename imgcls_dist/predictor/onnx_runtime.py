@@ -6,11 +6,19 @@ opset OPSET, in memory (a few seconds for a ResNet; nothing is written or cached
 session on it with as many intra-op threads as torch has in this process (a batch actor's or replica's CPUs).
 Views, temperatures and combining stay in torch, so both backends share every line but the forward.
 `imgcls-dist export` writes files through the same `export_program`.
+
+int8 (`--precision int8`): the exported graph is quantized by ONNX Runtime's own tools (`quant_pre_process`:
+shape inference and graph optimization; `quantize_static`: QDQ format, per-channel int8 weights, uint8
+activations with MinMax ranges) on calibration images the caller gives (the predictor: a validation split),
+in a temporary directory, because those tools read and write files. Measured against the other choices:
+docs/benchmarks.md, "CPU backends".
 """
 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -67,19 +75,47 @@ def export_program(module: nn.Module, key: tuple[int, int], input_name: str, out
         raise JobFailed(f"{where}: the ONNX exporter failed ({type(e).__name__}: {first})") from None
 
 
-class OrtForward:
-    """A member's forward in ONNX Runtime: uint8 [N, C, H, W] torch tensor -> float32 logits torch tensor."""
+CALIBRATION_BATCH = 32
 
-    def __init__(self, module: UInt8Logits, key: tuple[int, int], where: str):
+
+def quantize_int8(program, calibration: np.ndarray) -> bytes:
+    """An exported fp32 graph -> the bytes of its static int8 (QDQ) quantization, calibrated on `calibration`
+    (uint8 [N, C, H, W] images)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(range(0, len(calibration), CALIBRATION_BATCH))
+
+        def get_next(self):
+            i = next(self.batches, None)
+            return None if i is None else {LOGITS_INPUT: np.ascontiguousarray(calibration[i:i + CALIBRATION_BATCH])}
+
+    with tempfile.TemporaryDirectory(prefix="imgcls-int8-") as tmp:
+        fp32, pre, int8 = (Path(tmp) / f"{name}.onnx" for name in ("fp32", "pre", "int8"))
+        program.save(fp32, external_data=False)
+        quant_pre_process(str(fp32), str(pre))
+        quantize_static(str(pre), str(int8), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return int8.read_bytes()
+
+
+class OrtForward:
+    """A member's forward in ONNX Runtime: uint8 [N, C, H, W] torch tensor -> float32 logits torch tensor; with
+    `calibration` (uint8 [N, C, H, W]), statically quantized to int8 first."""
+
+    def __init__(self, module: UInt8Logits, key: tuple[int, int], where: str, calibration: np.ndarray | None = None):
         import onnxruntime as ort
 
         program = export_program(module, key, LOGITS_INPUT, LOGITS_OUTPUT, where)
+        model = (program.model_proto.SerializeToString() if calibration is None
+                 else quantize_int8(program, calibration))
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(program.model_proto.SerializeToString(), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.cpu().numpy())

@@ -10,13 +10,19 @@ VIEW_NAMES = ("identity", "hflip", "vflip", "shift_up", "shift_down", "shift_lef
 COMBINES = ("mean", "weighted", "vote")
 BATCH_SIZE = 128  # images per forward, before TTA views
 
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)  # predict, infer, serve
+# ensemble build fits temperatures on the logits inference will see; int8 is not offered there (its quantization
+# is calibrated per run, after the ensemble exists)
+FLOAT_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 # Also accepted where a resolved choice is handed on to the processes that run it (batch actors, Serve replicas):
 # fp16, what auto picks for CUDA devices without bf16. Not offered on the command line.
 HANDED_ON_PRECISIONS = (*PRECISIONS, "fp16")
 PRECISION_HELP = ("forward precision: fp32, bf16 (autocast) or auto: bf16 on CUDA GPUs (fp16 on those without "
                   "bf16) and on CPUs with native bf16 (AVX512-BF16 or AMX-BF16), else fp32 (default auto)")
+INT8_HELP = ("; int8 (CPU, ONNX Runtime): static quantization calibrated on --calibration's validation images, "
+             "never chosen by auto")
+CALIBRATION_ROWS = 256  # validation images an int8 quantization is calibrated on
 
 Backend = Literal["auto", "torch", "onnxruntime"]
 BACKENDS: tuple[str, ...] = get_args(Backend)

@@ -26,12 +26,12 @@ __all__ = ["Precision", "PrecisionChoice", "check_precision", "choose_precision"
 # cpuinfo flag -> the name printed. Either runs bf16 dot products in hardware (VDPBF16PS, AMX tiles); without
 # them oneDNN emulates bf16 with fp32 arithmetic plus conversions.
 NATIVE_BF16 = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 
 
 @dataclass(frozen=True)
 class PrecisionChoice:
-    precision: str  # "fp32", "bf16" or "fp16"
+    precision: str  # "fp32", "bf16", "fp16" or "int8"
     reason: str  # why, as the job's first line prints it: "auto: CPU has AVX512-BF16"
 
     @property
@@ -89,6 +89,8 @@ def _on_cpu(setting: str) -> PrecisionChoice:
 
 
 def _on_cuda(setting: str) -> PrecisionChoice:
+    if setting == "int8":
+        raise UserError("precision int8: runs on CPUs only (ONNX Runtime's CPU provider); on GPUs use bf16")
     if setting != "auto":
         return PrecisionChoice(setting, "given")
     if not torch.cuda.is_available():

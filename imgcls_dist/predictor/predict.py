@@ -23,13 +23,14 @@ def load_predictor(
     batch_size: int = 64,
     precision: str = "auto",
     backend: str = "auto",
+    calibration: str | Path | None = None,
 ) -> EnsemblePredictor:
     """--models (ensemble.json or model files/dirs) -> predictor; explicit weights/combine override the manifest's,
-    --tta its views; its temperatures always apply. `precision`, `backend`: --precision and --backend
-    (predictor/precision.py, predictor/backend.py)."""
+    --tta its views; its temperatures always apply. `precision`, `backend`, `calibration`: --precision, --backend
+    and --calibration (predictor/precision.py, predictor/backend.py, EnsemblePredictor)."""
     spec = resolve_ensemble(models, weights, combine)
     predictor = EnsemblePredictor.from_spec(spec, views=tta, device=device, batch_size=batch_size,
-                                            precision=precision, backend=backend)
+                                            precision=precision, backend=backend, calibration=calibration)
     print_spread_note(spec, predictor.describe())
     return predictor
 
@@ -67,11 +68,12 @@ def predict_images(
     device: str | None = None,
     precision: str = "auto",
     backend: str = "auto",
+    calibration: str | Path | None = None,
 ) -> list[dict[str, Any]]:
     if not images:
         raise UserError("predict: give at least one image file")
     predictor = load_predictor(models, tta=tta, weights=weights, combine=combine, device=device, precision=precision,
-                               backend=backend)
+                               backend=backend, calibration=calibration)
     return predict_with(predictor, images, topk)
 
 

@@ -19,12 +19,12 @@ import torch
 from imgcls_dist.predictor.manifest import EnsembleSpec, resolve_combine
 from imgcls_dist.errors import UserError
 from imgcls_dist.predictor.device_feed import DeviceFeed
-from imgcls_dist.predictor.backend import choose_runtime
+from imgcls_dist.predictor.backend import check_calibration, choose_runtime
 from imgcls_dist.predictor.onnx_runtime import OrtForward, UInt8Logits
 from imgcls_dist.predictor.precision import use_channels_last
 from imgcls_dist.predictor.tta import apply_views, default_views, resolve_views
 from imgcls_dist.models.registry import build_model_from_file
-from imgcls_dist.predictor.options import BATCH_SIZE
+from imgcls_dist.predictor.options import BATCH_SIZE, CALIBRATION_ROWS
 
 InputKey = tuple[int, int]  # (image_size, channels), as in predictor.prepare (not imported: it pulls albumentations)
 VOTE_TIE_EPS = 1e-3
@@ -75,6 +75,8 @@ class EnsemblePredictor:
     `precision_choice` also why (its str is what a job's first line says: "precision bf16 (auto: CPU has ...)").
     `backend`: "torch", "onnxruntime" (CPU, fp32) or "auto" (`predictor.backend.choose_runtime` resolves it with
     the precision; `backend_choice` holds the result and why).
+    `calibration`: with precision "int8" (CPU, ONNX Runtime), the dataset directory whose validation split's first
+    CALIBRATION_ROWS images calibrate each member's quantization; required then, refused otherwise.
     """
 
     def __init__(
@@ -89,6 +91,7 @@ class EnsemblePredictor:
         compile: bool = False,
         precision: str = "auto",
         backend: str = "torch",
+        calibration: str | Path | None = None,
     ):
         if not model_paths:
             raise UserError("no models given")
@@ -103,6 +106,8 @@ class EnsemblePredictor:
         self.batch_size = int(batch_size)
         self.backend_choice, self.precision_choice = choose_runtime(backend, precision, self.device)
         self.backend = self.backend_choice.backend
+        check_calibration(self.precision_choice.precision, calibration)
+        self.calibration = calibration
         self.precision = self.precision_choice.precision
         self.amp_dtype = self.precision_choice.amp_dtype
         self.channels_last = use_channels_last(self.precision, self.device)
@@ -128,8 +133,14 @@ class EnsemblePredictor:
 
     def _forward(self, model: torch.nn.Module, meta: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         logits = UInt8Logits(model, meta["mean"], meta["std"], channels_last=self.channels_last).eval()
+        key = (int(meta["image_size"]), int(meta["in_channels"]))
         if self.backend == "onnxruntime":
-            return OrtForward(logits, (int(meta["image_size"]), int(meta["in_channels"])), meta["path"])
+            calibration = None
+            if self.calibration is not None:
+                from imgcls_dist.predictor.prepare import calibration_images  # albumentations: int8 runs only
+
+                calibration = calibration_images(self.calibration, key, CALIBRATION_ROWS)
+            return OrtForward(logits, key, meta["path"], calibration)
         return torch.compile(logits, dynamic=False) if self.compiled else logits
 
     @classmethod

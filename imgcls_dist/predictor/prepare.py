@@ -16,7 +16,7 @@ from PIL import Image
 
 from imgcls_dist.data.augment import apply, build_eval_transform
 from imgcls_dist.data.decode import DEFAULT_MAX_PIXELS, DecodeResult, decode_image, is_jpeg, read_image_file
-from imgcls_dist.data.schema import IMAGE, LABEL
+from imgcls_dist.data.schema import IMAGE, LABEL, split_files
 from imgcls_dist.errors import UserError
 from imgcls_dist.storage import PathLike, location
 
@@ -104,3 +104,13 @@ def labelled_batches(files: Sequence[PathLike], keys: Sequence[InputKey], batch_
             y = np.array([-1 if v is None else v for v in batch.column(LABEL).to_pylist()], dtype=np.int64)
             y[np.array([e is not None for e in errors], dtype=bool)] = -1
             yield y, arrays
+
+
+def calibration_images(dataset: PathLike, key: InputKey, rows: int) -> np.ndarray:
+    """The first `rows` decodable images of a dataset's validation split as one member input, uint8 [N, C, H, W]
+    (what `--precision int8` calibrates on); a dataset without them is a UserError naming it."""
+    arrays = [a[key][y >= 0] for y, a in labelled_batches(split_files(dataset, "val"), [key], max_rows=rows)]
+    images = np.concatenate(arrays) if arrays else np.zeros((0, key[0], key[0], key[1]), np.uint8)
+    if not len(images):
+        raise UserError(f"--calibration {dataset}: no decodable images in its validation split")
+    return np.ascontiguousarray(images.transpose(0, 3, 1, 2))

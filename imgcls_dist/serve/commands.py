@@ -13,7 +13,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from imgcls_dist.serve.settings import ServeSettings
 
     given = {"models": a.models, "tta": a.tta, "weights": a.weights, "combine": a.combine,
-             "precision": a.precision, "backend": a.backend, "max_batch_size": a.max_batch_size,
+             "precision": a.precision, "backend": a.backend, "calibration": a.calibration, "max_batch_size": a.max_batch_size,
              "batch_wait_timeout_s": None if a.batch_wait_ms is None else a.batch_wait_ms / 1000.0,
              "max_body_bytes": None if a.max_body_mb is None else int(a.max_body_mb * 1024 * 1024)}
     given = {k: v for k, v in given.items() if v is not None}  # unset: ServeSettings' defaults

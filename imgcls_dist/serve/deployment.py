@@ -27,7 +27,7 @@ from ray.serve import Application
 
 from imgcls_dist.predictor.device_decode import prepare_on_device
 from imgcls_dist.predictor.decode_mode import resolve_decode
-from imgcls_dist.predictor.backend import BackendChoice, choose_runtime
+from imgcls_dist.predictor.backend import BackendChoice, check_calibration, choose_runtime
 from imgcls_dist.predictor.precision import PrecisionChoice
 from imgcls_dist.predictor.predict import load_predictor, top_classes
 from imgcls_dist.predictor.prepare import prepare_encoded
@@ -79,7 +79,7 @@ class Classifier:
         self.torch_threads = torch.get_num_threads()
         self.predictor = load_predictor(s.models, tta=s.tta, weights=s.weights, combine=s.combine,
                                         device=s.device, batch_size=s.max_batch_size, precision=s.precision,
-                                        backend=s.backend)
+                                        backend=s.backend, calibration=s.calibration)
         self.id = ensemble_id(self.predictor.describe(), self.predictor.views, self.predictor.combine)
         # The batch job's rule: JPEGs decoded by nvJPEG on a GPU replica, by PIL on CPU ones.
         self.decode = resolve_decode(s.decode, 1.0 if self.predictor.device.type == "cuda" else 0.0)
@@ -173,6 +173,7 @@ def replica_settings(settings: ServeSettings,
     gpus = options.get("ray_actor_options", {}).get("num_gpus") or 0
     runtime, chosen = choose_runtime(settings.backend, settings.precision,
                                      settings.device or ("cuda" if gpus > 0 else "cpu"))
+    check_calibration(chosen.precision, settings.calibration)
     return settings.model_copy(update={"precision": chosen.precision, "backend": runtime.backend}), chosen, runtime
 
 

@@ -34,6 +34,7 @@ class ServeSettings(BaseModel):
     decode: str = Field("auto", description="as infer --decode: auto (on the device when it is a GPU), cpu, device")
     precision: str = Field("auto", description="as infer --precision: auto, fp32, bf16 (predictor/precision.py)")
     backend: str = Field("auto", description="as infer --backend: auto, torch, onnxruntime (predictor/backend.py)")
+    calibration: str | None = Field(None, description="as infer --calibration: precision int8's dataset")
 
     @field_validator("models", mode="before")
     @classmethod

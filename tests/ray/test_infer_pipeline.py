@@ -302,7 +302,7 @@ def test_decode_on_the_actors_device_gives_the_cpu_decodes_rows_and_errors(ray_s
     assert any(i in jpegs and dev[i]["error"] is None for i in dev)
 
 
-def test_the_onnxruntime_backend_gives_torchs_rows(ray_session, models, inputs, clean_out, tmp_path):
+def test_the_onnxruntime_backend_gives_torchs_rows(ray_session, models, inputs, clean_out, tmp_path, tiny_digits_dir):
     """`--backend onnxruntime` through the Ray Data job: every row, the same classes, probabilities within
     fp32 rounding of the torch job's (fp32 forced there: auto may pick bf16 on this CPU)."""
     torch_out = tmp_path / "torch"
@@ -316,3 +316,11 @@ def test_the_onnxruntime_backend_gives_torchs_rows(ray_session, models, inputs, 
     for i, r in got.items():
         assert r["pred"] == want[i]["pred"] and r["error"] is None, i
         assert np.abs(np.array(r["probs"]) - np.array(want[i]["probs"])).max() <= 1e-4, i
+    # int8, calibrated on a dataset's validation split: every row, probabilities near fp32's, the dataset recorded
+    m = run_batch_inference(models, inputs.clean, tmp_path / "int8", batch_size=32, precision="int8",
+                            calibration=tiny_digits_dir, verbose=False)
+    assert (m["backend"], m["precision"], m["calibration"]) == ("onnxruntime", "int8", str(tiny_digits_dir))
+    got = by_id(read_out(tmp_path / "int8"))
+    assert got.keys() == want.keys()
+    diff = max(np.abs(np.array(r["probs"]) - np.array(want[i]["probs"])).max() for i, r in got.items())
+    assert 1e-4 < diff <= 0.05

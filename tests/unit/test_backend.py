@@ -42,7 +42,7 @@ def test_onnxruntime_runs_fp32_on_the_cpu_only(monkeypatch):
     assert (runtime.backend, chosen.precision, chosen.reason) == ("onnxruntime", "fp32",
                                                                   "the onnxruntime backend runs fp32")
     assert choose_runtime("auto", "auto", "cpu")[0].backend == "torch"  # bf16 torch where the CPU has bf16
-    with pytest.raises(UserError, match="runs fp32 only, not bf16; use --backend torch for bf16"):
+    with pytest.raises(UserError, match="runs fp32 or int8, not bf16; use --backend torch for bf16"):
         choose_runtime("onnxruntime", "bf16", "cpu")
     with pytest.raises(UserError, match="runs on the CPU only, not on cuda"):
         choose_runtime("onnxruntime", "auto", "cuda")
@@ -97,5 +97,63 @@ def test_batch_job_fingerprint_holds_the_backend(tmp_path):
                    out=location(tmp_path / "out"))
     torch_fp, ort_fp = (fingerprint(job, "run", "cpu", "fp32", b) for b in ("torch", "onnxruntime"))
     assert difference(torch_fp, ort_fp) == "backend (torch -> onnxruntime)"
-    before = {k: v for k, v in torch_fp.items() if k != "backend"}  # a staging written before backends existed
+    before = {k: v for k, v in torch_fp.items() if k not in ("backend", "calibration")}  # written before both existed
     assert difference(before, torch_fp) is None and difference(before, ort_fp) == "backend (torch -> onnxruntime)"
+    int8 = [fingerprint(job, "run", "cpu", "int8", "onnxruntime", c) for c in ("s3://b/digits", "s3://b/other")]
+    assert difference(int8[0], int8[1]) == "calibration (s3://b/digits -> s3://b/other)"
+
+
+@pytest.fixture(scope="module")
+def digits_16(tmp_path_factory):
+    """A dataset directory of the digits at 16 px (train 1,000 / val 300 / test the rest) and a lenet5 trained on
+    it for a few epochs: a real classifier, whose answers int8 rounding must not change."""
+    from helpers.model_files import train_digits_model
+
+    from imgcls_dist.data.builtin import encode_png
+    from imgcls_dist.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("digits16")
+    imgs, labels, _ = digits_images(16)
+    rows = [(f"d{i}", encode_png(im), int(y)) for i, (im, y) in enumerate(zip(imgs, labels))]
+    for split, part in (("train", rows[:1000]), ("val", rows[1000:1300]), ("test", rows[1300:])):
+        write_shards(part, root / "data" / split, rows_per_shard=500)
+    return root / "data", train_digits_model(root / "m", root / "data", epochs=15, seed=0)
+
+
+def test_int8_answers_as_fp32_on_real_digits_and_runs_in_onnxruntime(digits_16):
+    from imgcls_dist.data.schema import split_files
+    from imgcls_dist.predictor.prepare import labelled_batches
+
+    data, model = digits_16
+    int8 = EnsemblePredictor([model], views="identity,shift_left", precision="int8", calibration=data, backend="auto")
+    fp32 = EnsemblePredictor([model], views="identity,shift_left", precision="fp32", backend="torch")
+    assert (int8.precision, int8.backend, str(int8.backend_choice)) == ("int8", "onnxruntime",
+                                                                         "backend onnxruntime (auto: int8 runs in onnxruntime)")
+    ((y, x),) = list(labelled_batches(split_files(data, "test"), [(16, 3)], 1000))
+    p8, p32 = int8.predict_uint8(x), fp32.predict_uint8(x)
+    assert (p32.argmax(1) == y).mean() > 0.9  # the classifier is real
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.98 and np.abs(p8 - p32).max() > 1e-4  # quantized, not fp32
+    np.testing.assert_allclose(p8.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_needs_a_calibration_dataset_and_onnxruntime_on_a_cpu(digits_16, tmp_path):
+    data, model = digits_16
+    with pytest.raises(UserError, match=r"--precision int8 needs --calibration DATASET"):
+        EnsemblePredictor([model], precision="int8", backend="auto")
+    with pytest.raises(UserError, match=rf"--calibration {data}: only --precision int8 is calibrated"):
+        EnsemblePredictor([model], precision="fp32", calibration=data)
+    with pytest.raises(UserError, match=r"missing split directory val/"):
+        EnsemblePredictor([model], precision="int8", calibration=tmp_path, backend="auto")
+    with pytest.raises(UserError, match=r"--precision int8: runs in ONNX Runtime; use --backend onnxruntime"):
+        choose_runtime("torch", "int8", "cpu")
+    with pytest.raises(UserError, match=r"--precision int8: runs on the CPU only, not on cuda"):
+        choose_runtime("auto", "int8", "cuda")
+    assert build_parser().parse_args(["predict", "a.png", "--models", "m", "--precision", "int8", "--calibration",
+                                      "d"]).calibration == "d"
+
+
+def test_ensemble_build_does_not_offer_int8(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ensemble", "build", "--models", "m", "--val", "v", "--out", "o", "--precision",
+                                   "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
