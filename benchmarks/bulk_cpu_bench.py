@@ -56,7 +56,7 @@ def _preds(out: Path) -> dict[str, int]:
     return dict(zip(t.column("id").to_pylist(), t.column("pred").to_pylist()))
 
 
-def bench_bulk_cpu(rows: Sequence[int] = (128, 640), batch_size: int = 64,
+def bench_bulk_cpu(rows: Sequence[int] = (256, 1280), batch_size: int = 64,
                    workdir: str = "runs/bench_bulk_cpu") -> dict[str, Any]:
     from imgcls_dist.batch.pipeline import run_batch_inference
     from imgcls_dist.ray_utils import ensure_ray
