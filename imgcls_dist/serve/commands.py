@@ -10,18 +10,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from imgcls_dist.errors import UserError
     from imgcls_dist.serve.local import serve_forever
-    from imgcls_dist.serve.settings import ServeSettings
+    from imgcls_dist.serve.settings import TOKEN_ENV, ServeSettings, is_loopback, with_env_token
 
     given = {"models": a.models, "tta": a.tta, "weights": a.weights, "combine": a.combine,
              "precision": a.precision, "backend": a.backend, "calibration": a.calibration, "max_batch_size": a.max_batch_size,
              "batch_wait_timeout_s": None if a.batch_wait_ms is None else a.batch_wait_ms / 1000.0,
-             "max_body_bytes": None if a.max_body_mb is None else int(a.max_body_mb * 1024 * 1024)}
+             "max_body_bytes": None if a.max_body_mb is None else int(a.max_body_mb * 1024 * 1024),
+             "auth_token": a.auth_token}
     given = {k: v for k, v in given.items() if v is not None}  # unset: ServeSettings' defaults
     try:
         settings = ServeSettings(**given)
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError(f"serve: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    settings = with_env_token(settings)
+    if not is_loopback(a.host) and settings.auth_token is None and not a.insecure:
+        raise UserError(f"serve: --host {a.host} accepts connections from other machines: give a token "
+                        f"(${TOKEN_ENV} or --auth-token) or say --insecure to serve without one")
     serve_forever(settings, host=a.host, port=a.port, replicas=a.replicas, cpus=a.cpus_per_replica,
                   gpus=a.gpus_per_replica)
     return 0
@@ -36,6 +41,11 @@ def register_serve_command(sub) -> None:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--auth-token", default=None,
+                   help="requests need 'Authorization: Bearer TOKEN' (prefer $IMGCLS_DIST_SERVE_TOKEN: a flag shows "
+                        "in the process list)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without a token")
     p.add_argument("--replicas", type=int, default=None, help="replicas (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     p.add_argument("--gpus-per-replica", type=float, default=None, help="default: 1 when the cluster has GPUs")

@@ -8,7 +8,9 @@ requests meet in `@serve.batch`: each image of each request is one batch item, s
 shared, and an image that fails to decode only fails its own request (HTTP 400).
 
 Routes: POST /predict (raw image body or multipart `file` fields; ?topk=N), GET /info, GET /stats (this
-replica's request and batch-size counters). Serve's proxy answers /-/healthz and /-/routes.
+replica's request and batch-size counters); with a token (ServeSettings.auth_token) each of them answers 401
+without `Authorization: Bearer <token>`. Serve's proxy answers /-/healthz and /-/routes (no token: they say
+nothing about the models).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the route signatures (Request, Query) at runtime.
@@ -32,7 +34,8 @@ from imgcls_dist.predictor.precision import PrecisionChoice
 from imgcls_dist.predictor.predict import load_predictor, top_classes
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.predictor.scores import entropy_nats
-from imgcls_dist.serve.settings import DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, ServeSettings
+from imgcls_dist.serve.settings import (DEFAULT_BATCH_WAIT_S, DEFAULT_MAX_BATCH_SIZE, ServeSettings, authorized,
+                                        with_env_token)
 from imgcls_dist.serve.uploads import RequestError, Upload, is_multipart, read_uploads
 
 DEPLOYMENT = "Classifier"
@@ -98,6 +101,14 @@ class Classifier:
         # with the loop's request handling (docs/benchmarks.md, "Serve").
         return classify_encoded(self.predictor, self.decode, images)
 
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 unless the request carries the token (when there is one)."""
+        if authorized(request.headers.get("authorization"), self.settings.auth_token):
+            return None
+        self.requests["http_401"] += 1
+        return JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer <token>)"},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
     def _answer(self, uploads: list[Upload], outcomes, topk: int, multipart: bool) -> JSONResponse:
         results, first_error = [], None
         for i, (up, (probs, error)) in enumerate(zip(uploads, outcomes)):
@@ -116,6 +127,8 @@ class Classifier:
     async def predict(self, request: Request, topk: int | None = Query(None, ge=1)) -> JSONResponse:
         s = self.settings
         self.requests["requests"] += 1
+        if (refused := self._refused(request)) is not None:
+            return refused
         try:
             uploads = await read_uploads(request, s.max_body_bytes, s.max_files)
         except RequestError as exc:
@@ -127,19 +140,24 @@ class Classifier:
         self.requests[f"http_{response.status_code}"] += 1
         return response
 
-    @api.get("/info")
-    async def info(self) -> dict[str, Any]:
+    @api.get("/info", response_model=None)
+    async def info(self, request: Request) -> dict[str, Any] | JSONResponse:
+        if (refused := self._refused(request)) is not None:
+            return refused
         p, s = self.predictor, self.settings
         return {"ensemble_id": self.id, "members": p.describe(), "classes": p.classes, "views": p.views,
                 "combine": p.combine, "input_sizes": [{"image_size": k[0], "channels": k[1]} for k in p.input_keys],
                 "device": str(p.device), "precision": p.precision, "precision_reason": p.precision_choice.reason,
                 "backend": p.backend, "backend_reason": p.backend_choice.reason,
                 "torch_threads": self.torch_threads, "max_batch_size": s.max_batch_size,
-                "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_body_bytes": s.max_body_bytes}
+                "batch_wait_timeout_s": s.batch_wait_timeout_s, "max_body_bytes": s.max_body_bytes,
+                "auth": s.auth_token is not None}
 
-    @api.get("/stats")
-    async def stats(self) -> dict[str, Any]:
+    @api.get("/stats", response_model=None)
+    async def stats(self, request: Request) -> dict[str, Any] | JSONResponse:
         """This replica's counters (a request lands on one replica; sum over replicas for the app)."""
+        if (refused := self._refused(request)) is not None:
+            return refused
         sizes = self.batch_sizes
         return {**self.requests, "batches": sum(sizes.values()), "max_batch_size_seen": max(sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}}
@@ -182,4 +200,4 @@ def app(args: dict[str, Any]) -> Application:
     (`import_path: imgcls_dist.serve:app`, `args:`). `serve run` calls it before connecting to Ray, so GPUs
     cannot be detected there: on a GPU cluster set `ray_actor_options.num_gpus` in the config file's
     `deployments:` (configs/serve.yaml shows where), or run `imgcls-dist serve`, which detects them."""
-    return build_app(ServeSettings(**args), **replica_options())
+    return build_app(with_env_token(ServeSettings(**args)), **replica_options())

@@ -4,7 +4,11 @@ and `imgcls-dist serve` give. Replicas, autoscaling and actor resources are Serv
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+import ipaddress
+import os
+import secrets
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from imgcls_dist.predictor.decode_mode import DECODE_MODES
 from imgcls_dist.predictor.options import BACKENDS, HANDED_ON_PRECISIONS, PRECISIONS
@@ -15,6 +19,9 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # At most 5 ms added to a lone request; shorter waits did no better on CPU (docs/benchmarks.md, "Serve").
 DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_MAX_BATCH_SIZE = 16
+# The bearer token every request must carry when no `auth_token` is given: an environment variable keeps it out
+# of config files and of the process list (`--auth-token` shows in `ps`).
+TOKEN_ENV = "IMGCLS_DIST_SERVE_TOKEN"
 
 
 class ServeSettings(BaseModel):
@@ -35,6 +42,8 @@ class ServeSettings(BaseModel):
     precision: str = Field("auto", description="as infer --precision: auto, fp32, bf16 (predictor/precision.py)")
     backend: str = Field("auto", description="as infer --backend: auto, torch, onnxruntime (predictor/backend.py)")
     calibration: str | None = Field(None, description="as infer --calibration: precision int8's dataset")
+    auth_token: SecretStr | None = Field(None, description=f"requests need 'Authorization: Bearer <token>' "
+                                                           f"(default: ${TOKEN_ENV}, else no authentication)")
 
     @field_validator("models", mode="before")
     @classmethod
@@ -69,3 +78,29 @@ def _one_of(value: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"must be one of {', '.join(choices)}")
     return value
+
+
+def with_env_token(settings: ServeSettings) -> ServeSettings:
+    """`settings` with the token from $IMGCLS_DIST_SERVE_TOKEN when it names none (an empty variable is none)."""
+    if settings.auth_token is None and os.environ.get(TOKEN_ENV):
+        return settings.model_copy(update={"auth_token": SecretStr(os.environ[TOKEN_ENV])})
+    return settings
+
+
+def authorized(header: str | None, token: SecretStr | None) -> bool:
+    """Whether an Authorization header value passes: always without a token, else exactly "Bearer <token>"
+    (compared in constant time)."""
+    if token is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(),
+                                                                 token.get_secret_value().encode())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine

@@ -24,14 +24,15 @@ from helpers.model_files import train_digits_model
 from imgcls_dist.data.schema import split_files
 from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.predictor.prepare import prepare_encoded
-from imgcls_dist.serve.settings import ServeSettings
+from imgcls_dist.serve.settings import TOKEN_ENV, ServeSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_BODY = 4 * 1024 * 1024  # above the large damaged fixtures (~0.3 MB)
 
 
-def post(url: str, body: bytes, ctype: str = "image/png", timeout: float = 60) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": ctype})
+def post(url: str, body: bytes, ctype: str = "image/png", timeout: float = 60,
+         headers: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, method="POST", headers={"Content-Type": ctype, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -39,9 +40,9 @@ def post(url: str, body: bytes, ctype: str = "image/png", timeout: float = 60) -
         return e.code, json.loads(e.read() or b"{}")
 
 
-def get(url: str, timeout: float = 30) -> tuple[int, dict]:
+def get(url: str, timeout: float = 30, headers: dict | None = None) -> tuple[int, dict]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             raw = r.read()
             return r.status, json.loads(raw) if raw[:1] in (b"{", b"[") else {"text": raw.decode()}
     except urllib.error.HTTPError as e:
@@ -262,10 +263,12 @@ def test_shutdown_leaves_no_serve_actors(server, digits_dir):  # last: it stops 
 def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, digits_dir):
     """`imgcls-dist serve` as a user runs it, joined to the session's Ray (RAY_ADDRESS) to skip a second
     Ray start-up; after the module's server is gone (the test above), so Serve starts fresh. With the
-    onnxruntime backend (the module's server runs torch): the answer is the in-process ONNX Runtime predictor's."""
+    onnxruntime backend (the module's server runs torch): the answer is the in-process ONNX Runtime predictor's.
+    With a token from the environment: 401 without it, on every route of ours."""
     import threading
 
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, TOKEN_ENV: "t0ken"}
+    auth = {"Authorization": "Bearer t0ken"}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imgcls_dist.cli", "serve", "--models", str(model),
                              "--port", str(port), "--tta", "none", "--backend", "onnxruntime"],
@@ -280,12 +283,17 @@ def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, 
         url = f"http://127.0.0.1:{port}"
         assert any(f"{url}/predict" in ln and "backend onnxruntime (given)" in ln for ln in lines), "".join(lines)
         image = digit_pngs(digits_dir, 1)[0][0]
-        status, r = post(f"{url}/predict", image)
+        assert post(f"{url}/predict", image)[0] == 401
+        assert post(f"{url}/predict", image, headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert get(f"{url}/info")[0] == 401 and get(f"{url}/stats")[0] == 401
+        status, r = post(f"{url}/predict", image, headers=auth)
         predictor = load_predictor([model], tta="none", backend="onnxruntime")
         want = predictor.predict_uint8(prepare_encoded([image], predictor.input_keys)[0])[0]
         assert status == 200 and r["pred"] == int(want.argmax())
         assert r["confidence"] == pytest.approx(float(want.max()), abs=1e-5)
-        assert get(f"{url}/info")[1]["backend"] == "onnxruntime"
+        info = get(f"{url}/info", headers=auth)[1]
+        assert info["backend"] == "onnxruntime" and info["auth"] is True
+        assert get(f"{url}/stats", headers=auth)[1]["http_401"] == 4
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0, "".join(lines)
     finally:
