@@ -21,6 +21,7 @@ from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.distill import check_teacher
+from imgcls_dist.train.mixed_precision import describe_mixed_precision
 from imgcls_dist.train.state import load_history
 from imgcls_dist.train.stream import list_row_groups, optimizer_steps, total_rows
 from imgcls_dist.train.subset import balanced_class_weights, oversample_row_groups, subset_row_groups
@@ -178,7 +179,8 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     cfg = resolve_epochs(cfg, ds["train_rows"], num_workers)
     write_config(cfg, out / CONFIG_FILE)
     print(f"training {cfg.model.arch} on {cfg.data.path}: {num_workers} worker(s), "
-          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px -> {out}\n"
+          f"{'GPU' if use_gpu else 'CPU'}, {cfg.train.epochs} epochs, image {ds['image_size']}px, "
+          f"{describe_mixed_precision(cfg.train.mixed_precision, use_gpu)} -> {out}\n"
           f"resolved config: {out / CONFIG_FILE}", flush=True)
     if ds["class_weights"]:
         print(f"class weights (balanced): {min(ds['class_weights']):.3g} to {max(ds['class_weights']):.3g}",

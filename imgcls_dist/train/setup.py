@@ -3,7 +3,6 @@ loaders, restored from the run's latest checkpoint when there is one."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +15,9 @@ from imgcls_dist.models.registry import get_model, get_spec, replace_head
 from imgcls_dist.models.transfer import apply_transfer, count_trainable, param_groups
 from imgcls_dist.models.weights import CheckpointWeights, initial_weights
 from imgcls_dist.train.data import make_eval_loader, make_train_loader
-from imgcls_dist.predictor.precision import cpu_has_native_bf16, use_channels_last
+from imgcls_dist.predictor.precision import use_channels_last
 from imgcls_dist.train.distill import Teacher
+from imgcls_dist.train.mixed_precision import resolve_mixed_precision
 from imgcls_dist.train.ema import build_ema
 from imgcls_dist.train.optim import build_optimizer
 from imgcls_dist.train.schedulers import EpochSchedule
@@ -27,29 +27,6 @@ from imgcls_dist.train.tensorboard import TensorBoardLog
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def resolve_mixed_precision(setting: str, cuda: bool) -> str:
-    """accelerate's mixed_precision for `train.mixed_precision`. On a CPU, `auto` is bf16 where the CPU computes
-    bf16 natively (predictor/precision.py says which; there bf16 autocast with channels_last trained faster than
-    fp32 and as accurately: docs/benchmarks.md, "Training steps" and "bf16 training"), else fp32; `bf16` is
-    honoured anywhere (emulated, slower, without native support), and `fp16` has no CPU autocast for training,
-    so it falls back to fp32 with a warning."""
-    if cuda:
-        if setting == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return setting
-    if setting == "auto":
-        return "bf16" if cpu_has_native_bf16() else "no"
-    if setting == "bf16":
-        if not cpu_has_native_bf16():
-            print("warning: train.mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, "
-                  "slower than fp32", file=sys.stderr, flush=True)
-        return "bf16"
-    if setting == "fp16":
-        print("warning: train.mixed_precision=fp16 has no CPU autocast for training: training in fp32",
-              file=sys.stderr, flush=True)
-    return "no"
 
 
 @dataclass

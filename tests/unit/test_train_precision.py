@@ -1,16 +1,25 @@
-"""train.mixed_precision resolved for the device (train/setup.py resolve_mixed_precision)."""
+"""train.mixed_precision resolved for the device and described on the job line (train/mixed_precision.py)."""
 
 import pytest
 
-from imgcls_dist.train import setup
+from imgcls_dist.train import mixed_precision
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_auto_is_bf16_where_native_and_bf16_is_honoured(monkeypatch, capsys, native):
-    monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: native)
-    assert setup.resolve_mixed_precision("auto", cuda=False) == ("bf16" if native else "no")
-    assert setup.resolve_mixed_precision("no", cuda=False) == "no"
-    assert setup.resolve_mixed_precision("bf16", cuda=False) == "bf16"
+    monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: native)
+    assert mixed_precision.resolve_mixed_precision("auto", cuda=False) == ("bf16" if native else "no")
+    assert mixed_precision.resolve_mixed_precision("no", cuda=False) == "no"
+    assert mixed_precision.resolve_mixed_precision("bf16", cuda=False) == "bf16"
     assert ("emulated, slower than fp32" in capsys.readouterr().err) is (not native)
-    assert setup.resolve_mixed_precision("fp16", cuda=False) == "no"
+    assert mixed_precision.resolve_mixed_precision("fp16", cuda=False) == "no"
     assert "no CPU autocast for training" in capsys.readouterr().err
+
+
+def test_the_job_line_says_what_auto_trains_in(monkeypatch):
+    monkeypatch.setattr(mixed_precision, "native_bf16_features", lambda: ["AVX512-BF16"])
+    assert mixed_precision.describe_mixed_precision("auto", gpu=False) == "mixed precision bf16 (auto: CPU has AVX512-BF16)"
+    monkeypatch.setattr(mixed_precision, "native_bf16_features", lambda: [])
+    assert mixed_precision.describe_mixed_precision("auto", gpu=False) == "mixed precision no (auto: CPU without native bf16)"
+    assert mixed_precision.describe_mixed_precision("no", gpu=False) == "mixed precision no"
+    assert "else fp16" in mixed_precision.describe_mixed_precision("auto", gpu=True)
