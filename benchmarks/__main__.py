@@ -138,6 +138,12 @@ def _bulk_cpu(a: argparse.Namespace) -> dict[str, Any]:
     return bench_bulk_cpu()
 
 
+def _fuzz(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.fuzz_bench import bench_fuzz
+
+    return bench_fuzz(cases=a.cases, seed=a.seed)
+
+
 def _recipes(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.recipe_bench import LAYERS, bench_recipes
 
@@ -161,7 +167,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "train-memory": _train_memory, "storage": _storage, "ensemble": _ensemble, "augment": _augment,
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
     "short-epochs": _short_epochs, "recipes": _recipes, "imbalance": _imbalance, "train-precision": _train_precision,
-    "precision": _precision, "backends": _backends, "bulk-cpu": _bulk_cpu,
+    "precision": _precision, "backends": _backends, "bulk-cpu": _bulk_cpu, "fuzz": _fuzz,
 }
 
 
@@ -192,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision: trained model files for the bf16-vs-fp32 agreement (default: lenet5_digits and "
                         "resnet18_digits trained for 10 epochs on --data, or on builtin:digits ingested here)")
     p.add_argument("--speed-only", action="store_true", help="precision, backends: the speed arms only, no agreement")
+    p.add_argument("--cases", type=int, default=100_000, help="fuzz: decode cases")
+    p.add_argument("--seed", type=int, default=0, help="fuzz: the run's seed (a case is (seed, index))")
     p.add_argument("--out", default=None, help="write the result as JSON")
     return p
 
