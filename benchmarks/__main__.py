@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=sorted(BENCHMARKS))
     add_config_args(p, required=False, layered=False)  # train/tune/checkpoint: experiment config and overrides
     p.add_argument("--data", default=None, help="train/tune/checkpoint: dataset directory (default data/digits); "
-                   "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3; precision: default "
-                   "builtin:digits ingested into runs/bench_precision")
+                   "ensemble, distill: default data/digits-test30, ingested with --splits 0.6,0.1,0.3; precision, "
+                   "backends: default builtin:digits ingested into runs/bench_precision")
     p.add_argument("--epochs", type=int, default=3, help="train: epochs per side")
     p.add_argument("--rows", default="10000,50000", help="infer: input row counts to compare memory at")
     p.add_argument("--arch", default="resnet18", help="infer: model")

@@ -20,12 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from benchmarks.common import machine
-from benchmarks.study_bench import _cell, _scans, _split
+from benchmarks.study_bench import _cell, svc_accuracy
 from imgcls_dist.config import load_config
 from imgcls_dist.data.schema import LABEL, validate_dataset
 from imgcls_dist.study.stats import paired_difference, verdict
 from imgcls_dist.table import format_table
-from imgcls_dist.train.stream import list_row_groups
 
 LAYERS = ("configs/recipes/small_images.yaml", "configs/study_imbalance.yaml")
 RAREST = 3  # classes whose recall is reported on its own
@@ -56,16 +55,6 @@ def write_long_tail(source: Path, out: Path, *, most: int = 100, fewest: int = 5
     meta["source"] = f"{meta['source']}, training split long-tailed {most} -> {fewest} (seed {seed})"
     (out / "dataset.json").write_text(json.dumps(meta, indent=1))
     return [int(n) for n in kept]
-
-
-def _svc(data: str, balanced: bool) -> float:
-    from sklearn.svm import SVC
-
-    meta = validate_dataset(data, splits=("train", "test"))
-    ids, y = _split(list_row_groups([f.uri for f in meta["files"]["train"]]))
-    test_ids, test_y = _split(list_row_groups([f.uri for f in meta["files"]["test"]]))
-    clf = SVC(class_weight="balanced" if balanced else None).fit(_scans(ids), y)
-    return float((clf.predict(_scans(test_ids)) == test_y).mean())
 
 
 def _rare_recall(trial_dir: Path, rare: Sequence[str]) -> float | None:
@@ -109,7 +98,8 @@ def bench_imbalance(workdir: str = "runs/bench_imbalance", configs: Sequence[str
             p = paired_difference(per_arm[arm]["test_balanced_acc"], per_arm[base]["test_balanced_acc"])
             diff = f"{p.mean_diff:+.4f} ({verdict(p, 'higher')})" if p.n else "-"
         table.append([arm, *cells, diff])
-    svc = {"plain": _svc(str(data), False), "balanced": _svc(str(data), True)}
+    svc = {k: svc_accuracy(str(data), meta["classes"], 0, None, balanced=k == "balanced")
+           for k in ("plain", "balanced")}
     table += [[f"SVC ({k}, 8x8 scans)", f"{v:.4f}", "", "", ""] for k, v in svc.items()]
     print(f"\n{machine()}\nlong-tailed digits, training rows per class {counts}; test split balanced "
           f"({meta['counts']['test']} images); {cfg.model.arch}, {' + '.join(configs)}; mean [95% t interval] over "

@@ -60,7 +60,8 @@ def backend_for(setting: str, precision_setting: str, precision: PrecisionChoice
     if device.type != "cpu":
         return BackendChoice("torch", f"auto: {device.type} device")
     if precision_setting != "auto" or precision.precision != "fp32":
-        return BackendChoice("torch", f"auto: {precision.precision} {'given' if precision_setting != 'auto' else 'on this CPU'}")
+        why = "given" if precision_setting != "auto" else "on this CPU"
+        return BackendChoice("torch", f"auto: {precision.precision} {why}")
     if not runtime_installed:
         return BackendChoice("torch", "auto: fp32 on this CPU, onnxruntime not installed")
     return BackendChoice("onnxruntime", "auto: fp32 on this CPU, where onnxruntime is faster")

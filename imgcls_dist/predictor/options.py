@@ -26,5 +26,6 @@ CALIBRATION_ROWS = 256  # validation images an int8 quantization is calibrated o
 
 Backend = Literal["auto", "torch", "onnxruntime"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
-BACKEND_HELP = ("what runs the forward: torch, onnxruntime (CPU, fp32; needs the onnx extra) or auto: onnxruntime "
-                "where auto precision gives fp32 on a CPU and onnxruntime is installed, else torch (default auto)")
+BACKEND_HELP = ("what runs the forward: torch, onnxruntime (CPU, fp32 or int8; needs the onnx extra) or auto: "
+                "onnxruntime where auto precision gives fp32 on a CPU and onnxruntime is installed, and for int8, "
+                "else torch (default auto)")

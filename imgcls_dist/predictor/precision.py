@@ -89,8 +89,6 @@ def _on_cpu(setting: str) -> PrecisionChoice:
 
 
 def _on_cuda(setting: str) -> PrecisionChoice:
-    if setting == "int8":
-        raise UserError("precision int8: runs on CPUs only (ONNX Runtime's CPU provider); on GPUs use bf16")
     if setting != "auto":
         return PrecisionChoice(setting, "given")
     if not torch.cuda.is_available():

@@ -73,7 +73,7 @@ class EnsemblePredictor:
     `precision`: "auto", "fp32" or "bf16" (or "fp16" on CUDA), resolved for the device by
     `predictor.precision.choose_precision`: `precision` holds the result ("fp32", "bf16", "fp16"),
     `precision_choice` also why (its str is what a job's first line says: "precision bf16 (auto: CPU has ...)").
-    `backend`: "torch", "onnxruntime" (CPU, fp32) or "auto" (`predictor.backend.choose_runtime` resolves it with
+    `backend`: "torch", "onnxruntime" (CPU, fp32 or int8) or "auto" (`predictor.backend.choose_runtime` resolves it with
     the precision; `backend_choice` holds the result and why).
     `calibration`: with precision "int8" (CPU, ONNX Runtime), the dataset directory whose validation split's first
     CALIBRATION_ROWS images calibrate each member's quantization; required then, refused otherwise.
@@ -117,6 +117,7 @@ class EnsemblePredictor:
             raise UserError(f"--compile: compiles torch models; the forward runs in {self.backend_choice}")
         self.feed = DeviceFeed(self.device, self.batch_size)
         self.members: list[Member] = []
+        calibrations: dict[InputKey, np.ndarray] = {}  # int8: one read of the calibration images per input key
         for path, w, t in zip(model_paths, self.weights, self.temperatures):
             model, meta = build_model_from_file(path)
             if self.members and list(meta["classes"]) != list(self.members[0].meta["classes"]):
@@ -125,23 +126,22 @@ class EnsemblePredictor:
                     f"models disagree on classes: {first.meta['path']} has {_short(first.meta['classes'])}, "
                     f"{meta['path']} has {_short(meta['classes'])}"
                 )
-            model = model.to(self.device, memory_format=memory_format).eval()
-            self.members.append(Member(meta["path"], model, meta, w, t, forward=self._forward(model, meta)))
+            member = Member(meta["path"], model.to(self.device, memory_format=memory_format).eval(), meta, w, t)
+            member.forward = self._forward(member, calibrations)
+            self.members.append(member)
         self.classes: list[str] = list(self.members[0].meta["classes"])
         self.hflip_ok = all(bool(m.meta.get("hflip", True)) for m in self.members)
         self.views = resolve_views(views, self.hflip_ok, default_views([m.meta for m in self.members]))
 
-    def _forward(self, model: torch.nn.Module, meta: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
-        logits = UInt8Logits(model, meta["mean"], meta["std"], channels_last=self.channels_last).eval()
-        key = (int(meta["image_size"]), int(meta["in_channels"]))
-        if self.backend == "onnxruntime":
-            calibration = None
-            if self.calibration is not None:
-                from imgcls_dist.predictor.prepare import calibration_images  # albumentations: int8 runs only
+    def _forward(self, m: Member, calibrations: dict[InputKey, np.ndarray]) -> Callable[[torch.Tensor], torch.Tensor]:
+        logits = UInt8Logits(m.model, m.meta["mean"], m.meta["std"], channels_last=self.channels_last).eval()
+        if self.backend != "onnxruntime":
+            return torch.compile(logits, dynamic=False) if self.compiled else logits
+        if self.calibration is not None and m.key not in calibrations:
+            from imgcls_dist.predictor.prepare import calibration_images  # albumentations: int8 runs only
 
-                calibration = calibration_images(self.calibration, key, CALIBRATION_ROWS)
-            return OrtForward(logits, key, meta["path"], calibration)
-        return torch.compile(logits, dynamic=False) if self.compiled else logits
+            calibrations[m.key] = calibration_images(self.calibration, m.key, CALIBRATION_ROWS)
+        return OrtForward(logits, m.key, m.path, calibrations.get(m.key))
 
     @classmethod
     def from_spec(cls, spec: EnsembleSpec, views: str | Sequence[str] | None = None, **kw) -> EnsemblePredictor:

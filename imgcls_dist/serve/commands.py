@@ -13,7 +13,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from imgcls_dist.serve.settings import TOKEN_ENV, ServeSettings, is_loopback, with_env_token
 
     given = {"models": a.models, "tta": a.tta, "weights": a.weights, "combine": a.combine,
-             "precision": a.precision, "backend": a.backend, "calibration": a.calibration, "max_batch_size": a.max_batch_size,
+             "precision": a.precision, "backend": a.backend, "calibration": a.calibration,
+             "max_batch_size": a.max_batch_size,
              "batch_wait_timeout_s": None if a.batch_wait_ms is None else a.batch_wait_ms / 1000.0,
              "max_body_bytes": None if a.max_body_mb is None else int(a.max_body_mb * 1024 * 1024),
              "auth_token": a.auth_token}

@@ -6,7 +6,16 @@ import sys
 
 import torch
 
-from imgcls_dist.predictor.precision import cpu_has_native_bf16, native_bf16_features
+from imgcls_dist.predictor.precision import PrecisionChoice, choose_precision, cpu_has_native_bf16
+
+# accelerate's name for each precision the CPU rule can give
+ACCELERATE = {"bf16": "bf16", "fp32": "no"}
+
+
+def _cpu_auto() -> PrecisionChoice:
+    """Inference's `--precision auto` on this CPU (predictor/precision.py), and why: training follows the same
+    rule, bf16 where the CPU computes it natively."""
+    return choose_precision("auto", "cpu")
 
 
 def resolve_mixed_precision(setting: str, cuda: bool) -> str:
@@ -20,7 +29,7 @@ def resolve_mixed_precision(setting: str, cuda: bool) -> str:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return setting
     if setting == "auto":
-        return "bf16" if cpu_has_native_bf16() else "no"
+        return ACCELERATE[_cpu_auto().precision]
     if setting == "bf16":
         if not cpu_has_native_bf16():
             print("warning: train.mixed_precision=bf16 on a CPU without native bf16 (AVX512-BF16/AMX): emulated, "
@@ -35,10 +44,9 @@ def resolve_mixed_precision(setting: str, cuda: bool) -> str:
 def describe_mixed_precision(setting: str, gpu: bool) -> str:
     """What the training job's first line says of `train.mixed_precision` (the workers resolve it with
     resolve_mixed_precision; on GPUs `auto` depends on the GPU, which the driver may not see)."""
-    if gpu:
-        return f"mixed precision {setting}" + (" (bf16 where the GPU supports it, else fp16)" if setting == "auto" else "")
     if setting != "auto":
         return f"mixed precision {setting}"
-    native = native_bf16_features()
-    return (f"mixed precision bf16 (auto: CPU has {' and '.join(native)})" if native else
-            "mixed precision no (auto: CPU without native bf16)")
+    if gpu:
+        return "mixed precision auto (bf16 where the GPU supports it, else fp16)"
+    chosen = _cpu_auto()
+    return f"mixed precision {ACCELERATE[chosen.precision]} ({chosen.reason})"

@@ -2,12 +2,14 @@
 
 import pytest
 
+import imgcls_dist.predictor.precision as precision
 from imgcls_dist.train import mixed_precision
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_auto_is_bf16_where_native_and_bf16_is_honoured(monkeypatch, capsys, native):
-    monkeypatch.setattr(mixed_precision, "cpu_has_native_bf16", lambda: native)
+    # what the CPU is said to have, at the one place both training's and inference's auto rules read it
+    monkeypatch.setattr(precision, "native_bf16_features", lambda: ["AVX512-BF16"] if native else [])
     assert mixed_precision.resolve_mixed_precision("auto", cuda=False) == ("bf16" if native else "no")
     assert mixed_precision.resolve_mixed_precision("no", cuda=False) == "no"
     assert mixed_precision.resolve_mixed_precision("bf16", cuda=False) == "bf16"
@@ -17,9 +19,11 @@ def test_cpu_auto_is_bf16_where_native_and_bf16_is_honoured(monkeypatch, capsys,
 
 
 def test_the_job_line_says_what_auto_trains_in(monkeypatch):
-    monkeypatch.setattr(mixed_precision, "native_bf16_features", lambda: ["AVX512-BF16"])
-    assert mixed_precision.describe_mixed_precision("auto", gpu=False) == "mixed precision bf16 (auto: CPU has AVX512-BF16)"
-    monkeypatch.setattr(mixed_precision, "native_bf16_features", lambda: [])
-    assert mixed_precision.describe_mixed_precision("auto", gpu=False) == "mixed precision no (auto: CPU without native bf16)"
+    monkeypatch.setattr(precision, "native_bf16_features", lambda: ["AVX512-BF16"])
+    assert (mixed_precision.describe_mixed_precision("auto", gpu=False) ==
+            "mixed precision bf16 (auto: CPU has AVX512-BF16)")
+    monkeypatch.setattr(precision, "native_bf16_features", lambda: [])
+    assert (mixed_precision.describe_mixed_precision("auto", gpu=False) ==
+            "mixed precision no (auto: CPU lacks AVX512-BF16 and AMX-BF16)")
     assert mixed_precision.describe_mixed_precision("no", gpu=False) == "mixed precision no"
     assert "else fp16" in mixed_precision.describe_mixed_precision("auto", gpu=True)
