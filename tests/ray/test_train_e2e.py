@@ -418,7 +418,7 @@ def test_adam_accumulation_clipping_smoothing_and_mixing_train(ray_session, tiny
     understood this test checks the options, not bf16 (bf16 training: test_bf16_autocast_trains_on_a_cpu and the
     kill/resume test)."""
     cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="opts", arch="resnet18", extra=[
-        "train.mixed_precision=no", "train.optimizer=adam", "train.lr=0.002", "train.grad_accum_steps=2", "train.grad_clip=1.0",
+        "train.mixed_precision='no'", "train.optimizer=adam", "train.lr=0.002", "train.grad_accum_steps=2", "train.grad_clip=1.0",
         "train.label_smoothing=0.1", "augment.mixup_alpha=0.2", "augment.cutmix_alpha=1.0", "augment.mix_prob=0.8", "augment.erasing_p=0.5",
         "model.layer_decay=0.5", "model.transfer=freeze_early", "train.epochs=2"])
     history, _ = fit_in_process(cfg, monkeypatch, tmp_path / "opts")
