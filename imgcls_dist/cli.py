@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from imgcls_dist.config import add_config_args
-from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.errors import JobFailed, Stopped, UserError
 
 
 def _fractions(s: str) -> tuple[float, float, float]:
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except Stopped as e:
+        print(f"imgcls-dist {args.command}: stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except (UserError, JobFailed) as e:
         print(f"imgcls-dist {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code

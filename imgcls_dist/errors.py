@@ -17,6 +17,13 @@ class JobFailed(Exception):
     exit_code = 1
 
 
+class Stopped(JobFailed):
+    """A job asked to stop (SIGTERM) that stopped at a safe point with its work so far written; running the
+    same command again continues it. Exit status 143, as for a process ended by SIGTERM."""
+
+    exit_code = 143
+
+
 def root_cause(e: BaseException, limit: int = 300) -> str:
     """One line for a failure that Ray wrapped (Train's worker_failures, TaskError chains, Data's
     remote tracebacks): follow the chain to the original exception; its text's last line names it."""

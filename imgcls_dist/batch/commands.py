@@ -6,6 +6,7 @@ import argparse
 
 from imgcls_dist.predictor.commands import add_model_args
 from imgcls_dist.predictor.options import BATCH_SIZE
+from imgcls_dist.preemption import DEFAULT_GRACE_S
 
 
 def cmd_infer(a: argparse.Namespace) -> int:
@@ -13,7 +14,8 @@ def cmd_infer(a: argparse.Namespace) -> int:
 
     run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
                         combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode, compile=a.compile,
-                        precision=a.precision, backend=a.backend, calibration=a.calibration)
+                        precision=a.precision, backend=a.backend, calibration=a.calibration,
+                        stop_grace_s=a.stop_grace)
     return 0
 
 
@@ -39,4 +41,8 @@ def register_infer_command(sub) -> None:
     p.add_argument("--actors", type=int, default=None,
                    help="predictor actors (default: one per GPU; on CPUs, one per CPU left after keeping "
                         "a quarter of them, at least 1, for read/decode tasks)")
+    p.add_argument("--stop-grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                   help="on SIGTERM (pod deletion, `ray job stop`), write the rows predicted so far and exit (status "
+                        "143) within this many seconds; the same command again predicts the rest (default: "
+                        "%(default)g, inside Kubernetes' 30 s)")
     p.set_defaults(func=cmd_infer)

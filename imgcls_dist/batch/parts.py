@@ -24,6 +24,7 @@ from ray.data.datasource import Datasink, ReadTask
 from imgcls_dist.data.schema import ID, map_files
 from imgcls_dist.batch import publish
 from imgcls_dist.batch.stages import DevicePredictActor, PredictActor, decode_batch
+from imgcls_dist.preemption import stop_requested
 from imgcls_dist.storage import Location, location
 
 POS_FILE, POS_ROW = "_pos_file", "_pos_row"
@@ -212,8 +213,11 @@ def _in_ranges(rows: np.ndarray, ranges: tuple[tuple[int, int], ...]) -> np.ndar
     return mask
 
 
-def read_unit(uri: str, unit: Unit, columns: list[str]) -> Iterator[pa.Table]:
-    """The wanted rows of a unit, one block per row group, with their position columns."""
+def read_unit(uri: str, unit: Unit, columns: list[str], stop_flag=None) -> Iterator[pa.Table]:
+    """The wanted rows of a unit, one block per row group, with their position columns; nothing once the job
+    was asked to stop (preemption.py)."""
+    if stop_requested(stop_flag):
+        return
     f = location(uri)
     pf = pq.ParquetFile(f.path, filesystem=f.fs)
     start = unit.offset
@@ -234,9 +238,9 @@ class ShardRows(Datasource):
     """Ray Data source over the units of a job: Ray's own Parquet reader cannot say where a row came from,
     nor read only some rows of a row group range, and both are what a resumed run needs."""
 
-    def __init__(self, layout: list[FileLayout], units: list[Unit], columns: list[str]):
+    def __init__(self, layout: list[FileLayout], units: list[Unit], columns: list[str], stop_flag=None):
         self._uris = [fl.uri for fl in layout]
-        self._units, self._columns = units, columns
+        self._units, self._columns, self._stop_flag = units, columns, stop_flag
 
     def get_name(self) -> str:
         return "ShardRows"
@@ -249,9 +253,9 @@ class ShardRows(Datasource):
         # One task per unit whatever `parallelism` asks: the units already bound a task's memory.
         tasks = []
         for u in self._units:
-            uri, cols = self._uris[u.file], self._columns
+            uri, cols, flag = self._uris[u.file], self._columns, self._stop_flag
             meta = BlockMetadata(num_rows=u.rows, size_bytes=u.bytes, input_files=[uri], exec_stats=None)
-            tasks.append(ReadTask(lambda uri=uri, u=u, cols=cols: read_unit(uri, u, cols), meta))
+            tasks.append(ReadTask(lambda uri=uri, u=u, cols=cols, flag=flag: read_unit(uri, u, cols, flag), meta))
         return tasks
 
 
@@ -259,7 +263,7 @@ class ShardRows(Datasource):
 
 
 def _with_positions(src: pa.Table, out: pa.Table) -> pa.Table:
-    # The stages keep row order (udf_modifying_row_count=False); checked, because a stage that reordered
+    # The stages keep row order (and the decode stage the row count); checked, because a stage that reordered
     # rows would silently attach predictions to the wrong input rows.
     if not out.column(ID).equals(src.column(ID)):
         raise RuntimeError("an inference stage reordered rows; positions would no longer match")
@@ -272,14 +276,28 @@ def decode_positioned(batch: pa.Table, keys, with_label: bool) -> pa.Table:
     return _with_positions(batch, decode_batch(batch, keys=keys, with_label=with_label))
 
 
-class PositionedPredictActor(PredictActor):
+class _Positioned:
+    """Actor UDF mix-in: predictions keep their rows' positions; once the job was asked to stop, batches pass
+    through unpredicted (no rows: they stay unwritten, the next run predicts them), so the rows already
+    predicted reach the write stage within the grace, however many rows the read stage had queued."""
+
+    def __init__(self, *args, stop_flag=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stop_flag, self._stopped = stop_flag, False
+
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self._stopped = self._stopped or stop_requested(self._stop_flag) is not None
+        if self._stopped:
+            return pa.schema(list(self.schema) + POSITION_FIELDS).empty_table()
         return _with_positions(batch, super().__call__(batch))
 
 
-class PositionedDevicePredictActor(DevicePredictActor):
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return _with_positions(batch, super().__call__(batch))
+class PositionedPredictActor(_Positioned, PredictActor):
+    pass
+
+
+class PositionedDevicePredictActor(_Positioned, DevicePredictActor):
+    pass
 
 
 # ---------------------------------------------------------------- write stage

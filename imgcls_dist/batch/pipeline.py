@@ -18,10 +18,11 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 from imgcls_dist.data.schema import ID, IMAGE, LABEL
-from imgcls_dist.errors import JobFailed, UserError, root_cause
+from imgcls_dist.errors import JobFailed, Stopped, UserError, root_cause
 from imgcls_dist.batch import parts, publish, resume
 from imgcls_dist.batch.job import InferJob, validate_job
 from imgcls_dist.predictor.decode_mode import resolve_decode
+from imgcls_dist.preemption import DEFAULT_GRACE_S, stop_on_sigterm
 from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.predictor.options import BATCH_SIZE
 
@@ -113,12 +114,17 @@ def plan_job(num_actors: int | None) -> tuple[ActorPlan, float]:
     return plan_actors(cpus_before, cluster_gpus(), num_actors), cpus_before
 
 
-def _read(job: InferJob, todo: dict[int, list[tuple[int, int]]], num_cpus: float):
+def _read(job: InferJob, todo: dict[int, list[tuple[int, int]]], num_cpus: float, stop_flag):
+    """The rows still to predict, in blocks of at most a part's rows: a read task yields whole row groups
+    (a file written with pyarrow's defaults is one row group of up to a million rows), and Ray Data's streaming
+    repartition cuts them, so the rows in flight, and so the work a kill loses, are bounded by rows whatever
+    the input's layout (docs/benchmarks.md, "Bulk inference under preemption")."""
     import ray
 
     cols = [ID, IMAGE] + ([LABEL] if job.with_label else [])
-    source = parts.ShardRows(job.layout, parts.plan_units(job.layout, todo, parts.rows_per_part(job.rows_in)), cols)
-    return ray.data.read_datasource(source, num_cpus=num_cpus)
+    rows = parts.rows_per_part(job.rows_in)
+    source = parts.ShardRows(job.layout, parts.plan_units(job.layout, todo, rows), cols, stop_flag)
+    return ray.data.read_datasource(source, num_cpus=num_cpus).repartition(target_num_rows_per_block=rows)
 
 
 def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
@@ -133,17 +139,18 @@ def _wait_for_release(cpus: float, timeout_s: float = 10.0) -> None:
 
 def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: str, cpus_before: float,
             decode: str, compile: bool = False, precision: str = "auto", backend: str = "torch",
-            calibration: str | None = None) -> None:
+            calibration: str | None = None, stop_flag=None) -> None:
     """The Ray Data pipeline over the rows still to predict, written as parts into the staging directory;
     Ray's failures become one JobFailed line. decode "cpu": decode tasks feed the actors pixels; "device":
     the actors get the encoded rows and decode them themselves (predictor/device_decode.py). compile: the actors
     torch.compile their members (EnsemblePredictor). precision, backend: as resolved by the driver, so that every
-    actor runs what its fingerprint says; calibration: int8's dataset (each actor calibrates on the same images)."""
+    actor runs what its fingerprint says; calibration: int8's dataset (each actor calibrates on the same images).
+    stop_flag (preemption.py): once set, no new rows are read or predicted, and those predicted are written."""
     import ray
 
     with _quiet_ray_data():
         try:
-            ds = _read(job, takeover.todo, plan.task_cpus)
+            ds = _read(job, takeover.todo, plan.task_cpus, stop_flag)
             if decode == "cpu":
                 ds = ds.map_batches(parts.decode_positioned, fn_kwargs={"keys": job.keys, "with_label": job.with_label},
                                     batch_format="pyarrow", batch_size=job.batch_size, num_cpus=plan.task_cpus,
@@ -155,11 +162,11 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
                                            batch_size=job.batch_size,
                                            torch_threads=plan.torch_threads, with_label=job.with_label,
                                            compile=compile, precision=precision, backend=backend,
-                                           calibration=calibration),
+                                           calibration=calibration, stop_flag=stop_flag),
                 compute=ray.data.ActorPoolStrategy(size=plan.num_actors),
                 num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                 batch_size=job.batch_size * (MICRO_BATCHES_PER_GPU_CALL if plan.gpus_per_actor else 1),
-                batch_format="pyarrow", udf_modifying_row_count=False,
+                batch_format="pyarrow", udf_modifying_row_count=True,  # none once asked to stop
             )
             ds.write_datasink(parts.PartsDatasink(takeover.staging, run_id, parts.rows_per_part(job.rows_in)),
                               ray_remote_args={"num_cpus": plan.task_cpus})
@@ -169,6 +176,12 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
             raise JobFailed(f"inference job failed: {root_cause(e)}") from e
         finally:
             _wait_for_release(cpus_before)
+
+
+def _stopped(job: InferJob, takeover: resume.Takeover, run_id: str, reason: str) -> Stopped:
+    written = takeover.rows_adopted + sum(p.rows for p in own_parts(takeover.staging, run_id))
+    return Stopped(f"infer {run_id}: {reason}: {written} of {job.rows_in} rows are written (staged in {job.out}); "
+                   f"the same command again predicts the other {job.rows_in - written}")
 
 
 def own_parts(staging: Location, run_id: str) -> list[parts.Part]:
@@ -239,6 +252,7 @@ def run_batch_inference(
     precision: str = "auto",
     backend: str = "auto",
     calibration: PathLike | None = None,
+    stop_grace_s: float = DEFAULT_GRACE_S,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Predict every row of `input` with the ensemble `models`, write OUT as docs/design.md, "Predictions"
@@ -253,6 +267,8 @@ def run_batch_inference(
     device (predictor/precision.py): on a cluster whose nodes differ from the one this runs on, name it.
     `backend`: "auto", "torch" or "onnxruntime", resolved here with the precision (predictor/backend.py).
     `calibration`: with precision "int8", the dataset whose validation images calibrate the quantization.
+    SIGTERM while rows are predicted: the rows predicted so far are written as parts within `stop_grace_s`
+    and `Stopped` is raised; the same call again predicts the rest.
     """
     from imgcls_dist.predictor.backend import check_backend, check_calibration, choose_runtime
     from imgcls_dist.predictor.precision import check_precision
@@ -281,8 +297,11 @@ def run_batch_inference(
             say(f"infer {run_id}: resuming run {takeover.resumed_from}: {takeover.rows_adopted} rows already written "
                 f"({len(takeover.adopted)} parts), predicting the other {takeover.rows_todo}", flush=True)
         if takeover.rows_todo:
-            execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision, runtime.backend,
-                    calib)
+            with stop_on_sigterm(f"infer {run_id}", stop_grace_s) as stop:
+                execute(job, plan, takeover, run_id, cpus_before, decode, compile, chosen.precision,
+                        runtime.backend, calib, stop.flag)
+            if stop.reason:
+                raise _stopped(job, takeover, run_id, stop.reason)
         manifest = publish_job(job, plan, takeover, lease, run_id, t0, decode, chosen.precision, runtime.backend,
                                calib)
     say(f"infer {run_id}: {manifest['rows_out']} rows ({manifest['error_rows']} errors) in {manifest['wall_s']:.1f}s, "

@@ -14,15 +14,16 @@ from typing import Any
 
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
 from imgcls_dist.data.schema import hflip_allowed, validate_dataset, validate_files
-from imgcls_dist.errors import JobFailed, UserError, root_cause
+from imgcls_dist.errors import JobFailed, Stopped, UserError, root_cause
 from imgcls_dist.evaluate.plots import plot_training_history
 from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.models.registry import get_spec
 from imgcls_dist.models.weights import classify as classify_weights
+from imgcls_dist.preemption import stop_on_sigterm
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.train.distill import check_teacher
 from imgcls_dist.train.mixed_precision import describe_mixed_precision
-from imgcls_dist.train.state import load_history
+from imgcls_dist.train.state import MID_EPOCH, load_history
 from imgcls_dist.train.stream import list_row_groups, optimizer_steps, total_rows
 from imgcls_dist.train.subset import balanced_class_weights, oversample_row_groups, subset_row_groups
 
@@ -117,15 +118,17 @@ def resolve_epochs(cfg: ExperimentConfig, train_rows: int, num_workers: int) -> 
 
 
 def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, use_gpu: bool, *,
-                  callbacks: list | None = None):
-    """The TorchTrainer for one run (also what each Tune trial launches)."""
+                  callbacks: list | None = None, stop_flag=None):
+    """The TorchTrainer for one run (also what each Tune trial launches). stop_flag: the driver's stop request
+    (preemption.py), which the workers answer with a checkpoint at the next step (train/preempt.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from imgcls_dist.train.worker_entry import train_loop_per_worker
 
-    if len([n for n in ray.nodes() if n.get("Alive")]) == 1:
+    single_node = len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    if single_node:
         # Single node (local mode): no other node can be preempted, and the watcher is one more Python
         # process per run - real cost on a 2-CPU laptop. Clusters keep Train's default. (Train passes
         # RAY_TRAIN_* variables of the driver on to its controller.)
@@ -143,6 +146,8 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
             "dataset": ds,
             "use_gpu": use_gpu,
             "tensorboard_dir": (run_location(cfg) / "tensorboard").uri if cfg.run.tensorboard else None,
+            "stop_flag": stop_flag,
+            "watch_drains": not single_node,
         },
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
@@ -186,8 +191,23 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
         print(f"class weights (balanced): {min(ds['class_weights']):.3g} to {max(ds['class_weights']):.3g}",
               flush=True)
     t0 = time.perf_counter()
-    result = fit(build_trainer(cfg, ds, num_workers, use_gpu))
+    with stop_on_sigterm(f"training {cfg.run.name}", cfg.run.stop_grace_s) as stop:
+        result = fit(build_trainer(cfg, ds, num_workers, use_gpu, stop_flag=stop.flag))
+    if stop.reason:
+        raise _stopped(cfg, result, stop.reason)
     return finalize_run(result, cfg, ds, out, time.perf_counter() - t0, report_test=report_test)
+
+
+def _stopped(cfg: ExperimentConfig, result, reason: str) -> Stopped:
+    """Where the stopped run's last checkpoint is (its workers wrote it at the step they stopped after)."""
+    m = result.metrics or {}
+    if "epoch" not in m:
+        at = "before its first checkpoint"
+    elif m.get(MID_EPOCH):
+        at = f"with a checkpoint at epoch {m['epoch'] + 1}/{cfg.train.epochs}, batch {m['step']}"
+    else:
+        at = f"with a checkpoint after epoch {m['epoch'] + 1}/{cfg.train.epochs}"
+    return Stopped(f"training {cfg.run.name}: {reason}: stopped {at}; the same command again resumes there")
 
 
 def _export_best_model(result, out: Location):

@@ -26,9 +26,10 @@ from imgcls_dist.models.preprocess import normalize
 from imgcls_dist.models.transfer import freeze_bn_stats
 from imgcls_dist.train.checkpointing import checkpoint_mid_epoch, report_epoch
 from imgcls_dist.train.distill import distillation_loss
-from imgcls_dist.train.distributed import all_agree, all_gather_list
+from imgcls_dist.train.distributed import all_gather_list
 from imgcls_dist.train.early_stop import should_stop
 from imgcls_dist.train.precise_bn import recalibrate_bn
+from imgcls_dist.train.preempt import StepSignals
 from imgcls_dist.train.progress import EpochProgress
 from imgcls_dist.train.setup import NonFiniteLossError, WorkerRun, setup
 from imgcls_dist.train.state import EpochStats, count_unique
@@ -79,15 +80,18 @@ def _inputs(run: WorkerRun, images: torch.Tensor, labels: torch.Tensor, empty: b
 
 
 def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty: bool,
-                   teacher_probs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Forward, backward, optimizer step; (loss, logits, finite). Every worker takes the same branch."""
+                   teacher_probs: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, bool, StepSignals]:
+    """Forward, backward, optimizer step; (loss, logits, finite, what every worker agreed on). Every worker
+    takes the same branch."""
     accelerator, model = run.accelerator, run.model
     with accelerator.accumulate(model):
         with accelerator.autocast():
             logits = model(x)
             loss = _loss(run, logits.float(), targets, teacher_probs)
         finite = bool(torch.isfinite(loss))
-        ok = all_agree(empty or not finite, run.device, run.world)
+        signals = run.notices.agree(empty or not finite, run.device, run.world)
+        ok = signals.ok
         if not ok:
             # A zero-valued graph over the parameters keeps DDP's gradient all-reduce in step on
             # every worker; the optimizer step is skipped so the NaN never reaches the weights.
@@ -101,7 +105,7 @@ def _training_step(run: WorkerRun, x: torch.Tensor, targets: torch.Tensor, empty
                 run.ema_updates += 1
                 run.ema.update(accelerator.unwrap_model(model), step=run.ema_updates)
         run.optimizer.zero_grad(set_to_none=True)
-    return loss, logits, finite
+    return loss, logits, finite, signals
 
 
 def _count_nonfinite(run: WorkerRun, finite: bool, epoch: int) -> None:
@@ -123,8 +127,25 @@ def _checkpoint_due(run: WorkerRun, done: int, steps: int) -> bool:
     return bool(every) and done % every == 0 and done < steps
 
 
+def _act_on_notices(run: WorkerRun, signals: StepSignals, epoch: int, done: int, steps: int,
+                    stats: EpochStats) -> bool:
+    """After an optimizer step: a checkpoint at this batch on a drain notice (training goes on) or a stop
+    request (True: the epoch ends here). At the epoch's last batch the epoch's own checkpoint serves both."""
+    if done % run.cfg.train.grad_accum_steps or done >= steps:
+        return False
+    drain = run.notices.drain_notice() if signals.check_drain else None
+    if drain is None and not signals.stop:
+        return False
+    if run.rank == 0:
+        why = "stop requested" if signals.stop else f"node drain notice (ranks {drain.preempted_ranks})"
+        print(f"{why}: checkpoint at epoch {epoch + 1}/{run.cfg.train.epochs}, batch {done}/{steps}", flush=True)
+    checkpoint_mid_epoch(run, epoch, done, stats)
+    return signals.stop
+
+
 def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: EpochStats | None = None) -> EpochStats:
-    """Train from batch `first_step` of the epoch; `stats` carries a resumed epoch's totals so far."""
+    """Train from batch `first_step` of the epoch; `stats` carries a resumed epoch's totals so far. Returns
+    early, with `run.stopped_mid_epoch` set, when the driver asked the run to stop (train/preempt.py)."""
     run.model.train()
     freeze_bn_stats(run.accelerator.unwrap_model(run.model))
     stats = stats or EpochStats()
@@ -139,7 +160,7 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
         images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
         empty = bool((labels < 0).all())
         x, targets, teacher_probs = _inputs(run, images, labels, empty)
-        loss, logits, finite = _training_step(run, x, targets, empty, teacher_probs)
+        loss, logits, finite, signals = _training_step(run, x, targets, empty, teacher_probs)
         _count_nonfinite(run, finite, epoch)
         if finite and not empty:
             valid = labels >= 0
@@ -149,8 +170,12 @@ def train_one_epoch(run: WorkerRun, epoch: int, first_step: int = 0, stats: Epoc
             stats.seen += n
             stats.mark_seen(ids[valid.cpu()].numpy())
         done = step + 1
+        so_far = replace(stats, seconds=stats.seconds + time.perf_counter() - t0)
+        if (signals.stop or signals.check_drain) and _act_on_notices(run, signals, epoch, done, steps, so_far):
+            run.stopped_mid_epoch = True
+            break
         if _checkpoint_due(run, done, steps):
-            checkpoint_mid_epoch(run, epoch, done, replace(stats, seconds=stats.seconds + time.perf_counter() - t0))
+            checkpoint_mid_epoch(run, epoch, done, so_far)
         progress.step(done, len(labels), float(loss.detach()) if finite else None, run.schedule.lrs[-1])
     stats.seconds += time.perf_counter() - t0
     return stats
@@ -286,11 +311,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             first_step, partial = (run.start_step, run.partial) if epoch == run.start_epoch else (0, None)
             size = start_epoch(run, epoch, first_step)
             stats = train_one_epoch(run, epoch, first_step, partial)
+            if run.stopped_mid_epoch:
+                break
             val = validate(run)
             metrics = epoch_metrics(run, epoch, size, stats, val)
             run.schedule.step(val.get("raw_val_loss", val["val_loss"]))  # plateau: the weights being optimized
             run.history.append(metrics)
             report_epoch(run, metrics)
+            if run.notices.stop_seen:  # asked in the epoch's last batches: its own checkpoint is the stop's
+                break
     finally:
         if run.tensorboard is not None:
             run.tensorboard.close()

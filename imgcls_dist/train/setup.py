@@ -20,6 +20,8 @@ from imgcls_dist.train.distill import Teacher
 from imgcls_dist.train.mixed_precision import resolve_mixed_precision
 from imgcls_dist.train.ema import build_ema
 from imgcls_dist.train.optim import build_optimizer
+from imgcls_dist.preemption import StopPoller
+from imgcls_dist.train.preempt import Notices, build_notices
 from imgcls_dist.train.schedulers import EpochSchedule
 from imgcls_dist.train.state import EpochStats, ResumeState, restore
 from imgcls_dist.train.tensorboard import TensorBoardLog
@@ -63,6 +65,8 @@ class WorkerRun:
     teacher: Teacher | None = None  # train.teacher, on the device
     val_cache: list | None = None  # this worker's decoded validation batches, when they fit (loop.val_batches)
     bn_loader: Any = None  # this worker's share of the training split, un-augmented (train.precise_bn_batches)
+    notices: Notices = field(default_factory=lambda: Notices(StopPoller(None)))  # stop request, node drains
+    stopped_mid_epoch: bool = False  # a stop request ended the run inside an epoch (its checkpoint is written)
 
     @property
     def device(self) -> torch.device:
@@ -159,7 +163,8 @@ def setup(loop_config: dict) -> WorkerRun:
         ema=build_ema(accelerator.unwrap_model(model), train_cfg, resume.ema if resume else None),
         ema_updates=resume.ema_updates if resume else 0,
         teacher=Teacher(train_cfg.teacher, accelerator.device) if train_cfg.teacher else None,
-        bn_loader=_bn_loader(cfg, ds, rank, world) if train_cfg.precise_bn_batches else None)
+        bn_loader=_bn_loader(cfg, ds, rank, world) if train_cfg.precise_bn_batches else None,
+        notices=build_notices(loop_config, rank))
     if resume:
         if rank == 0:
             at = f", batch {resume.step + 1}/{len(sampler)}" if resume.step else ""

@@ -21,11 +21,12 @@ from helpers.model_files import digit_rows, save_model, write_input
 from helpers.ray_procs import wait_all_cpus_free
 
 from imgcls_dist.cli import main
-from imgcls_dist.errors import JobFailed
+from imgcls_dist.errors import JobFailed, Stopped
 from imgcls_dist.batch import parts, publish, resume
 from imgcls_dist.batch.pipeline import run_batch_inference
 from imgcls_dist.batch.publish import prediction_files, read_manifest
 from imgcls_dist.predictor.predict import load_predictor
+from imgcls_dist.preemption import DEFAULT_GRACE_S
 from imgcls_dist.predictor.prepare import prepare_encoded
 from imgcls_dist.storage import location
 
@@ -153,6 +154,62 @@ def test_killed_run_is_resumed_and_repredicts_only_unwritten_rows(ray_session, m
     print(f"killed at {durable}/{ROWS} durable rows after {t_kill - t_start:.1f}s, its CPUs back after "
           f"{t_free - t_kill:.1f}s; rerun adopted {m['rows_adopted']}, predicted {m['rows_predicted']} in "
           f"{rerun_s:.1f}s; parts {sorted(f['rows'] for f in m['files'])}")
+
+
+def _one_row_group(inp: Path, rows) -> None:
+    """All rows in one file of one row group, as pyarrow writes a table by default."""
+    write_input(inp, rows, rows_per_shard=len(rows))
+    [f] = inp.glob("*.parquet")
+    pq.write_table(pq.read_table(f), f, row_group_size=len(rows))
+    assert pq.ParquetFile(f).metadata.num_row_groups == 1
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> Path:
+    """A model slow enough on one CPU (seconds for ROWS rows) that a signal lands while rows are predicted."""
+    return save_model(tmp_path_factory.mktemp("resume_models") / "slow", "resnet18", 48, seed=3)
+
+
+def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_session, slow_model, rows, tmp_path):
+    """SIGTERM mid-run: the driver stops reading and predicting, writes the predicted rows as parts and exits
+    143 within the grace; the rerun adopts exactly those rows. The input is one row group of every row, so
+    the parts being bounded by rows (not by row groups) is what lets anything be written before the end."""
+    inp, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "stopped.log"
+    _one_row_group(inp, rows)
+    proc = _start_cli_infer(ray_session, slow_model, inp, out, log)
+    try:
+        deadline = time.time() + 180
+        while staged_rows(out) == 0:
+            assert proc.poll() is None, f"the run ended before writing a part:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, "the run never wrote a part"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGTERM)
+        t_term = time.perf_counter()
+        proc.wait(60)
+        stop_s = time.perf_counter() - t_term
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    text = log.read_text()
+    assert proc.returncode == Stopped.exit_code, text[-3000:]
+    durable = staged_rows(out)
+    assert 0 < durable < ROWS and not (out / publish.MANIFEST).exists()
+    [line] = [ln for ln in text.splitlines() if "stopped:" in ln]
+    assert f"SIGTERM: {durable} of {ROWS} rows are written" in line and f"the other {ROWS - durable}" in line, line
+    assert stop_s < DEFAULT_GRACE_S
+    [staging] = out.glob(".staging-*")
+    stopped_id = staging.name[len(publish.STAGING_PREFIX):]
+    _wait_for_dead_jobs_actors(ray_session)
+
+    m = run_batch_inference(slow_model, inp, out, batch_size=32, tta="none", verbose=False)
+    assert m["resumed_from"] == stopped_id
+    assert (m["rows_adopted"], m["rows_predicted"], m["rows_out"]) == (durable, ROWS - durable, ROWS)
+    assert_every_id_once(published(out), rows)
+    limit = 2 * parts.rows_per_part(ROWS)  # blocks of at most rows_per_part, written once a part has that many
+    assert len(m["files"]) >= ROWS // limit and max(f["rows"] for f in m["files"]) < limit, m["files"]
+    print(f"stopped {stop_s:.1f}s after SIGTERM with {durable}/{ROWS} rows written; parts "
+          f"{sorted(f['rows'] for f in m['files'])}")
 
 
 def _crash_at_publish(*_a, **_k):

@@ -22,8 +22,8 @@ from helpers.local_train import fit_in_process
 from helpers.ray_procs import ray_worker_processes
 from helpers.model_files import save_model, save_nan_model
 
-from imgcls_dist.config import load_config
-from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.config import load_config, write_config
+from imgcls_dist.errors import JobFailed, Stopped, UserError
 from imgcls_dist.data.shards import read_rows
 from imgcls_dist.models.checkpoint import load_model_file
 from imgcls_dist.train.job import build_trainer, resolve_dataset, run_training
@@ -165,6 +165,53 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     assert [h["ema_val_loss"] for h in hist] == [h["ema_val_loss"] for h in clean["history"]]
     exported = load_model_file(Path(res["model"]))["metrics"]["ema_weights"]
     assert res["exported_weights"] == ("ema" if exported else "raw")  # summary.json says which weights model.pt holds
+    resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, tiny_digits_dir,
+                                                                                   tmp_path, capsys):
+    """`imgcls-dist train` (two workers) gets SIGTERM during its second epoch: the workers agree on a batch,
+    checkpoint there and the driver exits 143 within the grace, naming the batch. The same command again
+    resumes at the next batch, trains every sample of that epoch once, and ends with the weights (raw and
+    moving average) of an uninterrupted run, bit for bit."""
+    extra = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=4", "train.ema_decay=0.9"]
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=extra)
+    write_config(cfg, tmp_path / "stopped.yaml")
+    log = tmp_path / "stopped.log"
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls_dist.cli", "train", "--config", str(tmp_path / "stopped.yaml")],
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while "epoch 1/2 " not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t_term = time.perf_counter()
+        proc.wait(120)
+        stop_s = time.perf_counter() - t_term
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == Stopped.exit_code, text[-3000:]
+    stopped_at = re.search(r"stop requested: checkpoint at epoch 2/2, batch (\d+)/(\d+)\n", text)
+    batch, batches = (int(g) for g in stopped_at.groups())
+    assert 0 < batch < batches, text[-3000:]  # inside the epoch
+    assert text.splitlines()[-1] == (f"imgcls-dist train: stopped: training stopped: SIGTERM: stopped with a "
+                                     f"checkpoint at epoch 2/2, batch {batch}; the same command again resumes there")
+    assert stop_s < cfg.run.stop_grace_s
+    assert not (tmp_path / "runs" / "stopped" / "model.pt").exists()  # a stopped run exports nothing yet
+
+    res = run_training(cfg, report_test=False)
+    assert f"resuming at epoch 2/2, batch {batch + 1}/{batches}" in capsys.readouterr().out
+    n = n_train(tiny_digits_dir)
+    assert [(h["train_samples"], h["unique_samples"]) for h in res["history"]] == [(n, n), (n, n)]
+    clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=extra), report_test=False)
+    for key in ("lr", "train_loss", "ema_val_loss"):
+        assert [h[key] for h in res["history"]] == [h[key] for h in clean["history"]], key
     resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 

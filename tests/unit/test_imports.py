@@ -104,7 +104,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # count here too: a layer that needs another's types belongs above it.
 LAYERS = [
     {"errors", "console", "ports", "table"},
-    {"storage", "ray_utils"},
+    {"storage", "ray_utils", "preemption"},
     {"config"},
     {"data"},
     {"models"},

@@ -1,0 +1,69 @@
+"""The stop request (imgcls_dist/preemption.py): SIGTERM to the driver sets a flag every worker can read, a
+worker's poll never waits for it, and the grace ends a process that does not reach its safe point in time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from imgcls_dist.errors import Stopped
+from imgcls_dist.preemption import StopPoller, stop_on_sigterm, stop_requested
+
+
+def test_sigterm_sets_the_flag_workers_read_and_the_handler_is_restored(ray_session):
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm("job", grace_s=60) as req:
+        poller = StopPoller(req.flag, interval_s=0)
+        for _ in range(20):
+            assert poller.poll() is None
+            time.sleep(0.01)
+        assert stop_requested(req.flag) is None
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs in this (main) thread at once
+        assert req.reason == "SIGTERM"
+        deadline = time.time() + 10
+        while poller.poll() is None:
+            assert time.time() < deadline, "the poll never saw the request"
+            time.sleep(0.01)
+        assert poller.reason == "SIGTERM" == stop_requested(req.flag)
+    assert signal.getsignal(signal.SIGTERM) is before  # and the grace timer is cancelled: this process lives on
+
+
+def test_no_flag_means_never_stop():
+    assert StopPoller(None).poll() is None and stop_requested(None) is None
+
+
+SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    import ray
+    from imgcls_dist.preemption import stop_on_sigterm
+    ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+    with stop_on_sigterm("job", grace_s=float(sys.argv[1])):
+        for _ in range(int(sys.argv[2])):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+        time.sleep(60)  # a safe point never reached
+""")
+
+
+def _run(ray_session, grace_s: float, signals: int) -> tuple[int, str, float]:
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(grace_s), str(signals)], env=env, capture_output=True,
+                       text=True, timeout=120)
+    return p.returncode, p.stderr, time.perf_counter() - t0
+
+
+def test_the_grace_ends_a_process_that_never_reaches_its_safe_point(ray_session):
+    code, err, _ = _run(ray_session, grace_s=1.0, signals=1)
+    assert code == Stopped.exit_code, err
+    assert "job: SIGTERM received" in err and "job: the grace of 1 s ran out" in err
+
+
+def test_a_second_sigterm_ends_the_process_at_once(ray_session):
+    code, err, _ = _run(ray_session, grace_s=300.0, signals=2)
+    assert code == Stopped.exit_code, err
+    assert "job: second SIGTERM, exiting now" in err and "ran out" not in err
