@@ -37,7 +37,9 @@ def save_checkpoint(run: WorkerRun, directory: Path, *, epoch: int, step: int = 
                 image_size=ds["image_size"], mean=run.mean, std=run.std, config=run.experiment, hflip=ds["hflip"],
                 metrics={**(val or {}), "epoch": epoch})
     scaler = run.accelerator.scaler
-    train_state = {"epoch": epoch, "step": step, "partial": partial or [], "optimizer": run.optimizer.state_dict(),
+    train_state = {"epoch": epoch, "step": step, "partial": partial or [],
+                   "progress": run.sampler.progress(step).to_state() if step else None,
+                   "optimizer": run.optimizer.state_dict(),
                    "schedule": run.schedule.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
                    "nonfinite_total": run.nonfinite_total, "consecutive_bad": run.consecutive_bad,
                    "raw_model": raw if ema_exported else None,

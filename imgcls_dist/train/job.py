@@ -193,9 +193,15 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     t0 = time.perf_counter()
     with stop_on_sigterm(f"training {cfg.run.name}", cfg.run.stop_grace_s) as stop:
         result = fit(build_trainer(cfg, ds, num_workers, use_gpu, stop_flag=stop.flag))
-    if stop.reason:
+    if stop.reason and not _finished(cfg, result):
         raise _stopped(cfg, result, stop.reason)
     return finalize_run(result, cfg, ds, out, time.perf_counter() - t0, report_test=report_test)
+
+
+def _finished(cfg: ExperimentConfig, result) -> bool:
+    """The last epoch was done (the stop request came too late to stop anything): the run is complete."""
+    m = result.metrics or {}
+    return not m.get(MID_EPOCH) and m.get("epoch") == cfg.train.epochs - 1
 
 
 def _stopped(cfg: ExperimentConfig, result, reason: str) -> Stopped:

@@ -53,7 +53,8 @@ def start_epoch(run: WorkerRun, epoch: int, first_step: int = 0) -> int:
         transform = train_transform_for(run.cfg.augment, size, hflip=run.dataset["hflip"], seed=run.cfg.train.seed)
         run.transform_size = size
     run.train_dataset.set_epoch(epoch, transform, size if transform is not None else None)
-    run.sampler.set_epoch(epoch, skip=sum(run.sampler.sizes()[:first_step]))
+    run.sampler.set_epoch(epoch, rest=run.rest if epoch == run.start_epoch else None)
+    run.sampler.skip = sum(run.sampler.sizes()[:first_step])
     return size
 
 

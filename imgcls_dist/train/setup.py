@@ -23,7 +23,8 @@ from imgcls_dist.train.optim import build_optimizer
 from imgcls_dist.preemption import StopPoller
 from imgcls_dist.train.preempt import Notices, build_notices
 from imgcls_dist.train.schedulers import EpochSchedule
-from imgcls_dist.train.state import EpochStats, ResumeState, restore
+from imgcls_dist.train.state import EpochStats, ResumeState, merged, restore
+from imgcls_dist.train.stream import EpochProgress, rank_rows
 from imgcls_dist.train.tensorboard import TensorBoardLog
 
 
@@ -67,6 +68,7 @@ class WorkerRun:
     bn_loader: Any = None  # this worker's share of the training split, un-augmented (train.precise_bn_batches)
     notices: Notices = field(default_factory=lambda: Notices(StopPoller(None)))  # stop request, node drains
     stopped_mid_epoch: bool = False  # a stop request ended the run inside an epoch (its checkpoint is written)
+    rest: EpochProgress | None = None  # start_epoch's progress, when its rest is re-cut over this world
 
     @property
     def device(self) -> torch.device:
@@ -173,7 +175,23 @@ def setup(loop_config: dict) -> WorkerRun:
         run.start_epoch, run.start_step, run.history = resume.epoch, resume.step, resume.history
         run.nonfinite_total, run.consecutive_bad = resume.nonfinite_total, resume.consecutive_bad
         if resume.partial is not None:
-            if len(resume.partial) != world:
-                raise RuntimeError(f"a mid-epoch checkpoint of {len(resume.partial)} workers cannot resume on {world}")
-            run.partial = resume.partial[rank]
+            _resume_inside_epoch(run, resume)
     return run
+
+
+def _resume_inside_epoch(run: WorkerRun, resume: ResumeState) -> None:
+    """Same world as the checkpoint's epoch: each rank continues its own share at the next batch. Another
+    world (a node lost or added): the rest of the epoch is re-cut over this one (train/stream.py), and each
+    rank takes over the partial totals of the old ranks it replaces (rank k's go to rank k mod world)."""
+    p, world, rank = resume.progress, run.world, run.rank
+    if len(resume.partial) == world and (p is None or (p.world == world and not p.recut)):
+        run.partial = resume.partial[rank]
+        return
+    if p is None:  # a checkpoint written before progress was recorded
+        raise RuntimeError(f"a mid-epoch checkpoint of {len(resume.partial)} workers cannot resume on {world}")
+    run.rest, run.start_step = p, 0
+    run.partial = merged([s for k, s in enumerate(resume.partial) if k % world == rank])
+    if rank == 0:
+        left = sum(rank_rows(run.sampler.n, k, p.world) - c for k, c in enumerate(p.consumed))
+        print(f"the epoch began on {p.world} worker(s): its {left} samples left are re-cut over {world}",
+              flush=True)

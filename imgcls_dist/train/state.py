@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from imgcls_dist.models.checkpoint import load_model_file, save_model_file
+from imgcls_dist.train.stream import EpochProgress
 
 TRAIN_STATE = "train_state.pt"
 HISTORY = "history.json"
@@ -75,6 +76,23 @@ class EpochStats:
         return stats
 
 
+def merged(parts: list[EpochStats]) -> EpochStats:
+    """Several workers' partial epoch totals as one (an elastic resume hands a smaller world the totals of
+    the ranks it replaces, so the epoch's sums and its exactly-once check still add up)."""
+    out = EpochStats()
+    for p in parts:
+        out.loss_sum += p.loss_sum
+        out.correct += p.correct
+        out.seen += p.seen
+        out.skipped_rows += p.skipped_rows
+        out.seconds = max(out.seconds, p.seconds)
+        bits = np.zeros(max(len(out.seen_bits), len(p.seen_bits)), np.uint8)
+        bits[: len(out.seen_bits)] |= out.seen_bits
+        bits[: len(p.seen_bits)] |= p.seen_bits
+        out.seen_bits = bits
+    return out
+
+
 def save_training_checkpoint(directory: Path, *, model_state: dict, model_meta: dict, train_state: dict,
                              history: list[dict]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
@@ -109,6 +127,7 @@ class ResumeState:
     partial: list[EpochStats] | None  # per rank, when step > 0
     ema: dict | None = None  # the EMA weights (train.ema_decay)
     ema_updates: int = 0
+    progress: EpochProgress | None = None  # when step > 0: per rank stream of the epoch's world, samples done
 
 
 def restore(checkpoint) -> ResumeState | None:
@@ -126,4 +145,5 @@ def restore(checkpoint) -> ResumeState | None:
                            schedule=ts["schedule"], scaler=ts.get("scaler"),
                            nonfinite_total=ts.get("nonfinite_total", 0), consecutive_bad=ts.get("consecutive_bad", 0),
                            history=load_history(d), partial=partial, ema=ts.get("ema"),
-                           ema_updates=int(ts.get("ema_updates", 0)))
+                           ema_updates=int(ts.get("ema_updates", 0)),
+                           progress=EpochProgress.from_state(ts["progress"]) if step and ts.get("progress") else None)

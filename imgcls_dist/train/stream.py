@@ -2,7 +2,8 @@
 
 `list_row_groups` plans from the footers; `epoch_plan` gives each rank a contiguous share of the epoch's
 permuted row sequence (every sample exactly once, equal batch counts on every rank); `EpochBatches`, the
-DataLoader's batch sampler, streams it through a seeded shuffle buffer and can start mid-epoch on resume.
+DataLoader's batch sampler, streams it through a seeded shuffle buffer and can start mid-epoch on resume, on
+the same number of workers or, re-cutting the rest of the epoch (`EpochProgress`), on another.
 Design: docs/design.md, "Streaming the training input".
 """
 
@@ -182,6 +183,39 @@ def sample_stream(spans: Sequence[Span], *, buffer: int, seed: int, epoch: int, 
         yield buf[int(j)]
 
 
+@dataclass(frozen=True)
+class EpochProgress:
+    """How far an epoch got, in the terms of the world it began on: samples consumed so far from each of that
+    world's rank streams (`epoch_plan` + `sample_stream` of each rank). Any world can continue from it."""
+
+    world: int
+    consumed: tuple[int, ...]
+    recut: bool = False  # taken after a re-cut: the ranks' batches are no longer the epoch's own
+
+    def to_state(self) -> dict:
+        return {"world": self.world, "consumed": list(self.consumed), "recut": self.recut}
+
+    @classmethod
+    def from_state(cls, state: dict) -> EpochProgress:
+        return cls(int(state["world"]), tuple(int(c) for c in state["consumed"]), bool(state["recut"]))
+
+
+def rest_slices(n: int, progress: EpochProgress, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """The rest of an epoch re-cut over `world` ranks: what is left of each old rank's stream, laid end to end
+    in old-rank order, split into `world` contiguous shares. This rank's share as (old rank, first, end)
+    positions in that old rank's stream."""
+    left = [rank_rows(n, k, progress.world) - c for k, c in enumerate(progress.consumed)]
+    total = sum(left)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    out, offset = [], 0
+    for k, (c, m) in enumerate(zip(progress.consumed, left)):
+        a, b = max(lo, offset), min(hi, offset + m)
+        if a < b:
+            out.append((k, c + a - offset, c + b - offset))
+        offset += m
+    return out
+
+
 class EpochBatches:
     """Batch sampler for the DataLoader: yields batches of *encoded* samples (the training process streams
     and shuffles bytes; loader processes decode). Skips the first `skip` samples (mid-epoch resume)."""
@@ -192,25 +226,59 @@ class EpochBatches:
         self.seed, self.buffer, self.shuffle = seed, buffer, shuffle
         self.n = total_rows(self.groups)
         self.epoch, self.skip = 0, 0
+        self.rest: EpochProgress | None = None
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip: int = 0, rest: EpochProgress | None = None) -> None:
+        """`skip`: samples of this rank's share already trained; `rest`: train only what that progress left
+        of the epoch, re-cut over this world (elastic resume; `skip` then counts in the re-cut share)."""
+        self.epoch, self.skip, self.rest = epoch, skip, rest
+
+    def _rows_of(self, rank: int) -> int:
+        if self.rest is None:
+            return rank_rows(self.n, rank, self.world)
+        return sum(b - a for _, a, b in rest_slices(self.n, self.rest, rank, self.world))
 
     @property
     def rows(self) -> int:
-        return rank_rows(self.n, self.rank, self.world)
-
-    def sizes(self) -> list[int]:
-        return batch_sizes(self.rows, batches_per_epoch(self.n, self.world, self.batch_size))
+        return self._rows_of(self.rank)
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.n, self.world, self.batch_size)
+        n = self.n if self.rest is None else sum(self._rows_of(r) for r in range(self.world))
+        return batches_per_epoch(n, self.world, self.batch_size)
+
+    def sizes(self, rank: int | None = None) -> list[int]:
+        return batch_sizes(self._rows_of(self.rank if rank is None else rank), len(self))
+
+    def progress(self, batches: int) -> EpochProgress:
+        """The epoch's progress once every rank has trained its first `batches` batches."""
+        if self.rest is None:
+            return EpochProgress(self.world, tuple(sum(self.sizes(r)[:batches]) for r in range(self.world)))
+        consumed = list(self.rest.consumed)
+        for r in range(self.world):
+            left = sum(self.sizes(r)[:batches])
+            for k, a, b in rest_slices(self.n, self.rest, r, self.world):
+                took = min(left, b - a)
+                consumed[k] += took
+                left -= took
+        return EpochProgress(self.rest.world, tuple(consumed), recut=True)
+
+    def _stream(self, rank: int, world: int) -> Iterator[Sample]:
+        spans = epoch_plan(self.groups, seed=self.seed, epoch=self.epoch, rank=rank, world=world, shuffle=self.shuffle)
+        return sample_stream(spans, buffer=self.buffer if self.shuffle else 0, seed=self.seed, epoch=self.epoch,
+                             rank=rank)
+
+    def _rest_stream(self) -> Iterator[Sample]:
+        """This rank's share of the re-cut rest: pieces of the old ranks' own streams (each regenerated, its
+        consumed samples passed over), so every sample left is trained once, by one rank."""
+        for k, a, b in rest_slices(self.n, self.rest, self.rank, self.world):
+            stream = self._stream(k, self.rest.world)
+            for _ in range(a):
+                next(stream)
+            for _ in range(b - a):
+                yield next(stream)
 
     def __iter__(self) -> Iterator[list[Sample]]:
-        spans = epoch_plan(self.groups, seed=self.seed, epoch=self.epoch, rank=self.rank, world=self.world,
-                           shuffle=self.shuffle)
-        stream = sample_stream(spans, buffer=self.buffer if self.shuffle else 0, seed=self.seed, epoch=self.epoch,
-                               rank=self.rank)
+        stream = self._stream(self.rank, self.world) if self.rest is None else self._rest_stream()
         skip = self.skip
         for size in self.sizes():
             if skip >= size:  # whole batches already trained before the resume

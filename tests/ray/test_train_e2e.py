@@ -169,14 +169,10 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, tiny_digits_dir,
-                                                                                   tmp_path, capsys):
-    """`imgcls-dist train` (two workers) gets SIGTERM during its second epoch: the workers agree on a batch,
-    checkpoint there and the driver exits 143 within the grace, naming the batch. The same command again
-    resumes at the next batch, trains every sample of that epoch once, and ends with the weights (raw and
-    moving average) of an uninterrupted run, bit for bit."""
-    extra = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=4", "train.ema_decay=0.9"]
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=extra)
+def _sigterm_in_second_epoch(ray_session, cfg, tmp_path) -> tuple[int, int]:
+    """`imgcls-dist train --config <cfg>` in its own process, SIGTERMed once its first epoch is done: it must
+    exit 143 within the grace, after a checkpoint inside epoch 2; (that batch, the epoch's batches). Batches of
+    2 make the epoch last long enough on a fast machine for the request (polled every 0.5 s) to land in it."""
     write_config(cfg, tmp_path / "stopped.yaml")
     log = tmp_path / "stopped.log"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
@@ -200,10 +196,22 @@ def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_ru
     stopped_at = re.search(r"stop requested: checkpoint at epoch 2/2, batch (\d+)/(\d+)\n", text)
     batch, batches = (int(g) for g in stopped_at.groups())
     assert 0 < batch < batches, text[-3000:]  # inside the epoch
-    assert text.splitlines()[-1] == (f"imgcls-dist train: stopped: training stopped: SIGTERM: stopped with a "
+    assert text.splitlines()[-1] == (f"imgcls-dist train: stopped: training {cfg.run.name}: SIGTERM: stopped with a "
                                      f"checkpoint at epoch 2/2, batch {batch}; the same command again resumes there")
     assert stop_s < cfg.run.stop_grace_s
-    assert not (tmp_path / "runs" / "stopped" / "model.pt").exists()  # a stopped run exports nothing yet
+    assert not (Path(cfg.run.storage_path) / cfg.run.name / "model.pt").exists()  # a stopped run exports nothing yet
+    return batch, batches
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, tiny_digits_dir,
+                                                                                   tmp_path, capsys):
+    """`imgcls-dist train` (two workers) gets SIGTERM during its second epoch: the workers agree on a batch,
+    checkpoint there and the driver exits 143 within the grace, naming the batch. The same command again
+    resumes at the next batch, trains every sample of that epoch once, and ends with the weights (raw and
+    moving average) of an uninterrupted run, bit for bit."""
+    extra = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=2", "train.ema_decay=0.9"]
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=extra)
+    batch, batches = _sigterm_in_second_epoch(ray_session, cfg, tmp_path)
 
     res = run_training(cfg, report_test=False)
     assert f"resuming at epoch 2/2, batch {batch + 1}/{batches}" in capsys.readouterr().out
@@ -214,6 +222,23 @@ def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_ru
         assert [h[key] for h in res["history"]] == [h[key] for h in clean["history"]], key
     resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_two_worker_run_stopped_mid_epoch_finishes_on_one_worker(ray_session, tiny_digits_dir, tmp_path, capsys):
+    """Elastic resume: a 2-worker run stopped inside epoch 2 (a node about to go) is rerun with 1 worker (no
+    replacement): the rest of epoch 2 is re-cut over the one worker, which takes over both ranks' partial
+    totals, and every epoch trains every sample exactly once."""
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="elastic",
+                   extra=["train.epochs=2", "scaling.num_workers=2", "data.batch_size=2"])
+    _sigterm_in_second_epoch(ray_session, cfg, tmp_path)
+    capsys.readouterr()
+    res = run_training(cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"num_workers": 1})}),
+                       report_test=False)
+    assert re.search(r"the epoch began on 2 worker\(s\): its \d+ samples left are re-cut over 1",
+                     capsys.readouterr().out)
+    n = n_train(tiny_digits_dir)
+    assert [(h["train_samples"], h["unique_samples"], h["world_size"]) for h in res["history"]] == \
+        [(n, n, 2), (n, n, 1)]
 
 
 def test_rerun_after_driver_death_resumes_and_a_broken_test_split_costs_only_the_report(

@@ -86,6 +86,49 @@ def test_resume_skips_exactly_what_was_trained(tmp_path):
     assert list(resumed) == batches[3:]
 
 
+def _samplers(groups, world, epoch, rest=None):
+    out = []
+    for rank in range(world):
+        b = EpochBatches(groups, batch_size=4, rank=rank, world=world, seed=0, buffer=16)
+        b.set_epoch(epoch, rest=rest)
+        out.append(b)
+    return out
+
+
+@pytest.mark.parametrize("worlds", [(2, 1), (1, 2), (3, 2), (2, 3), (2, 2), (2, 1, 3), (3, 1, 2)])
+def test_an_epoch_resumed_on_other_worlds_trains_every_sample_once(tmp_path, worlds):
+    """An epoch begun on worlds[0] workers, checkpointed after some batches, resumed on worlds[1] (its rest re-cut)
+    and, when given, checkpointed again and finished on worlds[2]: every sample once, in total, and every
+    world's ranks with equal batch counts."""
+    groups = list_row_groups(write_uneven_shards(tmp_path, SHARDS))
+    trained: list[int] = []
+    rest = None
+    for i, world in enumerate(worlds):
+        samplers = _samplers(groups, world, epoch=1, rest=rest)
+        per_rank = [list(b) for b in samplers]
+        assert len({len(batches) for batches in per_rank}) == 1
+        last = i == len(worlds) - 1
+        done = len(per_rank[0]) if last else max(1, len(per_rank[0]) // 3)
+        trained += [s[0] for batches in per_rank for batch in batches[:done] for s in batch]
+        if not last:
+            rest = samplers[0].progress(done)
+            assert all(b.progress(done) == rest for b in samplers)  # every rank computes the same progress
+            assert rest.world == worlds[0] and rest.recut == (i > 0)
+    counts = Counter(trained)
+    assert sorted(counts) == list(range(54)) and set(counts.values()) == {1}
+
+
+def test_progress_of_an_epoch_on_its_own_world_is_what_a_skip_resumes(tmp_path):
+    groups = list_row_groups(write_uneven_shards(tmp_path, SHARDS))
+    samplers = _samplers(groups, 2, epoch=2)
+    p = samplers[1].progress(3)
+    assert p.world == 2 and not p.recut and p.consumed[1] == sum(samplers[1].sizes()[:3])
+    full = list(samplers[1])
+    resumed = EpochBatches(groups, batch_size=4, rank=1, world=2, seed=0, buffer=16)
+    resumed.set_epoch(2, skip=p.consumed[1])
+    assert list(resumed) == full[3:]
+
+
 def test_plan_reads_whole_row_groups_except_at_the_ends(tmp_path):
     groups = list_row_groups(write_uneven_shards(tmp_path, SHARDS))
     for rank in range(3):
