@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.storage import Location, PathLike, location
+from imgcls_dist.preemption import DEFAULT_GRACE_S
 
 CONFIG_FILE = "config.yaml"  # the resolved config beside every run's (and campaign's, trial's) outputs
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the shipped configs and recipes: package data (pyproject.toml)
@@ -172,6 +173,10 @@ class TrainConfig(Section):
 class ScalingConfig(Section):
     num_workers: Optional[int] = Field(None, ge=1, description="None: as many as the cluster holds")
     use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
+    # Elastic (Ray Train's num_workers=(min, max)): after a lost node, Train restarts the run with as many
+    # workers as the cluster then holds, down to this, and grows back when nodes return; the epoch in progress
+    # is re-cut over the new world (docs/design.md, "Training runs and checkpoints"). None: a fixed world.
+    min_workers: Optional[int] = Field(None, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0.0)
 
 
@@ -182,6 +187,7 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="best k by validation accuracy")
     tensorboard: bool = True
 
+    stop_grace_s: float = Field(DEFAULT_GRACE_S, gt=0, description="SIGTERM: checkpoint and exit within this")
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:

@@ -39,16 +39,28 @@ class StopFlag:
 
 
 def new_flag() -> Any:
+    """The flag actor, on the driver's own node: the flag lives as long as the driver that sets it, and no
+    other node's loss takes it away from the workers that read it."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(StopFlag).options(scheduling_strategy=here).remote()
+
+
+def _read(ref: Any) -> str | None:
+    """A flag's value; None when the flag is gone (its driver, and so any stop it could ask for, is gone)."""
     import ray
 
-    return ray.remote(num_cpus=0)(StopFlag).remote()
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError:
+        return None
 
 
 def stop_requested(flag: Any) -> str | None:
     """The reason the job was asked to stop, or None (a blocking read: for work units far longer than it)."""
-    import ray
-
-    return None if flag is None else ray.get(flag.get.remote())
+    return None if flag is None else _read(flag.get.remote())
 
 
 class StopPoller:
@@ -69,7 +81,7 @@ class StopPoller:
         if self._ref is not None:
             ready, _ = ray.wait([self._ref], timeout=0)
             if ready:
-                self.reason, self._ref = ray.get(self._ref), None
+                self.reason, self._ref = _read(self._ref), None
         elif time.monotonic() - self._last >= self.interval_s:
             self._ref, self._last = self.flag.get.remote(), time.monotonic()
         return self.reason

@@ -34,7 +34,7 @@ SUMMARY_FILE = "summary.json"
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "raw_val_loss", "raw_val_acc",
                    "ema_val_loss", "ema_val_acc", "ema_exported", "images_per_s", "image_size",
                    "train_samples", "unique_samples", "worker_samples", "skipped_rows", "nonfinite_steps",
-                   "peak_rss_mb", "peak_gpu_mb"]
+                   "peak_rss_mb", "peak_gpu_mb", "world_size"]  # world_size: the workers the epoch ended on
 
 
 def resolve_dataset(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -98,6 +98,16 @@ def resolve_scaling(cfg: ExperimentConfig, train_rows: int | None = None) -> tup
     return plan.num_workers, plan.use_gpu
 
 
+def elastic_workers(cfg: ExperimentConfig, num_workers: int) -> int | tuple[int, int]:
+    """Train's num_workers: (scaling.min_workers, the planned count) when the run may shrink, else the count."""
+    low = cfg.scaling.min_workers
+    if low is None or low >= num_workers or num_workers == 0:
+        if low is not None and low > num_workers > 0:
+            raise UserError(f"scaling.min_workers: {low} is more than the run's {num_workers} worker(s)")
+        return num_workers
+    return (low, num_workers)
+
+
 def run_location(cfg: ExperimentConfig) -> Location:
     """Where every artifact of this run goes: <run.storage_path>/<run.name>/ on any filesystem."""
     return location(cfg.run.storage_path) / cfg.run.name
@@ -149,7 +159,7 @@ def build_trainer(cfg: ExperimentConfig, ds: dict[str, Any], num_workers: int, u
             "stop_flag": stop_flag,
             "watch_drains": not single_node,
         },
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=elastic_workers(cfg, num_workers), use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.run.name,

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 from imgcls_dist.errors import Stopped
-from imgcls_dist.preemption import StopPoller, stop_on_sigterm, stop_requested
+from imgcls_dist.preemption import StopPoller, new_flag, stop_on_sigterm, stop_requested
 
 
 def test_sigterm_sets_the_flag_workers_read_and_the_handler_is_restored(ray_session):
@@ -30,6 +30,27 @@ def test_sigterm_sets_the_flag_workers_read_and_the_handler_is_restored(ray_sess
             time.sleep(0.01)
         assert poller.reason == "SIGTERM" == stop_requested(req.flag)
     assert signal.getsignal(signal.SIGTERM) is before  # and the grace timer is cancelled: this process lives on
+
+
+def test_the_flag_lives_on_the_drivers_node_and_a_lost_one_reads_as_no_stop(ray_session):
+    import ray
+    from ray.util.state import list_actors
+
+    flag = new_flag()
+    assert ray.get(flag.get.remote()) is None
+    deadline = time.time() + 30
+    gcs = ray.get_runtime_context().gcs_address
+    while not (states := [a for a in list_actors(address=gcs, filters=[("class_name", "=", "StopFlag")])
+                          if a.actor_id == flag._actor_id.hex()]):
+        assert time.time() < deadline, "the state API never listed the flag actor"
+        time.sleep(0.2)
+    assert states[0].node_id == ray.get_runtime_context().get_node_id()
+    ray.kill(flag)
+    assert stop_requested(flag) is None
+    poller = StopPoller(flag, interval_s=0)
+    for _ in range(200):  # the first poll sends the read, a later one finds it failed
+        assert poller.poll() is None
+        time.sleep(0.01)
 
 
 def test_no_flag_means_never_stop():
