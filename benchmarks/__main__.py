@@ -138,10 +138,21 @@ def _bulk_cpu(a: argparse.Namespace) -> dict[str, Any]:
     return bench_bulk_cpu()
 
 
-def _fuzz(a: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.fuzz_bench import bench_fuzz
+def _bulk_preempt(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.preempt_bench import bench_bulk_preempt
 
-    return bench_fuzz(cases=a.cases, seed=a.seed)
+    return bench_bulk_preempt()
+
+
+def _fuzz(a: argparse.Namespace) -> dict[str, Any]:
+    from benchmarks.fuzz_bench import bench_fuzz, bench_reader_fuzz
+
+    r = {}
+    if a.target in ("decode", "all"):
+        r["decode"] = bench_fuzz(cases=a.cases, seed=a.seed)
+    if a.target in ("readers", "all"):
+        r["readers"] = bench_reader_fuzz(cases=a.reader_cases, seed=a.seed)
+    return r
 
 
 def _recipes(a: argparse.Namespace) -> dict[str, Any]:
@@ -168,6 +179,7 @@ BENCHMARKS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "decode": _decode, "serve": _serve, "tune": _tune, "study": _study, "distill": _distill,
     "short-epochs": _short_epochs, "recipes": _recipes, "imbalance": _imbalance, "train-precision": _train_precision,
     "precision": _precision, "backends": _backends, "bulk-cpu": _bulk_cpu, "fuzz": _fuzz,
+    "bulk-preempt": _bulk_preempt,
 }
 
 
@@ -199,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "resnet18_digits trained for 10 epochs on --data, or on builtin:digits ingested here)")
     p.add_argument("--speed-only", action="store_true", help="precision, backends: the speed arms only, no agreement")
     p.add_argument("--cases", type=int, default=100_000, help="fuzz: decode cases")
+    p.add_argument("--reader-cases", type=int, default=16_000, help="fuzz: reader cases (spread over the readers)")
+    p.add_argument("--target", choices=("decode", "readers", "all"), default="all",
+                   help="fuzz: the decoder, the readers of the files the system writes, or both")
     p.add_argument("--seed", type=int, default=0, help="fuzz: the run's seed (a case is (seed, index))")
     p.add_argument("--out", default=None, help="write the result as JSON")
     return p

@@ -7,6 +7,7 @@ in checkpoints as a plain dict (`ExperimentConfig.model_dump(mode="json")`).
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -14,8 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from imgcls_dist.errors import UserError
-from imgcls_dist.storage import Location, PathLike, location
 from imgcls_dist.preemption import DEFAULT_GRACE_S
+from imgcls_dist.storage import Location, PathLike, location
 
 CONFIG_FILE = "config.yaml"  # the resolved config beside every run's (and campaign's, trial's) outputs
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"  # the shipped configs and recipes: package data (pyproject.toml)
@@ -172,11 +173,11 @@ class TrainConfig(Section):
 
 class ScalingConfig(Section):
     num_workers: Optional[int] = Field(None, ge=1, description="None: as many as the cluster holds")
-    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     # Elastic (Ray Train's num_workers=(min, max)): after a lost node, Train restarts the run with as many
     # workers as the cluster then holds, down to this, and grows back when nodes return; the epoch in progress
     # is re-cut over the new world (docs/design.md, "Training runs and checkpoints"). None: a fixed world.
     min_workers: Optional[int] = Field(None, ge=1)
+    use_gpu: Optional[bool] = None  # None: when the cluster has GPUs
     cpus_per_worker: float = Field(1.0, gt=0.0)
 
 
@@ -186,8 +187,8 @@ class RunConfig(Section):
     max_failures: int = Field(0, ge=-1)
     keep_checkpoints: int = Field(2, ge=1, description="best k by validation accuracy")
     tensorboard: bool = True
-
     stop_grace_s: float = Field(DEFAULT_GRACE_S, gt=0, description="SIGTERM: checkpoint and exit within this")
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, v: str) -> str:
@@ -253,13 +254,39 @@ class ExperimentConfig(Section):
         return self.model_dump(mode="json")
 
 
+# libyaml's parser where PyYAML has it (its wheels do): a config parses ~10x faster, and nesting deeper than 1000
+# levels is refused at once, where the pure-Python scanner spends about a second reaching the recursion limit.
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAML_LOADER)  # a safe loader: no tag ever constructs a Python object
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    # a ReaderError (a control character, say) has no .problem, and its text spans lines
+    return getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def _reason(e: BaseException) -> str:
+    """The gist of a ValueError/RecursionError, without Python's advice after the colon."""
+    return str(e).split(":")[0][:100]
+
+
+# A value quoted back in an error: a long string, or a YAML alias bomb (a list that repeats itself by reference,
+# 9^9 elements in a few lines), would otherwise make the message huge, or hang while it is formatted.
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlevel, _SHORT.maxlist = 2, 4
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
         got = e.get("input")
-        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        got_s = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {_SHORT.repr(got)})"
         parts.append(f"{loc}: {msg}{got_s}")
     return f"{source}: invalid config: " + "; ".join(parts)
 
@@ -286,9 +313,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not all(keys):
         raise UserError(f"--set {item!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise UserError(f"--set {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--set {item!r}: value is not valid YAML ({_yaml_problem(e)})") from None
+    except (ValueError, RecursionError) as e:  # see read_yaml
+        raise UserError(f"--set {item!r}: value is not valid YAML ({_reason(e)})") from None
     return keys, value
 
 
@@ -320,11 +349,15 @@ def read_yaml(path: PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        raw = _load_yaml(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{p}:{where} not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        raise UserError(f"{p}:{where} not valid YAML ({_yaml_problem(e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not valid YAML (not UTF-8 text)") from None
+    except (ValueError, RecursionError) as e:  # PyYAML's int() past Python's digit limit; nesting past the stack
+        raise UserError(f"{p}: not valid YAML ({_reason(e)})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import json
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path, PurePosixPath
-from typing import IO, Union
+from typing import IO, Any, Union
 
 import pyarrow.fs as pafs
 
@@ -241,6 +242,19 @@ class Location:
     def read_text(self) -> str:
         return self.read_bytes().decode("utf-8")
 
+    def read_json(self) -> Any:
+        """The file's JSON document; one UserError naming the file for anything that is not JSON text. Besides
+        syntax errors, json.loads raises UnicodeDecodeError (bytes that are not UTF-8), a plain ValueError (an
+        integer longer than Python's int digit limit) and RecursionError (nesting deeper than the stack)."""
+        try:
+            return json.loads(self.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{self}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{self}: not JSON (not UTF-8 text)") from None
+        except (ValueError, RecursionError) as e:
+            raise UserError(f"{self}: invalid JSON ({str(e).split(':')[0][:100]})") from None
+
     # ---------------------------------------------------------------- writing
     def mkdir(self) -> Location:
         """Create this directory (and parents). Object stores need none: a key's prefix exists with it."""
@@ -263,8 +277,12 @@ class Location:
             p = Path(self.path)
             p.parent.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex[:8]}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, p)
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, p)
+            except OSError as e:  # a full disk, say: no half-written temp file is left behind
+                tmp.unlink(missing_ok=True)
+                raise self.error(e) from None
             return self
         try:
             with self.fs.open_output_stream(self.path) as f:
@@ -397,11 +415,23 @@ class Location:
         return self
 
 
+def _usable(path: str) -> bool:
+    """Whether pyarrow and the OS can take the path: UTF-8, no NUL (else ValueError or UnicodeEncodeError deep
+    inside a call, e.g. for a path read from a damaged manifest)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in path
+
+
 def location(path: PathLike) -> Location:
     """A local path, `s3://bucket/key` or `gs://bucket/key` -> Location (local paths made absolute)."""
     if isinstance(path, Location):
         return path
     s = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    if not _usable(s):
+        raise StorageError(f"{s!r}: not a usable path (it holds a NUL or a character that is not UTF-8)")
     m = _URI.match(s)
     if not m:
         return Location(pafs.LocalFileSystem(), str(Path(s).expanduser().resolve()), None)

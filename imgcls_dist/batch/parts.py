@@ -103,7 +103,8 @@ def read_part(loc: Location) -> Part | None:
             return None
         ranges = tuple((int(f), int(s), int(e)) for f, s, e in json.loads(raw))
         rows, errors = publish.footer_counts(pf)
-    except (OSError, pa.ArrowException, ValueError):  # vanished meanwhile, or not a whole part: no progress
+    # vanished meanwhile, not a whole part, or ranges of the wrong shape (a footer we did not write): no progress
+    except (OSError, pa.ArrowException, ValueError, TypeError, OverflowError, RecursionError):
         return None
     if sum(e - s for _, s, e in ranges) != rows:
         return None

@@ -33,9 +33,11 @@ LEASE_TTL_S = float(os.environ.get("IMGCLS_INFER_LEASE_TTL_S", "60"))
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # a process group, not a process (and os.kill(-1, 0) would probe every process)
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: a number beyond any pid
         return False
     except PermissionError:
         return True
@@ -60,9 +62,11 @@ class Lease:
             return True, 0.0  # deleted meanwhile
         age = max(0.0, (now_ns - mtime) / 1e9)
         try:
-            doc = json.loads(other.read_text())
-        except (UserError, json.JSONDecodeError):
+            doc = other.read_json()
+        except UserError:
             return True, age  # torn or vanished: not a live run's
+        if not isinstance(doc, dict):
+            return True, age
         if doc.get("host") == socket.gethostname() and isinstance(doc.get("pid"), int) and not _pid_alive(doc["pid"]):
             return True, age
         return age > LEASE_TTL_S, age
@@ -162,10 +166,24 @@ def read_manifest(out: PathLike) -> dict[str, Any]:
         if not loc.is_dir():
             loc.check_readable("predictions directory")
         raise UserError(f"{loc}: no {MANIFEST} (not a predictions directory, or its infer run did not finish)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    doc = p.read_json()
+    _check_manifest(p, doc)
+    return doc
+
+
+def _check_manifest(p: Location, doc: Any) -> None:
+    """What `prediction_files` relies on: a damaged manifest is one UserError here, not a KeyError later."""
+    files = doc.get("files", []) if isinstance(doc, dict) else None
+    if not isinstance(files, list):
+        raise UserError(f"{p}: not a predictions manifest (expected an object with a 'files' list)")
+    for i, entry in enumerate(files):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        # a file name as publish() writes it, never a path: a manifest cannot point outside its directory
+        if not isinstance(name, str) or name in ("", ".", "..") or set(name) & set("/\\") \
+                or not name.isprintable():
+            raise UserError(f"{p}: files[{i}] must be an object whose 'name' is a file name in the directory")
+        if "bytes" in entry and (type(entry["bytes"]) is not int or entry["bytes"] < 0):
+            raise UserError(f"{p}: files[{i}].bytes must be a byte count (an integer >= 0)")
 
 
 def prediction_files(out: PathLike) -> list[Location]:

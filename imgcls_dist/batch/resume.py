@@ -75,8 +75,8 @@ def _inputs_diff(old: list[dict], new: list[dict]) -> str | None:
     if removed:
         bits.append(f"{len(removed)} gone, e.g. {removed[0]}")
     for u in (u for u in n if u in o and o[u] != n[u]):
-        key = next(k for k in ("rows", "bytes", "mtime_ns") if o[u].get(k) != n[u].get(k))
-        bits.append(f"{u} changed ({key} {o[u].get(key)} -> {n[u].get(key)})")
+        key = next((k for k in ("rows", "bytes", "mtime_ns") if o[u].get(k) != n[u].get(k)), None)
+        bits.append(f"{u} changed ({key} {o[u].get(key)} -> {n[u].get(key)})" if key else f"{u} changed")
         break
     return f"input files ({'; '.join(bits)})" if bits else None
 
@@ -114,10 +114,18 @@ def difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
 def read_fingerprint(staging: Location) -> dict[str, Any] | None:
     f = staging / FINGERPRINT
     try:
-        doc = json.loads(f.read_text()) if f.is_file() else None
-    except (UserError, json.JSONDecodeError):
+        doc = f.read_json() if f.is_file() else None
+    except UserError:
         return None  # vanished or torn: not a staging we can trust
-    return doc if isinstance(doc, dict) and "inputs" in doc and "models" in doc else None
+    ours = isinstance(doc, dict) and _entries(doc.get("inputs"), "uri") \
+        and _entries(doc.get("models"), "path", "sha256")
+    return doc if ours else None
+
+
+def _entries(value: Any, *keys: str) -> bool:
+    """Whether `value` is a list of objects with a string at each of `keys`: what `difference` reads."""
+    return isinstance(value, list) and all(isinstance(e, dict) and all(isinstance(e.get(k), str) for k in keys)
+                                           for e in value)
 
 
 # ---------------------------------------------------------------- coverage

@@ -3,7 +3,6 @@ any work starts."""
 
 from __future__ import annotations
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -159,10 +158,7 @@ def read_dataset_meta(dataset_dir: PathLike) -> dict[str, Any]:
         if not d.is_local:
             d.check_readable("dataset directory")
         raise UserError(f"{d}: not a dataset directory (missing {DATASET_FILE}; create one with `imgcls-dist ingest`)")
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    meta = p.read_json()
     classes = meta.get("classes") if isinstance(meta, dict) else None
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{p}: 'classes' must be a non-empty list of class names")

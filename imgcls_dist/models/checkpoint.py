@@ -8,6 +8,7 @@ File I/O only, on any filesystem: rebuilding the network from a file is `registr
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import torch
@@ -79,7 +80,20 @@ def read_tensors_file(loc: Location) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad file for the user
-        raise UserError(f"{loc}: cannot load model file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{loc}: cannot load model file ({_load_failure(e)})") from None
+
+
+def _load_failure(e: Exception) -> str:
+    """torch.load's failure in a few words. The weights-only unpickler's message is paragraphs about torch's
+    defaults and how to load the file anyway; what the file holds is its last line but the documentation link
+    ("Trying to load unsupported GLOBAL posix.system ...", "Unsupported operand 0"). Other errors: the first
+    sentence (miniz's go on about corruption); some have no message at all (EOFError)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        said = [ln for ln in lines[1:] if not ln.startswith(("(1)", "(2)", "Check the documentation"))]
+        reason = (said or ["unsupported content"])[-1].split("WeightsUnpickler error:")[-1].split(" Please use")[0]
+        return f"refused by the weights-only unpickler: {reason.strip()[:200]}"
+    return f"{type(e).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(e).__name__
 
 
 def load_model_file(path: PathLike) -> dict[str, Any]:
@@ -91,5 +105,39 @@ def load_model_file(path: PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing:
         raise UserError(f"{p}: not a model file, missing keys {missing}")
+    wrong = _wrong_types(payload)
+    if wrong:
+        raise UserError(f"{p}: not a model file, '{wrong[0]}' must be {wrong[1]}")
     payload["path"] = p.uri
     return payload
+
+
+def _numbers(v: Any, n: Any) -> bool:
+    """A list of n finite numbers (n from the file too: anything; an int is finite, and math.isfinite would
+    overflow on a huge one)."""
+    return type(n) is int and isinstance(v, list) and len(v) == n \
+        and all(type(x) is int or type(x) is float and math.isfinite(x) for x in v)
+
+
+def _wrong_types(payload: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, what it must be) for the first key whose value is not what save_model_file writes (docs/design.md,
+    "Model file"), else None: a damaged file is refused here rather than deep in the network build or predictor."""
+    classes, channels = payload["classes"], payload["in_channels"]
+    checks = [
+        ("state_dict", "a dict of tensors", isinstance(payload["state_dict"], dict)
+         and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload["state_dict"].items())),
+        ("arch", "a model name", isinstance(payload["arch"], str)),
+        ("classes", "a non-empty list of class names",
+         isinstance(classes, list) and bool(classes) and all(isinstance(c, str) for c in classes)),
+        ("num_classes", "the number of classes", type(payload["num_classes"]) is int
+         and isinstance(classes, list) and payload["num_classes"] == len(classes)),
+        ("in_channels", "1 or 3", type(channels) is int and channels in (1, 3)),
+        ("image_size", "a positive integer", type(payload["image_size"]) is int and payload["image_size"] > 0),
+        ("mean", "a number per input channel", _numbers(payload["mean"], channels)),
+        ("std", "a positive number per input channel", _numbers(payload["std"], channels)
+         and all(x > 0 for x in payload["std"])),
+        ("config", "a dict", isinstance(payload.get("config", {}), dict)),
+        ("metrics", "a dict", isinstance(payload.get("metrics", {}), dict)),
+        ("hflip", "true or false", isinstance(payload.get("hflip", True), bool)),
+    ]
+    return next(((key, what) for key, what, ok in checks if not ok), None)

@@ -337,7 +337,11 @@ def build_model_from_file(path) -> tuple[nn.Module, dict]:
     """Rebuild the network of a model file (any filesystem) and load its weights: (model in eval mode, metadata)."""
     payload = load_model_file(path)
     model = get_model(payload["arch"], num_classes=payload["num_classes"], in_channels=payload["in_channels"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:  # missing, unexpected or misshapen weights: torch's message spans lines
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"{payload['path']}: weights do not fit {payload['arch']} ({reason})") from None
     model.eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}
 

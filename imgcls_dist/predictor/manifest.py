@@ -12,7 +12,6 @@ views the builder chose, used unless the user passes --tta.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -22,7 +21,7 @@ from typing import Any, Sequence
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE, resolve_model_path
-from imgcls_dist.predictor.options import COMBINES
+from imgcls_dist.predictor.options import COMBINES, VIEW_NAMES
 from imgcls_dist.storage import PathLike, is_uri, location
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -72,12 +71,7 @@ def _numbers(p, entries: list[dict], key: str, positive: bool = False) -> list[f
 def load_ensemble_manifest(path: PathLike) -> EnsembleSpec:
     """ensemble.json (any filesystem) -> EnsembleSpec (format: docs/design.md, "Ensemble manifest")."""
     p = location(path)
-    try:
-        doc = json.loads(p.read_text())
-    except UnicodeDecodeError:
-        raise UserError(f"{p}: not a JSON ensemble manifest (not UTF-8 text)") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    doc = p.read_json()
     entries = doc.get("models") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise UserError(f"{p}: 'models' must be a non-empty list of {{\"path\": ...}} entries")
@@ -88,10 +82,16 @@ def load_ensemble_manifest(path: PathLike) -> EnsembleSpec:
         mp = e["path"]
         paths.append(mp if is_uri(mp) or Path(mp).is_absolute() else (p.parent / mp).uri)
     weights = _numbers(p, entries, "weight")
+    if weights is not None and any(w < 0 for w in weights):
+        raise UserError(f"{p}: every 'weight' must be >= 0")
     temperatures = _numbers(p, entries, "temperature", positive=True)
+    # views and combine checked here too, so that a bad value names this file rather than --tta or --combine
     views = doc.get("views")
-    if views is not None and (not isinstance(views, list) or not all(isinstance(v, str) for v in views) or not views):
-        raise UserError(f"{p}: 'views' must be a non-empty list of view names")
+    if views is not None and (not isinstance(views, list) or not views
+                              or not all(isinstance(v, str) and v.strip().lower() in VIEW_NAMES for v in views)):
+        raise UserError(f"{p}: 'views' must be a non-empty list of view names ({', '.join(VIEW_NAMES)})")
+    if doc.get("combine") is not None and doc["combine"] not in COMBINES:
+        raise UserError(f"{p}: 'combine' must be one of {', '.join(COMBINES)}")
     combine = resolve_combine(doc.get("combine"), weights)
     return EnsembleSpec(paths, None if combine == "mean" else weights, combine, temperatures, views, p.uri)
 
