@@ -1,6 +1,7 @@
 """The serving application's arguments: what `serve run imgcls_dist.serve:app k=v`, `configs/serve.yaml` (`args:`)
 and `imgcls-dist serve` give. Replicas, autoscaling and actor resources are Serve's own deployment options
-(`deployments:` in the config file, `--replicas` on the command line), not repeated here."""
+(`deployments:` in the config file, `--replicas` on the command line), not repeated here; so are the request
+timeout and the queue bounds (ServeLimits: `http_options:` and `deployments:` in a config file)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,18 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 # At most 5 ms added to a lone request; shorter waits did no better on CPU (docs/benchmarks.md, "Serve").
 DEFAULT_BATCH_WAIT_S = 0.005
 DEFAULT_MAX_BATCH_SIZE = 16
+# Serve's own default is no timeout at all: a stuck forward would hold its client and its replica slot for ever.
+# A minute is far beyond any answer measured (p99 under 1 s at 16 clients on one CPU, docs/benchmarks.md,
+# "Serve"), so only a request that is stuck, or queued behind far too much work, meets it.
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+# Requests one Classifier replica works on at once: 4 full batches at the default max_batch_size.
+DEFAULT_MAX_ONGOING_REQUESTS = 64
+# Requests each caller (an Ingress replica) holds back while every Classifier replica has its
+# max_ongoing_requests: at the ~40 requests/s one CPU replica answers, a full queue drains in about 3 s, well
+# inside the timeout. Beyond it a client learns at once to come back later (503, Retry-After) instead of waiting.
+DEFAULT_MAX_QUEUED_REQUESTS = 128
+# The Retry-After of a 503 (a full queue, a lost replica): a replica frees slots within a batch or two.
+DEFAULT_RETRY_AFTER_S = 1.0
 # The bearer token every request must carry when no `auth_token` is given: an environment variable keeps it out
 # of config files and of the process list (`--auth-token` shows in `ps`).
 TOKEN_ENV = "IMGCLS_DIST_SERVE_TOKEN"
@@ -72,6 +85,38 @@ class ServeSettings(BaseModel):
     @classmethod
     def _weights(cls, v):
         return [float(x) for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+
+class ServeLimits(BaseModel):
+    """How long a request may take and how many may wait. These are Serve's own options, not the application's
+    `args`: the timeout is the HTTP proxy's (`http_options.request_timeout_s`: past it the proxy answers 408 and
+    cancels the request), the bounds are the Classifier deployment's (`max_ongoing_requests` per replica,
+    `max_queued_requests` per caller, answered 503 with Retry-After past them). `imgcls-dist serve` takes them
+    as flags; a Serve config file sets them where Serve reads them, and the deployments' decorators default to
+    this model's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_timeout_s: float = Field(DEFAULT_REQUEST_TIMEOUT_S, gt=0,
+                                     description="end to end, queueing included; past it: HTTP 408")
+    max_ongoing_requests: int = Field(DEFAULT_MAX_ONGOING_REQUESTS, ge=1,
+                                      description="requests one Classifier replica works on at once")
+    max_queued_requests: int = Field(DEFAULT_MAX_QUEUED_REQUESTS, ge=1,
+                                     description="requests each caller queues for the replicas; past it: HTTP 503")
+    retry_after_s: float = Field(DEFAULT_RETRY_AFTER_S, ge=0,
+                                 description="Retry-After of a 503 (full queue, lost replica), rounded up")
+
+    def http_options(self) -> dict[str, float]:
+        return {"request_timeout_s": self.request_timeout_s}
+
+    def backpressure_config(self) -> dict[str, object]:
+        """Serve's answer to a request refused by a full queue: 503 with Retry-After."""
+        return {"status_code": 503, "retry_after_s": self.retry_after_s}
+
+    def deployment_options(self) -> dict[str, object]:
+        """Serve's options for the Classifier deployment."""
+        return {"max_ongoing_requests": self.max_ongoing_requests, "max_queued_requests": self.max_queued_requests,
+                "backpressure_config": self.backpressure_config()}
 
 
 def _one_of(value: str, choices: tuple[str, ...]) -> str:

@@ -264,14 +264,16 @@ def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, 
     """`imgcls-dist serve` as a user runs it, joined to the session's Ray (RAY_ADDRESS) to skip a second
     Ray start-up; after the module's server is gone (the test above), so Serve starts fresh. With the
     onnxruntime backend (the module's server runs torch): the answer is the in-process ONNX Runtime predictor's.
-    With a token from the environment: 401 without it, on every route of ours."""
+    With a token from the environment: 401 without it, on every route of ours. The limit flags reach the server
+    (its first line names them; what they do: test_serve_resilience.py)."""
     import threading
 
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, TOKEN_ENV: "t0ken"}
     auth = {"Authorization": "Bearer t0ken"}
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "imgcls_dist.cli", "serve", "--models", str(model),
-                             "--port", str(port), "--tta", "none", "--backend", "onnxruntime"],
+                             "--port", str(port), "--tta", "none", "--backend", "onnxruntime",
+                             "--request-timeout-s", "30", "--max-queued-requests", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -281,7 +283,8 @@ def test_cli_serves_until_ctrl_c_and_leaves_no_serve_actors(ray_session, model, 
         while not any("serving" in ln for ln in lines) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        assert any(f"{url}/predict" in ln and "backend onnxruntime (given)" in ln for ln in lines), "".join(lines)
+        assert any(f"{url}/predict" in ln and "backend onnxruntime (given)" in ln and "timeout 30 s, queue 5" in ln
+                   for ln in lines), "".join(lines)
         image = digit_pngs(digits_dir, 1)[0][0]
         assert post(f"{url}/predict", image)[0] == 401
         assert post(f"{url}/predict", image, headers={"Authorization": "Bearer wrong"})[0] == 401
