@@ -170,7 +170,10 @@ def execute(job: InferJob, plan: ActorPlan, takeover: resume.Takeover, run_id: s
             )
             ds.write_datasink(parts.PartsDatasink(takeover.staging, run_id, parts.rows_per_part(job.rows_in)),
                               ray_remote_args={"num_cpus": plan.task_cpus})
-        except (UserError, JobFailed):
+        except (UserError, JobFailed) as e:
+            if isinstance(e, ray.exceptions.RayTaskError):  # raised in a task: its text carries Ray's traceback
+                local = JobFailed if isinstance(e, JobFailed) else UserError
+                raise local(f"inference job failed: {str(e.args[0]).splitlines()[0]}") from None
             raise
         except Exception as e:  # Ray wraps actor/task failures; the staging dir stays hidden
             raise JobFailed(f"inference job failed: {root_cause(e)}") from e

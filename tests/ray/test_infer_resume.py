@@ -4,12 +4,14 @@ written rows again, another job's unfinished run is refused until --fresh, and r
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from imgcls_dist.batch.publish import prediction_files, read_manifest
 from imgcls_dist.predictor.predict import load_predictor
 from imgcls_dist.preemption import DEFAULT_GRACE_S
 from imgcls_dist.predictor.prepare import prepare_encoded
-from imgcls_dist.storage import location
+from imgcls_dist.storage import StorageError, location
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 3000
@@ -210,6 +212,42 @@ def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_se
     assert len(m["files"]) >= ROWS // limit and max(f["rows"] for f in m["files"]) < limit, m["files"]
     print(f"stopped {stop_s:.1f}s after SIGTERM with {durable}/{ROWS} rows written; parts "
           f"{sorted(f['rows'] for f in m['files'])}")
+
+
+@contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` mounted at `path` (the test runs as root, as CI does): a disk that fills up."""
+    path.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield lambda new_size: subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_full_disk_fails_the_job_in_one_line_and_the_rerun_finishes_it(ray_session, model, rows, tmp_path):
+    """The output's disk fills up mid-job: one error line naming the file (exit 2), nothing published, only whole parts and no
+    temporary files left in staging; once there is room, the same command adopts those parts and finishes."""
+    inp = tmp_path / "in"
+    write_input(inp, rows, rows_per_shard=500)
+    with small_disk(tmp_path / "disk", "96k") as resize:
+        out, log = tmp_path / "disk" / "out", tmp_path / "full.log"
+        proc = _start_cli_infer(ray_session, model, inp, out, log)
+        assert proc.wait(300) == StorageError.exit_code  # the output location cannot be used as it is
+        err = log.read_text().strip().splitlines()[-1]
+        assert re.fullmatch(r"imgcls-dist infer: error: inference job failed: \S+/disk/out/\.staging-\S+\.parquet: "
+                            r"\[Errno 28\] No space left on device", err), err
+        assert not (out / publish.MANIFEST).exists() and not list(out.glob("*.parquet"))
+        [staging] = out.glob(".staging-*")
+        staged = list(staging.glob("*.parquet"))
+        assert len(parts.read_parts([location(str(f)) for f in staged])) == len(staged)  # every file a whole part
+        assert not list(staging.glob(".*.tmp")) and staged_rows(out) < ROWS
+        durable = staged_rows(out)
+        resize("16m")
+        _wait_for_dead_jobs_actors(ray_session)
+        m = run_batch_inference(model, inp, out, tta="none", verbose=False)
+        assert (m["rows_adopted"], m["rows_out"]) == (durable, ROWS)
+        assert_every_id_once(published(out), rows)
 
 
 def _crash_at_publish(*_a, **_k):
