@@ -145,7 +145,8 @@ def _bulk_preempt(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fuzz(a: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.fuzz_bench import bench_fuzz, bench_reader_fuzz
+    from benchmarks.fuzz_bench import bench_fuzz
+    from benchmarks.reader_fuzz_bench import bench_reader_fuzz
 
     r = {}
     if a.target in ("decode", "all"):

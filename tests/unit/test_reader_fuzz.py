@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 
-from benchmarks.fuzz_bench import (EXECUTED, READERS, ReaderCase, malicious_model, marker_name, prepare_workspace,
-                                   reader_case, reader_outcome, reader_seeds)
+from benchmarks.reader_fuzz_cases import EXECUTED, ReaderCase, malicious_model, marker_name, reader_case
+from benchmarks.reader_fuzz_contract import prepare_workspace, reader_outcome
+from benchmarks.reader_fuzz_seeds import READERS, reader_seeds
 from imgcls_dist.config import load_config
 from imgcls_dist.errors import UserError
 from imgcls_dist.models.registry import build_model_from_file
