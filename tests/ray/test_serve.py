@@ -322,7 +322,7 @@ def test_shipped_serve_configs_are_valid_serve_configs_for_this_app(name):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from imgcls_dist.serve.deployment import DEPLOYMENT
+    from imgcls_dist.serve.deployment import DEPLOYMENT, INGRESS
 
     service = _rayservice()
     assert (service["apiVersion"], service["kind"]) == ("ray.io/v1", "RayService")
@@ -331,7 +331,7 @@ def test_shipped_serve_configs_are_valid_serve_configs_for_this_app(name):
     (application,) = ServeDeploySchema.model_validate(raw).applications
     assert application.import_path == "imgcls_dist.serve:app"
     ServeSettings(**application.args)  # unknown or bad args raise
-    assert [d.name for d in application.deployments] == [DEPLOYMENT]
+    assert [d.name for d in application.deployments] == [DEPLOYMENT, INGRESS]
     assert raw["http_options"]["host"] == ("127.0.0.1" if name.startswith("configs") else "0.0.0.0")
     if name.startswith("rayservice"):
         assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
