@@ -20,10 +20,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.ray_procs import ray_worker_processes
 from helpers.model_files import digit_rows, save_model, write_input
+from helpers.faulty_s3 import FaultyS3
 from helpers.ray_procs import wait_all_cpus_free
 
 from imgcls_dist.cli import main
-from imgcls_dist.errors import JobFailed, Stopped
+from imgcls_dist.errors import JobFailed, Stopped, UserError
 from imgcls_dist.batch import parts, publish, resume
 from imgcls_dist.batch.pipeline import run_batch_inference
 from imgcls_dist.batch.publish import prediction_files, read_manifest
@@ -248,6 +249,42 @@ def test_a_full_disk_fails_the_job_in_one_line_and_the_rerun_finishes_it(ray_ses
         m = run_batch_inference(model, inp, out, tta="none", verbose=False)
         assert (m["rows_adopted"], m["rows_out"]) == (durable, ROWS)
         assert_every_id_once(published(out), rows)
+
+
+def test_an_object_store_refusing_writes_fails_the_job_in_one_line_and_the_rerun_finishes_it(s3, model, rows,
+                                                                                           tmp_path):
+    """The object store starts answering part uploads with 500 InternalError mid-job (a real HTTP proxy in front
+    of moto): one error line naming the part, nothing published, the parts written before it stay whole; once
+    the store answers again, the same command adopts them and finishes. Each run starts its own local Ray, so
+    that its workers reach the store through the proxy (a node's workers take its environment)."""
+    bucket = s3.bucket("faults")
+    write_input(tmp_path / "in", rows, rows_per_shard=500)
+    location(f"{bucket}/in").upload(tmp_path / "in")
+    proxy = FaultyS3(s3.endpoint)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"AWS_ENDPOINT_URL": proxy.endpoint}
+    cmd = [sys.executable, "-m", "imgcls_dist.cli", "infer", "--models", str(model), "--input", f"{bucket}/in",
+           "--output", f"{bucket}/out", "--tta", "none"]
+    try:
+        proxy.fail_puts(r"/\.staging-[^/]+/[^/]+\.parquet", after=2)
+        failed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert failed.returncode in (UserError.exit_code, JobFailed.exit_code), failed.stderr[-3000:]
+        line = failed.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(r"imgcls-dist infer: error: inference job failed: s3://\S+/out/\.staging-\S+\.parquet: "
+                            r".*AWS Error INTERNAL_FAILURE.*", line) and len(line) <= 400, line
+        assert proxy.refused > 0
+        out = location(f"{bucket}/out")
+        assert not (out / publish.MANIFEST).exists() and not out.files(".parquet", recursive=False)
+        [staging] = publish.staging_dirs(out)
+        staged = parts.read_parts(parts.staged_parts(staging))
+        assert len(staged) == 2 and len(parts.staged_parts(staging)) == 2  # the two let through, each whole
+        proxy.heal()
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        proxy.close()
+    m = read_manifest(out)
+    assert (m["rows_adopted"], m["rows_out"]) == (sum(p.rows for p in staged), ROWS)
+    assert_every_id_once(published(out), rows)
 
 
 def _crash_at_publish(*_a, **_k):
