@@ -169,8 +169,12 @@ def _one_row_group(inp: Path, rows) -> None:
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> Path:
-    """A model slow enough on one CPU (seconds for ROWS rows) that a signal lands while rows are predicted."""
-    return save_model(tmp_path_factory.mktemp("resume_models") / "slow", "resnet18", 48, seed=3)
+    """A model slow enough on one CPU (tens of seconds for SLOW_ROWS rows) that a signal sent once the first part
+    is written lands while rows are still predicted: parts are written seconds behind the predictions."""
+    return save_model(tmp_path_factory.mktemp("resume_models") / "slow", "resnet18", 96, seed=3)
+
+
+SLOW_ROWS = 1500
 
 
 def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_session, slow_model, rows, tmp_path):
@@ -178,6 +182,7 @@ def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_se
     143 within the grace; the rerun adopts exactly those rows. The input is one row group of every row, so
     the parts being bounded by rows (not by row groups) is what lets anything be written before the end."""
     inp, out, log = tmp_path / "in", tmp_path / "out", tmp_path / "stopped.log"
+    rows = rows[:SLOW_ROWS]
     _one_row_group(inp, rows)
     proc = _start_cli_infer(ray_session, slow_model, inp, out, log)
     try:
@@ -197,9 +202,10 @@ def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_se
     text = log.read_text()
     assert proc.returncode == Stopped.exit_code, text[-3000:]
     durable = staged_rows(out)
-    assert 0 < durable < ROWS and not (out / publish.MANIFEST).exists()
+    assert 0 < durable < SLOW_ROWS and not (out / publish.MANIFEST).exists()
     [line] = [ln for ln in text.splitlines() if "stopped:" in ln]
-    assert f"SIGTERM: {durable} of {ROWS} rows are written" in line and f"the other {ROWS - durable}" in line, line
+    assert f"SIGTERM: {durable} of {SLOW_ROWS} rows are written" in line, line
+    assert f"the other {SLOW_ROWS - durable}" in line, line
     assert stop_s < DEFAULT_GRACE_S
     [staging] = out.glob(".staging-*")
     stopped_id = staging.name[len(publish.STAGING_PREFIX):]
@@ -207,11 +213,11 @@ def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_se
 
     m = run_batch_inference(slow_model, inp, out, batch_size=32, tta="none", verbose=False)
     assert m["resumed_from"] == stopped_id
-    assert (m["rows_adopted"], m["rows_predicted"], m["rows_out"]) == (durable, ROWS - durable, ROWS)
+    assert (m["rows_adopted"], m["rows_predicted"], m["rows_out"]) == (durable, SLOW_ROWS - durable, SLOW_ROWS)
     assert_every_id_once(published(out), rows)
-    limit = 2 * parts.rows_per_part(ROWS)  # blocks of at most rows_per_part, written once a part has that many
-    assert len(m["files"]) >= ROWS // limit and max(f["rows"] for f in m["files"]) < limit, m["files"]
-    print(f"stopped {stop_s:.1f}s after SIGTERM with {durable}/{ROWS} rows written; parts "
+    limit = 2 * parts.rows_per_part(SLOW_ROWS)  # blocks of at most a part's rows, written once a part has that many
+    assert len(m["files"]) >= SLOW_ROWS // limit and max(f["rows"] for f in m["files"]) < limit, m["files"]
+    print(f"stopped {stop_s:.1f}s after SIGTERM with {durable}/{SLOW_ROWS} rows written; parts "
           f"{sorted(f['rows'] for f in m['files'])}")
 
 
@@ -227,8 +233,9 @@ def small_disk(path: Path, size: str):
 
 
 def test_a_full_disk_fails_the_job_in_one_line_and_the_rerun_finishes_it(ray_session, model, rows, tmp_path):
-    """The output's disk fills up mid-job: one error line naming the file (exit 2), nothing published, only whole parts and no
-    temporary files left in staging; once there is room, the same command adopts those parts and finishes."""
+    """The output's disk fills up mid-job: one error line naming the file (exit 2), nothing published, only whole
+    parts and no temporary files left in staging; once there is room, the same command adopts those parts and
+    finishes."""
     inp = tmp_path / "in"
     write_input(inp, rows, rows_per_shard=500)
     with small_disk(tmp_path / "disk", "96k") as resize:
@@ -251,6 +258,7 @@ def test_a_full_disk_fails_the_job_in_one_line_and_the_rerun_finishes_it(ray_ses
         assert_every_id_once(published(out), rows)
 
 
+@pytest.mark.own_ray
 def test_an_object_store_refusing_writes_fails_the_job_in_one_line_and_the_rerun_finishes_it(s3, model, rows,
                                                                                            tmp_path):
     """The object store starts answering part uploads with 500 InternalError mid-job (a real HTTP proxy in front
