@@ -88,3 +88,39 @@ def test_a_second_sigterm_ends_the_process_at_once(ray_session):
     code, err, _ = _run(ray_session, grace_s=300.0, signals=2)
     assert code == Stopped.exit_code, err
     assert "job: second SIGTERM, exiting now" in err and "ran out" not in err
+
+
+def test_a_stopped_bulk_job_reads_nothing_more(ray_session, tmp_path):
+    """The bulk job's read tasks: a unit's rows while the flag is clear, none once it is set (the predictor
+    actors check the same flag before each batch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from imgcls_dist.batch import parts
+
+    f = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(10)], "image": [b"x"] * 10}), f)
+    unit = parts.Unit(file=0, first=0, last=0, offset=0, wanted=((0, 10),), rows=10, bytes=1)
+    flag = new_flag()
+    assert sum(t.num_rows for t in parts.read_unit(str(f), unit, ["id", "image"], flag)) == 10
+    ray.get(flag.set.remote("SIGTERM"))
+    assert list(parts.read_unit(str(f), unit, ["id", "image"], flag)) == []
+
+
+def test_a_stopped_bulk_job_predicts_nothing_more(ray_session, tmp_path):
+    """The predictor actor UDF: once the flag is set, a batch passes through as no rows (of the output schema
+    with positions), so the rows already predicted reach the write stage at once."""
+    import pyarrow as pa
+    import ray
+    from helpers.model_files import save_model
+
+    from imgcls_dist.batch import parts
+
+    flag = new_flag()
+    ray.get(flag.set.remote("SIGTERM"))
+    actor = parts.PositionedPredictActor([str(save_model(tmp_path / "m"))], ["identity"], None, "mean", None, 8, 1,
+                                         False, stop_flag=flag)
+    out = actor(pa.table({"id": ["a", "b"], parts.POS_FILE: pa.array([0, 0], pa.int32()),
+                          parts.POS_ROW: pa.array([0, 1], pa.int64())}))
+    assert out.num_rows == 0 and out.schema.names[-2:] == [parts.POS_FILE, parts.POS_ROW]
