@@ -190,6 +190,13 @@ class Ingress:
         except DeploymentUnavailableError as exc:  # what Serve's proxy answers 503 too
             return retry_later(exc.message, self.retry_after_s)
 
+    async def _authorized_call(self, request: Request, method: str) -> Any:
+        """A GET route's Classifier call behind the token: its result, or the 401 (counted) or retryable answer."""
+        if (refused := self._refused(request)) is not None:
+            self.requests["http_401"] += 1
+            return refused
+        return await self._call(method)
+
     def _answer(self, uploads: list[Upload], results: list[dict[str, Any]], multipart: bool) -> JSONResponse:
         first_error = next((f"file {i + 1} ({up.name or 'unnamed'}): {r['error']}"
                             for i, (up, r) in enumerate(zip(uploads, results)) if "error" in r), None)
@@ -223,10 +230,7 @@ class Ingress:
     @api.get("/info", response_model=None)
     async def info(self, request: Request) -> dict[str, Any] | JSONResponse:
         """What a Classifier replica serves, this front's body limit and whether it asks for a token."""
-        if (refused := self._refused(request)) is not None:
-            self.requests["http_401"] += 1
-            return refused
-        info = await self._call("info")
+        info = await self._authorized_call(request, "info")
         if isinstance(info, JSONResponse):
             return info
         return {**info, "max_body_bytes": self.settings.max_body_bytes, "auth": self.settings.auth_token is not None}
@@ -235,10 +239,7 @@ class Ingress:
     async def stats(self, request: Request) -> dict[str, Any] | JSONResponse:
         """This Ingress replica's request counters and one Classifier replica's image and batch counters (a
         request lands on one of each; sum over replicas for the app)."""
-        if (refused := self._refused(request)) is not None:
-            self.requests["http_401"] += 1
-            return refused
-        stats = await self._call("stats")
+        stats = await self._authorized_call(request, "stats")
         if isinstance(stats, JSONResponse):
             return stats
         return {**self.requests, **stats}
