@@ -35,3 +35,23 @@ def wait_all_cpus_free(ray, timeout=30.0) -> float:
             return free
         time.sleep(0.5)
     return ray.available_resources().get("CPU", 0.0)
+
+
+def sigterm_when(proc, ready, log, timeout_s: float, exit_timeout_s: float) -> float:
+    """SIGTERM `proc` once `ready()` holds (failing, with the end of its log, if it exits first or `timeout_s`
+    passes), wait for it to exit, and return the seconds from the signal to the exit; killed if it does not."""
+    import signal
+
+    try:
+        deadline = time.time() + timeout_s
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.perf_counter()
+        proc.wait(exit_timeout_s)
+        return time.perf_counter() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -21,7 +21,7 @@ import pytest
 from helpers.ray_procs import ray_worker_processes
 from helpers.model_files import digit_rows, save_model, write_input
 from helpers.faulty_s3 import FaultyS3
-from helpers.ray_procs import wait_all_cpus_free
+from helpers.ray_procs import sigterm_when, wait_all_cpus_free
 
 from imgcls_dist.cli import main
 from imgcls_dist.errors import JobFailed, Stopped, UserError
@@ -187,20 +187,7 @@ def test_sigterm_writes_what_is_predicted_and_the_rerun_predicts_the_rest(ray_se
     rows = rows[:SLOW_ROWS]
     _one_row_group(inp, rows)
     proc = _start_cli_infer(ray_session, slow_model, inp, out, log)
-    try:
-        deadline = time.time() + 180
-        while staged_rows(out) == 0:
-            assert proc.poll() is None, f"the run ended before writing a part:\n{log.read_text()[-3000:]}"
-            assert time.time() < deadline, "the run never wrote a part"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGTERM)
-        t_term = time.perf_counter()
-        proc.wait(60)
-        stop_s = time.perf_counter() - t_term
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+    stop_s = sigterm_when(proc, lambda: staged_rows(out) > 0, log, timeout_s=180, exit_timeout_s=60)
     text = log.read_text()
     assert proc.returncode == Stopped.exit_code, text[-3000:]
     durable = staged_rows(out)

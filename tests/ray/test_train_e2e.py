@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 from helpers.local_train import fit_in_process
-from helpers.ray_procs import ray_worker_processes
+from helpers.ray_procs import ray_worker_processes, sigterm_when
 from helpers.model_files import save_model, save_nan_model
 
 from imgcls_dist.config import load_config, write_config
@@ -178,19 +178,7 @@ def _sigterm_in_second_epoch(ray_session, cfg, tmp_path) -> tuple[int, int]:
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "imgcls_dist.cli", "train", "--config", str(tmp_path / "stopped.yaml")]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300
-        while "epoch 1/2 " not in log.read_text():
-            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        t_term = time.perf_counter()
-        proc.wait(120)
-        stop_s = time.perf_counter() - t_term
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    stop_s = sigterm_when(proc, lambda: "epoch 1/2 " in log.read_text(), log, timeout_s=300, exit_timeout_s=120)
     text = log.read_text()
     assert proc.returncode == Stopped.exit_code, text[-3000:]
     stopped_at = re.search(r"stop requested: checkpoint at epoch 2/2, batch (\d+)/(\d+)\n", text)
