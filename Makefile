@@ -28,7 +28,7 @@ demo: $(STAMP)
 # Two pytest processes: the tests on the suite's one shared 2-CPU Ray stay in one (tests/conftest.py), while
 # the Ray-free tests and those that start Rays of their own run beside them.
 test: $(STAMP)
-	$(PYC) $(BIN)/python -m pytest -q -n 2 --dist loadgroup tests
+	$(PYC) $(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25 tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -77,7 +77,7 @@ def _ensemble(a: argparse.Namespace) -> dict[str, Any]:
 def _augment(a: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.augment_bench import bench_augment, bench_policies
 
-    return bench_policies() if a.policies else bench_augment(image_size=a.image_size)
+    return bench_policies() if a.policies else bench_augment(image_size=a.image_size or 64)
 
 
 def _decode(a: argparse.Namespace) -> dict[str, Any]:
@@ -139,9 +139,9 @@ def _bulk_cpu(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bulk_preempt(a: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks.preempt_bench import bench_bulk_preempt
+    from benchmarks.preempt_bench import SIZE, bench_bulk_preempt
 
-    return bench_bulk_preempt()
+    return bench_bulk_preempt(size=a.image_size or SIZE)
 
 
 def _fuzz(a: argparse.Namespace) -> dict[str, Any]:
@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="infer: batch size")
     p.add_argument("--photo-rows", default="100,300", help="infer: 12 MP photo row counts of the photo-vs-thumbnail "
                    "arm ('' skips it)")
-    p.add_argument("--image-size", type=int, default=64, help="augment: output size")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="augment: output size (default 64); bulk-preempt: the model's input size (default 160)")
     p.add_argument("--policies", action="store_true", help="augment: the policy presets' torchvision policies "
                    "(uint8 tensor vs PIL, and their seeded wrapper) instead of the presets")
     p.add_argument("--files", default="10000,40000", help="ingest: JPEG tree sizes to compare memory at")
