@@ -1,8 +1,10 @@
 """A whole node dies mid-run, on a 2-node Ray cluster started as a user starts one (`ray start --head` with
 the job server + `ray start --address`, 1 CPU each, so the two Train workers land on different nodes), shards
 and run storage on the loopback S3 server, and both jobs submitted with `ray job submit --working-dir <repo>`
-(jobs/train.py, then jobs/batch_infer.py on the run's model). The non-head node (its raylet and every process
-on it) is killed after the first checkpoint and no node replaces it: the run is elastic
+(jobs/train.py, then jobs/batch_infer.py on the run's model). After the first checkpoint the non-head node is
+drained as a cloud's spot notice drains it (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): the workers
+write a checkpoint at the batch they are on and train on. Then the node (its raylet and every process on it) is
+killed and no node replaces it: the run is elastic
 (`scaling.min_workers=1`), so Ray Train restarts it with one worker, which re-cuts the interrupted epoch and
 finishes with every sample of every epoch once. Then a replacement node joins, and the batch-inference job
 loses it mid-job: every input row comes out exactly once, after at most one rerun. The job drivers run on the head, as `ray job submit`
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import subprocess
 import sys
@@ -110,9 +113,22 @@ def _node_args(head: RayHead) -> list[str]:
             f"--temp-dir={head.temp_dir}"]
 
 
+def _drain(head: RayHead, tmp_path: Path) -> None:
+    """Drain the non-head node as an autoscaler does on a preemption notice (deadline 60 s)."""
+    nodes = run_cmd([RAY, "list", "nodes", "--address", head.dashboard_url, "--format", "json", "--detail"],
+                    cwd=tmp_path, env=head.env, timeout=60)
+    assert nodes.returncode == 0, nodes.stdout
+    node = next(n for n in json.loads(nodes.stdout) if not n["is_head_node"] and n["state"] == "ALIVE")
+    drained = run_cmd([RAY, "drain-node", "--address", head.gcs_address, "--node-id", node["node_id"],
+                       "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot notice",
+                       "--deadline-remaining-seconds", "60"], cwd=tmp_path, env=head.env, timeout=60)
+    assert drained.returncode == 0, drained.stdout
+
+
 def _cluster_env() -> dict[str, str]:
     return {
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1",  # a real multi-node run keeps Train's default
+        "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",  # Train's drain watcher: 5 s by default; epochs here last ~1 s
         # The GCS declares a node dead after failure_threshold missed health checks, period_ms apart (defaults
         # 5 x 3 s); a killed raylet fails each check at once, so 3 x 0.5 s detects the same loss 13 s sooner.
         "RAY_health_check_period_ms": "500",
@@ -140,7 +156,7 @@ def test_losing_a_whole_node_shrinks_the_run_to_the_node_left(s3, tmp_path):
 
         run = location(f"{bucket}/runs/nodes")
         args = ["jobs/train.py", "--config", "configs/lenet5_digits.yaml"]
-        for s in [f"data.path={bucket}/digits", "data.image_size=16", "data.loader_workers=0", "train.epochs=3",
+        for s in [f"data.path={bucket}/digits", "data.image_size=16", "data.loader_workers=0", "train.epochs=20",
                   "train.warmup_epochs=0", "train.checkpoint_every_steps=2", "scaling.num_workers=2",
                   "scaling.min_workers=1",
                   "run.max_failures=3", f"run.storage_path={bucket}/runs", "run.name=nodes", "run.tensorboard=false"]:
@@ -148,11 +164,16 @@ def test_losing_a_whole_node_shrinks_the_run_to_the_node_left(s3, tmp_path):
         job = Job(head, args, "train", tmp_path)
         _wait(lambda: any(f.name == "train_state.pt" for f in run.files()), 240, "a first checkpoint", job.proc,
               job.log)
+        _drain(head, tmp_path)
+        drain_line = re.compile(r"node drain notice \(ranks \[\d\]\): checkpoint at epoch \d+/20, batch \d+/\d+\n")
+        _wait(lambda: drain_line.search(job.log.read_text(errors="replace")), 120, "the drain notice's checkpoint",
+              job.proc, job.log)
         kill_group(nodes[0])  # the non-head node: its raylet and its Train worker; nothing replaces it
         out = job.succeeded(300)
-        assert re.search(r"^epoch 3/3 .*val_acc", out, re.M), out[-3000:]
+        assert re.search(r"^epoch 20/20 .*val_acc", out, re.M), out[-3000:]
+        assert len(set(drain_line.findall(out))) == 1, out[-3000:]  # acted on once (the job log may repeat lines)
         rows = list(csv.DictReader(io.StringIO((run / "metrics.csv").read_text())))
-        assert [int(r["epoch"]) for r in rows] == [0, 1, 2], out[-3000:]  # every epoch once, none lost or repeated
+        assert [int(r["epoch"]) for r in rows] == list(range(20)), out[-3000:]  # every epoch once, none lost or repeated
         n_train = int(rows[0]["train_samples"])
         # exactly once across the loss, on the world each epoch ended on: the last ones on the node left
         assert all(int(r["train_samples"]) == int(r["unique_samples"]) == n_train for r in rows)
