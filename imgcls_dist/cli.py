@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     from imgcls_dist.ensemble.commands import register_ensemble_commands
 
     register_ensemble_commands(sub)  # ensemble build
+    from imgcls_dist.register.commands import register_register_command
+
+    register_register_command(sub)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the built-in digits")
     p.add_argument("--workdir", default="runs/demo", help="where the data, runs, predictions and report go "

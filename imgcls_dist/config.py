@@ -188,6 +188,8 @@ class RunConfig(Section):
     keep_checkpoints: int = Field(2, ge=1, description="best k by validation accuracy")
     tensorboard: bool = True
     stop_grace_s: float = Field(DEFAULT_GRACE_S, gt=0, description="SIGTERM: checkpoint and exit within this")
+    tracking: Literal["none", "mlflow"] = Field(
+        "none", description="mlflow: params, metrics and artifacts also go to the MLflow server of MLFLOW_TRACKING_URI")
 
     @field_validator("name")
     @classmethod

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers.servers import start_moto, stop
+from helpers.servers import start_mlflow, start_moto, stop, stop_group
 from imgcls_dist.ports import free_port, wait_listening
 
 
@@ -55,6 +55,17 @@ def s3():
     yield SimpleNamespace(endpoint=endpoint, env=env, bucket=bucket)
     stop(proc)
     restore_env(saved)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on loopback (SQLite backend, local artifact root), one per pytest process.
+    Its tracking URI is `mlflow_server.uri`; a test points a job at it with MLFLOW_TRACKING_URI (monkeypatch):
+    jobs read MLflow's own variables, and pass them on to the Ray processes that log."""
+    root = tmp_path_factory.mktemp("mlflow")
+    proc, uri = start_mlflow(root)
+    yield SimpleNamespace(uri=uri, root=root)
+    stop_group(proc)
 
 
 @pytest.fixture(scope="session")

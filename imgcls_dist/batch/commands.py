@@ -7,15 +7,24 @@ import argparse
 from imgcls_dist.predictor.commands import add_model_args
 from imgcls_dist.predictor.options import BATCH_SIZE
 from imgcls_dist.preemption import DEFAULT_GRACE_S
+from imgcls_dist.tracking.reports import add_mlflow_run_arg, log_report, preflight
+
+
+# What `--mlflow-run` logs: the job's numbers from its manifest, and the manifest itself.
+LOGGED_METRICS = ("rows_in", "rows_predicted", "error_rows", "images_per_s", "wall_s")
 
 
 def cmd_infer(a: argparse.Namespace) -> int:
     from imgcls_dist.batch.pipeline import run_batch_inference
+    from imgcls_dist.batch.publish import MANIFEST
+    from imgcls_dist.storage import location
 
-    run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
+    run = preflight(a.mlflow_run, "infer")
+    manifest = run_batch_inference(a.models, a.input, a.output, tta=a.tta, batch_size=a.batch_size, weights=a.weights,
                         combine=a.combine, num_actors=a.actors, fresh=a.fresh, decode=a.decode, compile=a.compile,
                         precision=a.precision, backend=a.backend, calibration=a.calibration,
                         stop_grace_s=a.stop_grace)
+    log_report(run, "infer", [location(a.output) / MANIFEST], {k: manifest[k] for k in LOGGED_METRICS})
     return 0
 
 
@@ -45,4 +54,5 @@ def register_infer_command(sub) -> None:
                    help="on SIGTERM (pod deletion, `ray job stop`), write the rows predicted so far and exit (status "
                         "143) within this many seconds; the same command again predicts the rest (default: "
                         "%(default)g, inside Kubernetes' 30 s)")
+    add_mlflow_run_arg(p)
     p.set_defaults(func=cmd_infer)

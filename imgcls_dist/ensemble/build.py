@@ -103,6 +103,12 @@ def _relative(path: str, root: Location) -> str:
     return path[len(base):] if path.startswith(base) else path
 
 
+def manifest_location(out: PathLike) -> Location:
+    """--out: a .json path, or a directory to hold ensemble.json."""
+    out_loc = location(out)
+    return out_loc if out_loc.suffix == ".json" else out_loc / ENSEMBLE_FILE
+
+
 def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: PathLike, *, batch_size: int = BATCH_SIZE,
                    max_rows: int | None = None, precision: str = "auto", verbose: bool = True) -> dict[str, Any]:
     """Fit temperatures, choose members and views on `val`; write ensemble.json to `out` (a .json path, or a
@@ -110,8 +116,7 @@ def build_ensemble(models: PathLike | Sequence[PathLike], val: PathLike, out: Pa
     are computed in it, so temperatures fit the logits inference computes with the same setting on the same
     hardware; the manifest records it (validation.precision)."""
     say = print if verbose else (lambda *a, **k: None)
-    out_loc = location(out)
-    manifest_path = out_loc if out_loc.suffix == ".json" else out_loc / ENSEMBLE_FILE
+    manifest_path = manifest_location(out)
     manifest_path.parent.check_writable()
     paths = candidate_paths(models)
     files, classes = validation_files(val)

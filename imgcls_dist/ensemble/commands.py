@@ -6,12 +6,20 @@ import argparse
 
 from imgcls_dist.predictor.commands import add_precision_arg
 from imgcls_dist.predictor.options import BATCH_SIZE
+from imgcls_dist.tracking.reports import add_mlflow_run_arg, log_report, preflight
 
 
 def cmd_ensemble_build(a: argparse.Namespace) -> int:
-    from imgcls_dist.ensemble.build import build_ensemble
+    from imgcls_dist.ensemble.build import CALIBRATION_PLOT, build_ensemble, manifest_location
 
-    build_ensemble(a.models, a.val, a.out, batch_size=a.batch_size, max_rows=a.max_rows, precision=a.precision)
+    run = preflight(a.mlflow_run, "ensemble build")
+    doc = build_ensemble(a.models, a.val, a.out, batch_size=a.batch_size, max_rows=a.max_rows,
+                         precision=a.precision)
+    manifest = manifest_location(a.out)
+    result = doc["validation"]["result"]
+    log_report(run, "ensemble build", [manifest, manifest.parent / CALIBRATION_PLOT],
+               {"members": len(doc["models"]), "val_rows": doc["validation"]["rows"],
+                **{f"val_{k}": v for k, v in result.items()}})
     return 0
 
 
@@ -37,4 +45,5 @@ def register_ensemble_commands(sub) -> None:
     b.add_argument("--batch-size", type=_positive, default=BATCH_SIZE, help="images per forward, before TTA views")
     b.add_argument("--max-rows", type=_positive, default=None, help="use at most this many validation rows")
     add_precision_arg(b)  # temperatures are fitted on logits of the precision inference runs in
+    add_mlflow_run_arg(b)
     b.set_defaults(func=cmd_ensemble_build)

@@ -96,10 +96,21 @@ def load_ensemble_manifest(path: PathLike) -> EnsembleSpec:
     return EnsembleSpec(paths, None if combine == "mean" else weights, combine, temperatures, views, p.uri)
 
 
+def _registered(item: PathLike) -> PathLike:
+    """A `models:/...` URI -> the path of its files (downloaded once); anything else as it is. Tracking is imported
+    only for such a URI: MLflow is an optional extra."""
+    if not (isinstance(item, str) and item.startswith("models:/")):
+        return item
+    from imgcls_dist.tracking.registry import fetch_model
+
+    return fetch_model(item)
+
+
 def resolve_model_args(models: PathLike | Sequence[PathLike]) -> EnsembleSpec:
-    """CLI --models values (any filesystem) -> EnsembleSpec. One ensemble.json (or a directory holding one
-    and no model.pt) is read as a manifest; anything else is a list of model files/dirs."""
-    items = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    """CLI --models values (any filesystem, or registered models: `models:/NAME/VERSION`, `models:/NAME@ALIAS`)
+    -> EnsembleSpec. One ensemble.json (or a directory holding one and no model.pt) is read as a manifest; anything
+    else is a list of model files/dirs."""
+    items = [_registered(x) for x in ([models] if isinstance(models, (str, os.PathLike)) else list(models))]
     if not items:
         raise UserError("--models: give one ensemble.json or at least one model file/directory")
     if len(items) == 1:

@@ -12,18 +12,21 @@ import time
 from typing import Any
 
 from imgcls_dist.config import ExperimentConfig
-from imgcls_dist.study.report import finalize_study
+from imgcls_dist.study.report import COMPARISONS_CSV, STUDY_CSV, STUDY_MD, TRIALS_CSV, finalize_study
 from imgcls_dist.study.spec import validate_study
 from imgcls_dist.storage import ray_storage
-from imgcls_dist.tune.campaign import (DRIVER_MEMORY_BYTES, TRIALS_DIR, open_campaign, plan_resources, record_start,
-                                       restore_tuner)
+from imgcls_dist.tune.campaign import (DRIVER_MEMORY_BYTES, TRIALS_DIR, finish_tracking, open_campaign, plan_resources,
+                                       record_start, restore_tuner)
 
 META_FILE = "study.json"  # how the study was started (sizing, units): for the record
 
 
 def run_study(cfg: ExperimentConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a study; write trials.csv, study.csv, study.md and the plots; return the report."""
+    from imgcls_dist.train.job import check_tracking, ending, open_tracking
+
     study_dir, cfg = open_campaign(cfg, resume, what="study")
+    check_tracking(cfg)  # before any Ray work: the MLflow server answers (with run.tracking: mlflow)
     units = validate_study(cfg)  # before any Ray work: a bad arm fails in a second
     seeds = cfg.study.seeds
     n_trials = len(units) * len(seeds)
@@ -40,11 +43,13 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False) -> dict[str, Any]:
     ensure_ray()
     plan = plan_resources(cfg, n_trials, cluster_cpus(), cluster_gpus())
     storage_path, storage_fs = ray_storage(study_dir.parent)
+    tracking = open_tracking(cfg, study_dir, kind="study")  # the parent of the trials' runs
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(study_trial, base=cfg.to_dict(), units={u.name: u for u in units},
                                  trials_dir=(study_dir / TRIALS_DIR).uri, cwd=os.getcwd(),
                                  num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"],
-                                 latency_repeats=cfg.study.latency_repeats),
+                                 latency_repeats=cfg.study.latency_repeats,
+                                 tracking=tracking.link() if tracking else None),
         {"CPU": 0, "memory": DRIVER_MEMORY_BYTES})
     print(f"study {cfg.run.name}: {len(units)} unit(s) x {len(seeds)} seed(s) = {n_trials} trials, "
           f"{cfg.train.epochs} epochs each, {plan['workers_per_trial']} {'GPU' if plan['use_gpu'] else 'CPU'} "
@@ -70,5 +75,9 @@ def run_study(cfg: ExperimentConfig, *, resume: bool = False) -> dict[str, Any]:
                 failure_config=ray.tune.FailureConfig(max_failures=0),
                 callbacks=[TrialStatusLog(study_dir, tune_trial_name)], verbose=1),
         )
-    grid = tuner.fit()
-    return finalize_study(cfg, study_dir, units, grid, wall_s=time.perf_counter() - t0)
+    with ending(tracking):
+        grid = tuner.fit()
+        report = finalize_study(cfg, study_dir, units, grid, wall_s=time.perf_counter() - t0)
+    if tracking:
+        finish_tracking(tracking, study_dir, report, [META_FILE, TRIALS_CSV, STUDY_CSV, COMPARISONS_CSV, STUDY_MD])
+    return report

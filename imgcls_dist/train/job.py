@@ -9,8 +9,9 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
 from imgcls_dist.data.schema import hflip_allowed, validate_dataset, validate_files
@@ -27,8 +28,14 @@ from imgcls_dist.train.state import MID_EPOCH, load_history
 from imgcls_dist.train.stream import list_row_groups, optimizer_steps, total_rows
 from imgcls_dist.train.subset import balanced_class_weights, oversample_row_groups, subset_row_groups
 
+if TYPE_CHECKING:
+    from imgcls_dist.train.tracked import Link, Tracking
+
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+# What a finished run's MLflow run gets copies of (those that exist: the test report needs test rows).
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, "training_history.png", "confusion_matrix.png",
+                 "classification_report.txt")
 
 # val_loss/val_acc: of the weights the epoch exports; raw_*/ema_*: both, with train.ema_decay (blank without)
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "raw_val_loss", "raw_val_acc",
@@ -184,9 +191,35 @@ def fit(trainer):
         raise JobFailed(f"training failed: {root_cause(e)}") from None
 
 
+def check_tracking(cfg: ExperimentConfig) -> None:
+    """Before any work: with run.tracking: mlflow, the server answers and takes the credentials (else one line,
+    exit 2)."""
+    if cfg.run.tracking == "mlflow":
+        from imgcls_dist.tracking.server import check_server
+
+        check_server()
+
+
+def open_tracking(cfg: ExperimentConfig, out: Location, kind: str = "train",
+                  link: Link | None = None) -> Tracking | None:
+    """The run's MLflow side (train/tracked.py) with run.tracking: mlflow, else None; MLflow is imported only
+    then, so it stays an optional extra."""
+    if cfg.run.tracking != "mlflow":
+        return None
+    from imgcls_dist.train.tracked import start
+
+    return start(cfg, out, kind, link)
+
+
+def ending(tracking: Tracking | None):
+    """Ends the tracked run KILLED/FAILED when the block raises (nothing without tracking)."""
+    return tracking.ending() if tracking else nullcontext()
+
+
 def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str, Any]:
     from imgcls_dist.ray_utils import ensure_ray
 
+    check_tracking(cfg)
     ds = resolve_dataset(cfg)
     out = run_location(cfg).check_writable()
     ensure_ray()
@@ -200,12 +233,18 @@ def run_training(cfg: ExperimentConfig, *, report_test: bool = True) -> dict[str
     if ds["class_weights"]:
         print(f"class weights (balanced): {min(ds['class_weights']):.3g} to {max(ds['class_weights']):.3g}",
               flush=True)
+    tracking = open_tracking(cfg, out)
     t0 = time.perf_counter()
-    with stop_on_sigterm(f"training {cfg.run.name}", cfg.run.stop_grace_s) as stop:
-        result = fit(build_trainer(cfg, ds, num_workers, use_gpu, stop_flag=stop.flag))
-    if stop.reason and not _finished(cfg, result):
-        raise _stopped(cfg, result, stop.reason)
-    return finalize_run(result, cfg, ds, out, time.perf_counter() - t0, report_test=report_test)
+    with ending(tracking):
+        with stop_on_sigterm(f"training {cfg.run.name}", cfg.run.stop_grace_s) as stop:
+            result = fit(build_trainer(cfg, ds, num_workers, use_gpu, stop_flag=stop.flag,
+                                       callbacks=tracking.callbacks() if tracking else None))
+        if stop.reason and not _finished(cfg, result):
+            raise _stopped(cfg, result, stop.reason)
+        summary = finalize_run(result, cfg, ds, out, time.perf_counter() - t0, report_test=report_test)
+    if tracking:
+        tracking.finish(summary["history"], summary, RUN_ARTIFACTS)
+    return summary
 
 
 def _finished(cfg: ExperimentConfig, result) -> bool:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, build_config, read_yaml, write_config
+from imgcls_dist.ensemble.build import CALIBRATION_PLOT
 from imgcls_dist.errors import JobFailed, UserError
+from imgcls_dist.predictor.manifest import ENSEMBLE_FILE
 from imgcls_dist.storage import Location, location, ray_storage
 from imgcls_dist.tune import results as R
 from imgcls_dist.tune.space import (apply_sampled, candidate_values, get_dotted, num_trials, plain, to_tune_space,
@@ -155,6 +157,9 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
             how = "with ASHA" if meta["early_stopping"] else "without early stopping (FIFO)"
             print(f"resume: the campaign was started {how}; it continues that way", flush=True)
             early_stopping = bool(meta["early_stopping"])
+    from imgcls_dist.train.job import check_tracking, ending, open_tracking
+
+    check_tracking(cfg)  # before any Ray work: the MLflow server answers (with run.tracking: mlflow)
     validate_space(cfg)  # before any Ray work: a bad space fails in milliseconds
     _validate_against_data(cfg)
     n_trials = num_trials(cfg)
@@ -175,9 +180,11 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
     trials_dir = campaign / TRIALS_DIR
     storage_path, storage_fs = ray_storage(campaign.parent)
     base = cfg.to_dict()
+    tracking = open_tracking(cfg, campaign, kind="tune")  # the parent of the trials' runs
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(trial_driver, base=base, trials_dir=trials_dir.uri, cwd=os.getcwd(),
-                                 num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"]),
+                                 num_workers=plan["workers_per_trial"], use_gpu=plan["use_gpu"],
+                                 tracking=tracking.link() if tracking else None),
         {"CPU": 0, "memory": DRIVER_MEMORY_BYTES})
     print(f"tune campaign {cfg.run.name}: {n_trials} trials ({cfg.tune.search} search, "
           f"{'ASHA' if early_stopping else 'FIFO, no early stopping'}), {cfg.train.epochs} epochs each, "
@@ -213,9 +220,23 @@ def run_campaign(cfg: ExperimentConfig, *, resume: bool = False, early_stopping:
                 verbose=1,
             ),
         )
-    grid = tuner.fit()
-    wall = time.perf_counter() - t0
-    return finalize_campaign(cfg, campaign, grid, plan, wall_s=wall, early_stopping=early_stopping)
+    with ending(tracking):
+        grid = tuner.fit()
+        summary = finalize_campaign(cfg, campaign, grid, plan, wall_s=time.perf_counter() - t0,
+                                    early_stopping=early_stopping)
+    if tracking:
+        finish_tracking(tracking, campaign, summary, [META_FILE, R.RESULTS_FILE, R.BEST_FILE, ENSEMBLE_FILE,
+                                                      CALIBRATION_PLOT])
+    return summary
+
+
+def finish_tracking(tracking, campaign: Location, summary: dict[str, Any], files: list[str]) -> None:
+    """The campaign's (or study's) MLflow run at the end: its trials' runs completed and ended as the trials ended
+    (a trial ends its own only when it succeeds), copies of its config, `files` and plots, FINISHED."""
+    status = {"ERROR": "FAILED", "UNFINISHED": "KILLED"}  # else FINISHED (Tune's TERMINATED, a study's OK)
+    ends = {r["trial"]: (status.get(r["status"], "FINISHED"), r.get("history", [])) for r in summary["rows"]}
+    tracking.end_trials(campaign / TRIALS_DIR, ends)
+    tracking.finish([], summary, [CONFIG_FILE, *files, *(location(p).name for p in summary["plots"])])
 
 
 def error_reason(err: BaseException | None) -> str | None:
@@ -265,6 +286,7 @@ def collect_rows(cfg: ExperimentConfig, campaign: Location, grid) -> list[dict[s
             "error": error,
             "checkpoint": best_dir.uri if best_dir else None,
             "curve": [h["val_acc"] for h in history],
+            "history": history,  # every epoch it trained: what its MLflow run must hold (finish_tracking)
         })
         rows.append(row)
     return rows

@@ -26,6 +26,7 @@ from imgcls_dist.config import load_config, write_config
 from imgcls_dist.errors import JobFailed, Stopped, UserError
 from imgcls_dist.data.shards import read_rows
 from imgcls_dist.models.checkpoint import load_model_file
+from imgcls_dist.tracking.runs import RUN_ID_FILE
 from imgcls_dist.train.job import build_trainer, resolve_dataset, run_training
 
 pytestmark = pytest.mark.e2e
@@ -132,17 +133,21 @@ def _kill_a_train_worker_mid_epoch(run_dir: Path, killed: dict, timeout_s: float
         time.sleep(0.05)
 
 
-def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_session, tiny_digits_dir, tmp_path, capfd,
-                                                                         monkeypatch):
+def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_session, mlflow_server, tiny_digits_dir,
+                                                                         tmp_path, capfd, monkeypatch):
     """Two workers, checkpoints every 5 steps (an epoch is 23 batches per worker); a worker is killed once
     Train has registered a mid-epoch checkpoint: Train restarts the group, which resumes inside that epoch,
     trains every sample exactly once across the kill (split evenly between the workers), and ends with the
-    weights of an uninterrupted run, bit for bit."""
+    weights of an uninterrupted run, bit for bit. Tracked in MLflow: one run, every epoch logged once across the
+    restart."""
+    from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train registers checkpoints as it polls
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
     # With an EMA of the weights: its average and its warm-up position resume with the rest.
     extra = ["train.epochs=3", "train.checkpoint_every_steps=5", "scaling.num_workers=2", "data.batch_size=8",
              "train.ema_decay=0.9"]
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[*extra, "run.max_failures=2"])
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[*extra, "run.max_failures=2", "run.tracking=mlflow"])
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_train_worker_mid_epoch, args=(tmp_path / "runs" / "fault", killed),
                               daemon=True)
@@ -154,6 +159,11 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     assert resumed_at and int(resumed_at.group(2)) > 1  # inside an epoch
     hist, n = res["history"], n_train(tiny_digits_dir)
     assert [h["epoch"] for h in hist] == [0, 1, 2]
+    client = MlflowClient(mlflow_server.uri)
+    run_id = json.loads((tmp_path / "runs" / "fault" / RUN_ID_FILE).read_text())["run_id"]
+    for key in ("val_acc", "train_loss"):  # logged by the Train controller, which outlives the worker group
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
+    assert client.get_run(run_id).info.status == "FINISHED"
     for h in hist:  # per sample: exactly once per epoch, across the kill, evenly between the workers
         assert h["world_size"] == 2 and h["train_samples"] == h["unique_samples"] == n
         assert sum(h["worker_samples"]) == n and abs(h["worker_samples"][0] - h["worker_samples"][1]) <= 1
@@ -169,40 +179,44 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
-def _sigterm_in_second_epoch(ray_session, cfg, tmp_path) -> tuple[int, int]:
-    """`imgcls-dist train --config <cfg>` in its own process, SIGTERMed once its first epoch is done: it must
-    exit 143 within the grace, after a checkpoint inside epoch 2; (that batch, the epoch's batches). Batches of
-    2 make the epoch last long enough on a fast machine for the request (polled every 0.5 s) to land in it."""
+def _sigterm_mid_epoch(ray_session, cfg, tmp_path) -> tuple[int, int, int]:
+    """`imgcls-dist train --config <cfg>` in its own process, SIGTERMed once its Train workers run: it must exit
+    143 within the grace, after a checkpoint inside an epoch; (that epoch, batch, the epoch's batches). The signal
+    is sent on the workers' processes, not on a console line: a worker's line reaches the driver's log a second
+    or more late on a loaded machine, and an epoch of this run lasts about that long."""
     write_config(cfg, tmp_path / "stopped.yaml")
     log = tmp_path / "stopped.log"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     cmd = [sys.executable, "-m", "imgcls_dist.cli", "train", "--config", str(tmp_path / "stopped.yaml")]
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    stop_s = sigterm_when(proc, lambda: "epoch 1/2 " in log.read_text(), log, timeout_s=300, exit_timeout_s=120)
+    stop_s = sigterm_when(proc, lambda: "resolved config: " in log.read_text() and ray_worker_processes("RayTrainWorker"),
+                          log, timeout_s=300, exit_timeout_s=120)
     text = log.read_text()
     assert proc.returncode == Stopped.exit_code, text[-3000:]
-    stopped_at = re.search(r"stop requested: checkpoint at epoch 2/2, batch (\d+)/(\d+)\n", text)
-    batch, batches = (int(g) for g in stopped_at.groups())
+    stopped_at = re.search(r"stop requested: checkpoint at epoch (\d)/2, batch (\d+)/(\d+)\n", text)
+    assert stopped_at, text[-3000:]
+    epoch, batch, batches = (int(g) for g in stopped_at.groups())
     assert 0 < batch < batches, text[-3000:]  # inside the epoch
     assert text.splitlines()[-1] == (f"imgcls-dist train: stopped: training {cfg.run.name}: SIGTERM: stopped with a "
-                                     f"checkpoint at epoch 2/2, batch {batch}; the same command again resumes there")
+                                     f"checkpoint at epoch {epoch}/2, batch {batch}; the same command again resumes "
+                                     "there")
     assert stop_s < cfg.run.stop_grace_s
     assert not (Path(cfg.run.storage_path) / cfg.run.name / "model.pt").exists()  # a stopped run exports nothing yet
-    return batch, batches
+    return epoch, batch, batches
 
 
 def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, tiny_digits_dir,
                                                                                    tmp_path, capsys):
-    """`imgcls-dist train` (two workers) gets SIGTERM during its second epoch: the workers agree on a batch,
-    checkpoint there and the driver exits 143 within the grace, naming the batch. The same command again
-    resumes at the next batch, trains every sample of that epoch once, and ends with the weights (raw and
-    moving average) of an uninterrupted run, bit for bit."""
+    """`imgcls-dist train` (two workers) gets SIGTERM while it trains: the workers agree on a batch, checkpoint
+    there and the driver exits 143 within the grace, naming the batch. The same command again resumes at the
+    next batch, trains every sample of that epoch once, and ends with the weights (raw and moving average) of an
+    uninterrupted run, bit for bit."""
     extra = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=2", "train.ema_decay=0.9"]
     cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=extra)
-    batch, batches = _sigterm_in_second_epoch(ray_session, cfg, tmp_path)
+    epoch, batch, batches = _sigterm_mid_epoch(ray_session, cfg, tmp_path)
 
     res = run_training(cfg, report_test=False)
-    assert f"resuming at epoch 2/2, batch {batch + 1}/{batches}" in capsys.readouterr().out
+    assert f"resuming at epoch {epoch}/2, batch {batch + 1}/{batches}" in capsys.readouterr().out
     n = n_train(tiny_digits_dir)
     assert [(h["train_samples"], h["unique_samples"]) for h in res["history"]] == [(n, n), (n, n)]
     clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=extra), report_test=False)

@@ -42,10 +42,15 @@ def lr_space(values):
 
 
 @pytest.fixture(scope="module")
-def campaign(ray_session, tiny_digits_dir, tmp_path_factory):
+def campaign(ray_session, tiny_digits_dir, tmp_path_factory, mlflow_server):
+    """The campaign, tracked in MLflow (the shared Ray started before MLFLOW_TRACKING_URI was set: the trials reach
+    the server only through the settings the driver hands them)."""
     storage = tmp_path_factory.mktemp("tune")
-    cfg = tiny(tiny_digits_dir, storage, "camp", lr_space([*GOOD, WEAK]))
-    summary = run_campaign(cfg)
+    cfg = tiny(tiny_digits_dir, storage, "camp", lr_space([*GOOD, WEAK]), "run.tracking=mlflow")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "tune-campaign")
+        summary = run_campaign(cfg)
     return cfg, summary, Path(summary["campaign_dir"])
 
 
@@ -99,6 +104,32 @@ def test_campaign_writes_results_plots_best_and_ensemble(campaign, ray_session, 
 
     # Every trial's Train run released its CPUs (ASHA-stopped ones included): nothing leaked.
     assert wait_all_cpus_free(ray_session) == 2
+
+
+def test_the_campaign_is_an_mlflow_run_with_a_nested_run_per_trial(campaign, mlflow_server):
+    """The campaign's run is the parent of one run per trial, each logged as a train run (its config as params,
+    every epoch once); the trial ASHA stopped (whose code never ended its run) is completed and ended by the
+    campaign; results, plots and the ensemble are the parent's artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary, camp = campaign
+    c = MlflowClient(mlflow_server.uri)
+    parent = c.get_run(json.loads((camp / "mlflow_run.json").read_text())["run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["imgcls.kind"] == "tune"
+    assert c.get_experiment(parent.info.experiment_id).name == "tune-campaign"
+    assert parent.data.params["tune.search"] == "grid" and parent.data.metrics["best_val_acc"] > 0.3
+    assert {"config.yaml", "results.csv", "best.yaml", "ensemble.json", "trial_curves.png"} <= {
+        a.path for a in c.list_artifacts(parent.info.run_id)}
+    rows = {r["trial"]: r for r in read_results_csv(camp / "results.csv")}
+    trials = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(t.info.run_name for t in trials) == sorted(rows)
+    for t in trials:
+        row = rows[t.info.run_name]
+        assert t.info.status == "FINISHED", row
+        assert float(t.data.params["train.lr"]) == pytest.approx(float(row["train.lr"]))
+        # Every epoch it trained, once: those a stopped trial trained while the stop travelled too.
+        steps = [m.step for m in c.get_metric_history(t.info.run_id, "val_acc")]
+        assert sorted(steps) == list(range(int(row["epochs_run"]))), (row, steps)
 
 
 def test_best_yaml_retrains_to_the_trial_result(campaign, monkeypatch, tmp_path, fresh_accelerate_state):

@@ -108,10 +108,13 @@ LAYERS = [
     {"config"},
     {"data"},
     {"models"},
+    # MLflow: the tracking server, runs of train/tune/study, report logging, `models:/` URIs resolved to files
+    # (the predictor's manifest reader resolves them, so this sits below it)
+    {"tracking"},
     {"predictor"},  # the Ray-free ensemble + TTA predictor, its inputs and the ensemble manifest
     # ONNX export: builds its graphs from the predictor's members (and checks against the predictor), with
     # models' preprocessing inside; needs nothing that runs Ray, and nothing runs it but the CLI
-    {"export"},
+    {"export", "register"},  # register: --models as an MLflow pyfunc model around the predictor
     {"batch"},  # the Ray Data batch job
     {"evaluate"},
     {"ensemble"},
