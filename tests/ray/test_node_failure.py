@@ -1,14 +1,13 @@
 """A whole node dies mid-run, on a 2-node Ray cluster started as a user starts one (`ray start --head` with
 the job server + `ray start --address`, 1 CPU each, so the two Train workers land on different nodes), shards
 and run storage on the loopback S3 server, and both jobs submitted with `ray job submit --working-dir <repo>`
-(jobs/train.py, then jobs/batch_infer.py on the run's model). After the first checkpoint the non-head node is
+(jobs/train.py; jobs/batch_infer.py). After the first checkpoint the non-head node is
 drained as a cloud's spot notice drains it (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`): the workers
 write a checkpoint at the batch they are on and train on. Then the node (its raylet and every process on it) is
 killed and no node replaces it: the run is elastic
 (`scaling.min_workers=1`), so Ray Train restarts it with one worker, which re-cuts the interrupted epoch and
-finishes with every sample of every epoch once. Then a replacement node joins, and the batch-inference job
-loses it mid-job: every input row comes out exactly once, after at most one rerun. The job drivers run on the head, as `ray job submit`
-places them."""
+finishes with every sample of every epoch once. The batch-inference job loses a node mid-job: every input row comes out exactly once, after at most one rerun. The job drivers run on the head, as
+`ray job submit` places them."""
 
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,59 +136,84 @@ def _cluster_env() -> dict[str, str]:
     }
 
 
-@pytest.mark.own_ray
-def test_losing_a_whole_node_shrinks_the_run_to_the_node_left(s3, tmp_path):
+@pytest.fixture(scope="module")
+def cluster(s3, tmp_path_factory):
+    """A 2-node cluster (1 CPU each) and the digits as shards on S3; the nodes the tests start are stopped at the
+    end. Token auth (RayHead): the nodes listen on the machine's address, not only loopback; one token for every
+    node, the job client and the drivers."""
     if why := job_server_missing():
         pytest.fail(why)
+    tmp = tmp_path_factory.mktemp("cluster")
     bucket = s3.bucket("node")
     ingest("builtin:digits", f"{bucket}/digits", image_size=16, fractions=(0.3, 0.1, 0.6), rows_per_shard=200,
            verbose=False)
-    # Token auth (RayHead): the nodes listen on the machine's address, not only loopback; one token for
-    # every node, the job client and the drivers.
     head = RayHead(num_cpus=1, extra_env=_cluster_env(), args=("--node-ip-address=127.0.0.1",))
     nodes: list[subprocess.Popen] = []
     try:
         head.start(need_dashboard=True)
-        nodes.append(_start(_node_args(head), head.env, tmp_path / "node1.log"))
-        _wait(lambda: _started(tmp_path / "node1.log"), 90, "the second node", nodes[0], tmp_path / "node1.log")
-        status = run_cmd([str(RAY), "status", "--address", head.gcs_address], cwd=tmp_path, env=head.env, timeout=60)
+        nodes.append(_start(_node_args(head), head.env, tmp / "node1.log"))
+        _wait(lambda: _started(tmp / "node1.log"), 90, "the second node", nodes[0], tmp / "node1.log")
+        status = run_cmd([str(RAY), "status", "--address", head.gcs_address], cwd=tmp, env=head.env, timeout=60)
         assert status.returncode == 0 and re.search(r"/[12]\.0 CPU", status.stdout), status.stdout
-
-        run = location(f"{bucket}/runs/nodes")
-        args = ["jobs/train.py", "--config", "configs/lenet5_digits.yaml"]
-        for s in [f"data.path={bucket}/digits", "data.image_size=16", "data.loader_workers=0", "train.epochs=20",
-                  "train.warmup_epochs=0", "train.checkpoint_every_steps=2", "scaling.num_workers=2",
-                  "scaling.min_workers=1",
-                  "run.max_failures=3", f"run.storage_path={bucket}/runs", "run.name=nodes", "run.tensorboard=false"]:
-            args += ["--set", s]
-        job = Job(head, args, "train", tmp_path)
-        _wait(lambda: any(f.name == "train_state.pt" for f in run.files()), 240, "a first checkpoint", job.proc,
-              job.log)
-        _drain(head, tmp_path)
-        drain_line = re.compile(r"node drain notice \(ranks \[\d\]\): checkpoint at epoch \d+/20, batch \d+/\d+\n")
-        _wait(lambda: drain_line.search(job.log.read_text(errors="replace")), 120, "the drain notice's checkpoint",
-              job.proc, job.log)
-        kill_group(nodes[0])  # the non-head node: its raylet and its Train worker; nothing replaces it
-        out = job.succeeded(300)
-        assert re.search(r"^epoch 20/20 .*val_acc", out, re.M), out[-3000:]
-        assert len(set(drain_line.findall(out))) == 1, out[-3000:]  # acted on once (the job log may repeat lines)
-        rows = list(csv.DictReader(io.StringIO((run / "metrics.csv").read_text())))
-        assert [int(r["epoch"]) for r in rows] == list(range(20)), out[-3000:]  # every epoch once, none lost or repeated
-        n_train = int(rows[0]["train_samples"])
-        # exactly once across the loss, on the world each epoch ended on: the last ones on the node left
-        assert all(int(r["train_samples"]) == int(r["unique_samples"]) == n_train for r in rows)
-        assert rows[-1]["world_size"] == "1" and rows[0]["world_size"] in ("1", "2"), out[-3000:]
-        nodes.append(_start(_node_args(head), head.env, tmp_path / "node2.log"))
-        for f in ("model.pt", "config.yaml", "summary.json"):  # where docs/cluster.md says
-            assert (run / f).is_file(), f
-        assert any(f.name == "model.pt" and "/checkpoint_" in f.uri for f in run.files())  # Train's, same bucket
-        model = load_model_file((run / "model.pt").uri)  # any filesystem
-        assert model["arch"] == "lenet5" and model["image_size"] == 16 and len(model["classes"]) == 10
-
-        # The batch job on the same cluster (head + the replacement): the non-head node dies mid-job.
-        _infer_survives_losing_a_node(head, bucket, run / "model.pt", nodes, tmp_path)
+        yield SimpleNamespace(head=head, bucket=bucket, nodes=nodes)
     finally:
         for proc in reversed(nodes):  # as the test's node losses: SIGKILL of the node's process group
             if proc.poll() is None:
                 kill_group(proc)
         head.stop()
+
+
+def _second_node(cluster, tmp_path: Path) -> None:
+    """A non-head node alive (a test before may have killed the one there was)."""
+    if not any(p.poll() is None for p in cluster.nodes):
+        log = tmp_path / f"node{len(cluster.nodes) + 1}.log"
+        cluster.nodes.append(_start(_node_args(cluster.head), cluster.head.env, log))
+        _wait(lambda: _started(log), 90, "a replacement node", cluster.nodes[-1], log)
+
+
+@pytest.mark.own_ray
+def test_losing_a_whole_node_shrinks_the_run_to_the_node_left(cluster, tmp_path):
+    head, bucket, nodes = cluster.head, cluster.bucket, cluster.nodes
+    _second_node(cluster, tmp_path)
+    run = location(f"{bucket}/runs/nodes")
+    args = ["jobs/train.py", "--config", "configs/lenet5_digits.yaml"]
+    for s in [f"data.path={bucket}/digits", "data.image_size=16", "data.loader_workers=0", "train.epochs=40",
+              "train.warmup_epochs=0", "train.checkpoint_every_steps=0", "scaling.num_workers=2",
+              "scaling.min_workers=1",
+              "run.max_failures=3", f"run.storage_path={bucket}/runs", "run.name=nodes", "run.tensorboard=false"]:
+        args += ["--set", s]
+    job = Job(head, args, "train", tmp_path)
+    # Checkpoints at epoch ends only (each is an upload to the object store): the drain notice's is the one
+    # mid-epoch checkpoint, and the run resumes from it on the node left.
+    _wait(lambda: any(f.name == "train_state.pt" for f in run.files()), 240, "a first checkpoint", job.proc,
+          job.log)
+    _drain(head, tmp_path)
+    drain_line = re.compile(r"node drain notice \(ranks \[\d\]\): checkpoint at epoch \d+/40, batch \d+/\d+\n")
+    _wait(lambda: drain_line.search(job.log.read_text(errors="replace")), 120, "the drain notice's checkpoint",
+          job.proc, job.log)
+    kill_group(nodes[-1])  # the non-head node: its raylet and its Train worker; nothing replaces it
+    out = job.succeeded(300)
+    assert re.search(r"^epoch 40/40 .*val_acc", out, re.M), out[-3000:]
+    assert len(set(drain_line.findall(out))) == 1, out[-3000:]  # acted on once (the job log may repeat lines)
+    rows = list(csv.DictReader(io.StringIO((run / "metrics.csv").read_text())))
+    assert [int(r["epoch"]) for r in rows] == list(range(40)), out[-3000:]  # every epoch once, none lost or repeated
+    n_train = int(rows[0]["train_samples"])
+    # exactly once across the loss, on the world each epoch ended on: the last ones on the node left
+    assert all(int(r["train_samples"]) == int(r["unique_samples"]) == n_train for r in rows)
+    assert rows[-1]["world_size"] == "1" and rows[0]["world_size"] in ("1", "2"), out[-3000:]
+    for f in ("model.pt", "config.yaml", "summary.json"):  # where docs/cluster.md says
+        assert (run / f).is_file(), f
+    assert any(f.name == "model.pt" and "/checkpoint_" in f.uri for f in run.files())  # Train's, same bucket
+    model = load_model_file((run / "model.pt").uri)  # any filesystem
+    assert model["arch"] == "lenet5" and model["image_size"] == 16 and len(model["classes"]) == 10
+
+
+@pytest.mark.own_ray
+def test_the_bulk_job_survives_losing_a_node(cluster, tmp_path):
+    """The batch job on the cluster: the non-head node dies mid-job."""
+    from helpers.model_files import save_model
+
+    _second_node(cluster, tmp_path)
+    model = location(f"{cluster.bucket}/models/lenet5.pt")
+    model.upload(save_model(tmp_path / "lenet5", size=16))
+    _infer_survives_losing_a_node(cluster.head, cluster.bucket, model, cluster.nodes, tmp_path)

@@ -26,6 +26,7 @@ from imgcls_dist.config import load_config, write_config
 from imgcls_dist.errors import JobFailed, Stopped, UserError
 from imgcls_dist.data.shards import read_rows
 from imgcls_dist.models.checkpoint import load_model_file
+from imgcls_dist.tracking.params import flatten
 from imgcls_dist.tracking.runs import RUN_ID_FILE
 from imgcls_dist.train.job import build_trainer, resolve_dataset, run_training
 
@@ -118,6 +119,27 @@ def _latest_registered_step(run_dir: Path) -> int | None:
         return None
 
 
+# Two workers, batches of 2 (90 a worker per epoch: long enough an epoch for a stop request or a kill to land
+# inside it), an EMA of the weights (its average and warm-up position resume with the rest).
+TWO_WORKERS = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=2", "train.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tiny_digits_dir, tmp_path_factory) -> dict:
+    """The TWO_WORKERS run without interruption: what every interrupted-and-resumed run must end as."""
+    return run_training(tiny_cfg(tiny_digits_dir, tmp_path_factory.mktemp("clean"), name="clean", extra=TWO_WORKERS),
+                        report_test=False)
+
+
+def _same_run(res: dict, clean: dict) -> None:
+    """Every random stream is a function of (seed, epoch, rank, step / sample): a resumed run is the
+    uninterrupted one, bit for bit (raw weights and their moving average)."""
+    for key in ("lr", "train_loss", "ema_val_loss"):
+        assert [h[key] for h in res["history"]] == [h[key] for h in clean["history"]], key
+    resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
 def _kill_a_train_worker_mid_epoch(run_dir: Path, killed: dict, timeout_s: float = 240) -> None:
     """From outside the run, as a crash would: SIGKILL a Train worker process of our Ray node as soon as
     Train has registered a mid-epoch checkpoint."""
@@ -134,20 +156,18 @@ def _kill_a_train_worker_mid_epoch(run_dir: Path, killed: dict, timeout_s: float
 
 
 def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_session, mlflow_server, tiny_digits_dir,
-                                                                         tmp_path, capfd, monkeypatch):
-    """Two workers, checkpoints every 5 steps (an epoch is 23 batches per worker); a worker is killed once
+                                                                         uninterrupted, tmp_path, capfd, monkeypatch):
+    """Two workers, checkpoints every 20 steps (an epoch is 90 batches per worker); a worker is killed once
     Train has registered a mid-epoch checkpoint: Train restarts the group, which resumes inside that epoch,
     trains every sample exactly once across the kill (split evenly between the workers), and ends with the
-    weights of an uninterrupted run, bit for bit. Tracked in MLflow: one run, every epoch logged once across the
-    restart."""
+    weights of an uninterrupted run (which checkpointed only at epoch ends), bit for bit. Tracked in MLflow: one
+    run, every epoch logged once across the restart."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # Train registers checkpoints as it polls
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
-    # With an EMA of the weights: its average and its warm-up position resume with the rest.
-    extra = ["train.epochs=3", "train.checkpoint_every_steps=5", "scaling.num_workers=2", "data.batch_size=8",
-             "train.ema_decay=0.9"]
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[*extra, "run.max_failures=2", "run.tracking=mlflow"])
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="fault", extra=[
+        *TWO_WORKERS, "train.checkpoint_every_steps=20", "run.max_failures=2", "run.tracking=mlflow"])
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_train_worker_mid_epoch, args=(tmp_path / "runs" / "fault", killed),
                               daemon=True)
@@ -155,28 +175,21 @@ def test_two_workers_killed_mid_epoch_resume_at_the_first_unseen_sample(ray_sess
     res = run_training(cfg, report_test=False)
     killer.join()
     assert killed.get("pid") and not psutil.pid_exists(killed["pid"])  # the worker really died mid-run
-    resumed_at = re.search(r"resuming at epoch (\d)/3, batch (\d+)/23", capfd.readouterr().out)
-    assert resumed_at and int(resumed_at.group(2)) > 1  # inside an epoch
+    resumed_at = re.search(r"resuming at epoch (\d)/2, batch (\d+)/(\d+)", capfd.readouterr().out)
+    assert resumed_at and 1 < int(resumed_at.group(2)) < int(resumed_at.group(3))  # inside an epoch
     hist, n = res["history"], n_train(tiny_digits_dir)
-    assert [h["epoch"] for h in hist] == [0, 1, 2]
+    assert [h["epoch"] for h in hist] == [0, 1]
     client = MlflowClient(mlflow_server.uri)
     run_id = json.loads((tmp_path / "runs" / "fault" / RUN_ID_FILE).read_text())["run_id"]
     for key in ("val_acc", "train_loss"):  # logged by the Train controller, which outlives the worker group
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
+        assert _steps(client, run_id, key) == [0, 1], key
     assert client.get_run(run_id).info.status == "FINISHED"
     for h in hist:  # per sample: exactly once per epoch, across the kill, evenly between the workers
         assert h["world_size"] == 2 and h["train_samples"] == h["unique_samples"] == n
         assert sum(h["worker_samples"]) == n and abs(h["worker_samples"][0] - h["worker_samples"][1]) <= 1
-    clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=extra), report_test=False)
-    # Every random stream is a function of (seed, epoch, rank, step / sample): the resumed run is the
-    # uninterrupted one.
-    assert [h["lr"] for h in hist] == [h["lr"] for h in clean["history"]]
-    assert [h["train_loss"] for h in hist] == [h["train_loss"] for h in clean["history"]]
-    assert [h["ema_val_loss"] for h in hist] == [h["ema_val_loss"] for h in clean["history"]]
     exported = load_model_file(Path(res["model"]))["metrics"]["ema_weights"]
     assert res["exported_weights"] == ("ema" if exported else "raw")  # summary.json says which weights model.pt holds
-    resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    _same_run(res, uninterrupted)
 
 
 def _sigterm_mid_epoch(ray_session, cfg, tmp_path) -> tuple[int, int, int]:
@@ -205,25 +218,55 @@ def _sigterm_mid_epoch(ray_session, cfg, tmp_path) -> tuple[int, int, int]:
     return epoch, batch, batches
 
 
-def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, tiny_digits_dir,
-                                                                                   tmp_path, capsys):
+def test_sigterm_checkpoints_mid_epoch_and_the_rerun_ends_as_an_uninterrupted_run(ray_session, mlflow_server,
+                                                                                   tiny_digits_dir, uninterrupted,
+                                                                                   tmp_path, capsys, monkeypatch):
     """`imgcls-dist train` (two workers) gets SIGTERM while it trains: the workers agree on a batch, checkpoint
     there and the driver exits 143 within the grace, naming the batch. The same command again resumes at the
     next batch, trains every sample of that epoch once, and ends with the weights (raw and moving average) of an
-    uninterrupted run, bit for bit."""
-    extra = ["train.epochs=2", "scaling.num_workers=2", "data.batch_size=2", "train.ema_decay=0.9"]
-    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=extra)
-    epoch, batch, batches = _sigterm_mid_epoch(ray_session, cfg, tmp_path)
+    uninterrupted run, bit for bit. Tracked in MLflow, checked by `_check_tracked_run`."""
+    from mlflow.tracking import MlflowClient
 
-    res = run_training(cfg, report_test=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "train-e2e")
+    cfg = tiny_cfg(tiny_digits_dir, tmp_path, name="stopped", extra=[*TWO_WORKERS, "run.tracking=mlflow"])
+    epoch, batch, batches = _sigterm_mid_epoch(ray_session, cfg, tmp_path)
+    client = MlflowClient(mlflow_server.uri)
+    run_id = json.loads((tmp_path / "runs" / "stopped" / RUN_ID_FILE).read_text())["run_id"]
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert _steps(client, run_id, "val_acc") == list(range(epoch - 1))  # the epochs done before the stop
+
+    res = run_training(cfg)
     assert f"resuming at epoch {epoch}/2, batch {batch + 1}/{batches}" in capsys.readouterr().out
     n = n_train(tiny_digits_dir)
     assert [(h["train_samples"], h["unique_samples"]) for h in res["history"]] == [(n, n), (n, n)]
-    clean = run_training(tiny_cfg(tiny_digits_dir, tmp_path, name="clean", extra=extra), report_test=False)
-    for key in ("lr", "train_loss", "ema_val_loss"):
-        assert [h[key] for h in res["history"]] == [h[key] for h in clean["history"]], key
-    resumed, uninterrupted = (load_model_file(Path(r["model"]))["state_dict"] for r in (res, clean))
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    _check_tracked_run(client, run_id, tmp_path / "runs" / "stopped", res)
+    _same_run(res, uninterrupted)
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def _check_tracked_run(client, run_id: str, run_dir: Path, res: dict) -> None:
+    """The rerun continued the stopped run's MLflow run (its id in the run directory) and ended it FINISHED with
+    the resolved config as dotted params, each epoch's metrics once (logged by the Train controller, which the
+    shared Ray started without MLFLOW_TRACKING_URI: it reaches the server through the settings the driver hands
+    it), the test metrics and copies of the run's files."""
+    assert json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"] == run_id
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.data.tags["imgcls.run_dir"] == str(run_dir)
+    assert client.get_experiment(run.info.experiment_id).name == "train-e2e"
+    assert run.data.params == flatten(load_config(run_dir / "config.yaml", []).to_dict())
+    assert run.data.params["train.lr"] == "0.003" and run.data.params["scaling.num_workers"] == "2"
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+        assert _steps(client, run_id, key) == [0, 1], key
+    assert [m.value for m in sorted(client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)] == \
+        pytest.approx([h["val_acc"] for h in res["history"]])
+    assert run.data.metrics["test_acc"] == pytest.approx(res["test_acc"])
+    assert {"config.yaml", "metrics.csv", "model.pt", "training_history.png", "confusion_matrix.png",
+            "classification_report.txt"} <= {a.path for a in client.list_artifacts(run_id)}
 
 
 def test_rerun_after_driver_death_resumes_and_a_broken_test_split_costs_only_the_report(

@@ -1,5 +1,6 @@
 """MLflow tracking without Ray: config params as MLflow takes them, the preflight of a job whose server is down,
-and metrics that outlive the server going away (a private `mlflow server`, stopped and started again)."""
+and metrics that outlive the server going away (the suite's `mlflow server` behind a forwarder that stops and
+starts again)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers.servers import start_mlflow, stop_group
+from helpers.tcp_proxy import TcpProxy
 
 from imgcls_dist.config import load_config
 from imgcls_dist.ports import free_port
@@ -54,23 +55,24 @@ def _steps(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_metrics_outlive_the_server_going_away_and_the_loss_is_said_once(tmp_path, capsys, monkeypatch):
-    """Epoch 0 is logged; the server stops; epochs 1 and 2 are kept and the loss is said once, also by a second
+def test_metrics_outlive_the_server_going_away_and_the_loss_is_said_once(mlflow_server, tmp_path, capsys,
+                                                                         monkeypatch):
+    """Epoch 0 is logged; the server goes away; epochs 1 and 2 are kept and the loss is said once, also by a second
     logger of the same command (another process: the Train controller beside the driver); the server comes back
-    on its port and the next epoch brings the kept ones along, each step once."""
+    on its port and the next epoch brings the kept ones along, each step once. (The server "goes away" as a
+    forwarder in front of the suite's server stops: connections cut, then refused.)"""
     from mlflow.tracking import MlflowClient
 
-    proc, uri = start_mlflow(tmp_path / "server")
-    port = int(uri.rsplit(":", 1)[1])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    proxy = TcpProxy(int(mlflow_server.uri.rsplit(":", 1)[1])).start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a dead server answers at once
-    client = MlflowClient(uri)
+    client = MlflowClient(mlflow_server.uri)
     run_id = client.create_run("0").info.run_id
     notice = Notice(str(tmp_path / "notice"))
     log = RunLogger(run_id, "RUN_DIR", notice)
     try:
         assert log.log_step(0, {"val_acc": 0.5, "lr": 0.1})
-        stop_group(proc)
+        proxy.stop()
         assert not log.log_step(1, {"val_acc": 0.6, "lr": 0.1})
         assert not log.log_step(2, {"val_acc": 0.7, "lr": 0.1})
         other = RunLogger(run_id, "RUN_DIR", Notice(notice.file, notice.token))  # same command, another process
@@ -78,9 +80,9 @@ def test_metrics_outlive_the_server_going_away_and_the_loss_is_said_once(tmp_pat
         err = capsys.readouterr().err
         assert err.count("warning: MLflow") == 1 and "the run's files in RUN_DIR stay complete" in err
         assert sorted(log.pending) == [1, 2]
-        proc, _ = start_mlflow(tmp_path / "server", port=port)  # the same store, back on its port
+        proxy.start()  # back on its port
         assert log.log_step(3, {"val_acc": 0.8, "lr": 0.1}) and other.flush()  # other: step 2 is there already
         assert _steps(client, run_id, "val_acc") == _steps(client, run_id, "lr") == [0, 1, 2, 3]
         assert capsys.readouterr().err == ""
     finally:
-        stop_group(proc)
+        proxy.stop()
