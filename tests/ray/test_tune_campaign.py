@@ -190,6 +190,7 @@ def _died_starting_ray(proc: subprocess.Popen, log: Path) -> bool:
 
 
 @pytest.mark.own_ray
+@pytest.mark.slow  # 140 s: out of make test's budget; test_study.py's killed study resumes through the same restore
 def test_killed_campaign_resumes_without_rerunning_finished_trials(tiny_digits_dir, tmp_path):
     """Driver and resume are `imgcls-dist tune` processes with their own local Ray, as a user runs them (and
     so the test runs beside the shared Ray's tests: marked own_ray)."""
