@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import argparse
 
+from imgcls_dist.evaluate.files import COMPARISON_CSV, CONFUSION_PLOT, METRICS_JSON, RELIABILITY_PLOT, REPORT_TXT
 from imgcls_dist.tracking.reports import add_mlflow_run_arg, log_report, preflight
 
 # What `--mlflow-run` logs: the report's numbers (metrics.json has them all) and the files this run wrote.
 LOGGED_METRICS = ("accuracy", "balanced_accuracy", "evaluated_rows", "error_rows", "unlabeled_rows")
-REPORT_FILES = ("classification_report.txt", "confusion_matrix.png", "metrics.json")
+REPORT_FILES = (REPORT_TXT, CONFUSION_PLOT, METRICS_JSON)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from imgcls_dist.evaluate.report import RELIABILITY_PLOT, evaluate_predictions, parse_compare
+    from imgcls_dist.evaluate.report import evaluate_predictions, parse_compare
     from imgcls_dist.storage import location
 
     run = preflight(a.mlflow_run, "evaluate")
     compare = parse_compare(a.compare)
     result = evaluate_predictions(a.out, classes_file=a.classes, compare=compare, report_dir=a.report_dir,
                                   name=a.name)
-    names = REPORT_FILES + (("comparison.csv", RELIABILITY_PLOT) if compare else ())
+    names = REPORT_FILES + ((COMPARISON_CSV, RELIABILITY_PLOT) if compare else ())
     log_report(run, "evaluate", [location(result["report_dir"]) / n for n in names],
                {k: result[k] for k in LOGGED_METRICS})
     return 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix
 
+from imgcls_dist.evaluate.files import CONFUSION_PLOT, METRICS_JSON, REPORT_TXT
 from imgcls_dist.evaluate.plots import plot_confusion_matrix
 from imgcls_dist.storage import PathLike, location
 
@@ -24,12 +25,12 @@ def write_classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes:
     recall = per_class_recall(cm, classes)
     balanced = float(np.mean(list(recall.values()))) if recall else float("nan")
     header = f"{title}\n" if title else ""
-    (out / "classification_report.txt").write_text(
+    (out / REPORT_TXT).write_text(
         f"{header}accuracy: {acc:.4f}, balanced accuracy: {balanced:.4f} on {len(y_true)} rows\n\n{report}")
-    plot_confusion_matrix(cm, classes, out / "confusion_matrix.png", title=f"{title or 'confusion matrix'} (acc {acc:.4f})")
+    plot_confusion_matrix(cm, classes, out / CONFUSION_PLOT, title=f"{title or 'confusion matrix'} (acc {acc:.4f})")
     summary = {"accuracy": acc, "balanced_accuracy": balanced, "per_class_recall": recall, "rows": int(len(y_true)),
                **(extra or {})}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    (out / METRICS_JSON).write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -20,6 +20,7 @@ from sklearn.metrics import accuracy_score
 
 from imgcls_dist.data.schema import LABEL, read_dataset_meta
 from imgcls_dist.errors import UserError
+from imgcls_dist.evaluate.files import COMPARISON_CSV, RELIABILITY_PLOT
 from imgcls_dist.evaluate.metrics import ECE_BINS, ReliabilityBins, write_classification_report
 from imgcls_dist.evaluate.plots import plot_reliability
 from imgcls_dist.batch.publish import ERROR, prediction_files, read_manifest
@@ -27,7 +28,6 @@ from imgcls_dist.storage import PathLike, location
 from imgcls_dist import table
 
 
-RELIABILITY_PLOT = "reliability.png"
 
 
 def _load_columns(out: PathLike) -> pa.Table:
@@ -196,7 +196,7 @@ def evaluate_predictions(
         w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-        (report_dir / "comparison.csv").write_text(buf.getvalue())
+        (report_dir / COMPARISON_CSV).write_text(buf.getvalue())
         curves = {name: (*s["bins"].curve()[:2], s["bins"].ece()) for name, s in sets.items() if s["bins"] is not None}
         plot_reliability(curves, report_dir / RELIABILITY_PLOT, title="reliability (top-1 confidence)")
         say(format_table(rows))

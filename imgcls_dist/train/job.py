@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from imgcls_dist.config import CONFIG_FILE, ExperimentConfig, write_config
 from imgcls_dist.data.schema import hflip_allowed, validate_dataset, validate_files
 from imgcls_dist.errors import JobFailed, Stopped, UserError, root_cause
+from imgcls_dist.evaluate.files import CONFUSION_PLOT, REPORT_TXT
 from imgcls_dist.evaluate.plots import plot_training_history
 from imgcls_dist.models.checkpoint import MODEL_FILE, load_model_file
 from imgcls_dist.models.registry import get_spec
@@ -33,9 +34,9 @@ if TYPE_CHECKING:
 
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+HISTORY_PLOT = "training_history.png"
 # What a finished run's MLflow run gets copies of (those that exist: the test report needs test rows).
-RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, "training_history.png", "confusion_matrix.png",
-                 "classification_report.txt")
+RUN_ARTIFACTS = (CONFIG_FILE, METRICS_FILE, MODEL_FILE, SUMMARY_FILE, HISTORY_PLOT, CONFUSION_PLOT, REPORT_TXT)
 
 # val_loss/val_acc: of the weights the epoch exports; raw_*/ema_*: both, with train.ema_decay (blank without)
 HISTORY_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "raw_val_loss", "raw_val_acc",
@@ -284,7 +285,7 @@ def finalize_run(result, cfg: ExperimentConfig, ds: dict, out: Location, wall_s:
         history = load_history(d)
     best_ckpt, best_metrics = _export_best_model(result, out)
     (out / METRICS_FILE).write_text(history_csv(history))
-    plot_training_history(history, out / "training_history.png")
+    plot_training_history(history, out / HISTORY_PLOT)
     summary: dict[str, Any] = {
         "run_dir": out.uri,
         "model": (out / MODEL_FILE).uri,
@@ -325,7 +326,7 @@ def _test_report(cfg: ExperimentConfig, ds: dict, out: Location) -> dict[str, An
         print(f"warning: no test report ({reason}); every other artifact is in {out}", file=sys.stderr, flush=True)
         return {"test_report_error": reason}
     print(f"test accuracy {test['accuracy']:.4f} (balanced {test['balanced_accuracy']:.4f}) on {test['rows']} rows "
-          f"(report: {out / 'classification_report.txt'})", flush=True)
+          f"(report: {out / REPORT_TXT})", flush=True)
     return {"test_acc": test["accuracy"], "test_balanced_acc": test["balanced_accuracy"]}
 
 
