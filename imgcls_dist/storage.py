@@ -332,6 +332,11 @@ class Location:
             raise self.error(e) from None
         return dst
 
+    def local_copy(self, tmp_dir: str | os.PathLike) -> str:
+        """A local path of this file, for libraries that read local files only: the file itself when local, else
+        a copy downloaded into `tmp_dir` (the caller's temporary directory)."""
+        return self.path if self.is_local else str(self.download(Path(tmp_dir) / self.name))
+
     def copy_to(self, dst: Location) -> Location:
         """Copy a file (server-side within one object store)."""
         if self.is_local and dst.is_local:

@@ -53,9 +53,9 @@ def read_graph(path: PathLike, tmp: Path) -> tuple[Any, dict[str, str]]:
     src = location(path)
     if not src.is_file():
         raise UserError(f"{path}: no such ONNX file")
-    local = src.path if src.is_local else src.download(tmp / src.name)
+    local = src.local_copy(tmp)
     try:
-        model = onnx.load(str(local))
+        model = onnx.load(local)
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's own: not an ONNX file
         raise UserError(f"{path}: cannot be read as ONNX ({first_line(e)})") from None
     meta = {p.key: p.value for p in model.metadata_props}

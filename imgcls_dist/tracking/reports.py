@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from pathlib import Path
 from typing import Iterable
 
 from imgcls_dist.errors import UserError
@@ -79,5 +78,4 @@ def _log_files(c, run_id: str, artifact_dir: str, files: Iterable[PathLike]) -> 
     """A remote file goes through a local copy: MLflow logs local files only."""
     with tempfile.TemporaryDirectory() as tmp:
         for f in map(location, files):
-            local = f.path if f.is_local else f.download(Path(tmp) / f.name)
-            c.log_artifact(run_id, str(local), artifact_dir)
+            c.log_artifact(run_id, f.local_copy(tmp), artifact_dir)

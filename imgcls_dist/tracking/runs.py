@@ -13,7 +13,6 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 from imgcls_dist.storage import Location
@@ -108,11 +107,12 @@ class TrackedRun:
     def log_artifacts(self, names: Iterable[str]) -> None:
         """Copies of the run directory's files of these names that exist (a remote one through a local copy)."""
         try:
+            c = client()
             with tempfile.TemporaryDirectory() as tmp:
                 for name in names:
                     f = self.run_dir / name
                     if f.is_file():
-                        client().log_artifact(self.run_id, f.path if f.is_local else f.download(Path(tmp) / name))
+                        c.log_artifact(self.run_id, f.local_copy(tmp))
         except Exception as e:  # noqa: BLE001 - the files stay in the run directory
             self.notice.say(e, self.run_dir.uri)
 
