@@ -20,7 +20,6 @@ Every exported file is run in ONNX Runtime at batch 1 and 7 against the PyTorch 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +31,7 @@ from torch import nn
 from imgcls_dist.errors import JobFailed, UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE
 from imgcls_dist.models.preprocess import normalize
-from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, EnsembleSpec, resolve_model_args
+from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, EnsembleSpec, as_list, resolve_model_args
 from imgcls_dist.predictor.onnx_runtime import BATCH_AXIS, OPSET, export_program, require_runtime
 from imgcls_dist.predictor.predictor import EnsemblePredictor, InputKey, Member
 from imgcls_dist.storage import PathLike, location
@@ -174,7 +173,7 @@ def check_files(predictor: EnsemblePredictor, files: Sequence[ExportedFile], com
 
 def resolve_source(models: PathLike | Sequence[PathLike]) -> tuple[EnsembleSpec, str]:
     """--models -> (spec, the file it came from: the ensemble.json, or the model file)."""
-    items = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    items = as_list(models)
     if len(items) != 1:
         raise UserError(f"--models: export takes one model file, run directory or ensemble.json, got {len(items)} "
                         f"(several models: write an ensemble.json, e.g. with `imgcls-dist ensemble build`)")

@@ -96,6 +96,11 @@ def load_ensemble_manifest(path: PathLike) -> EnsembleSpec:
     return EnsembleSpec(paths, None if combine == "mean" else weights, combine, temperatures, views, p.uri)
 
 
+def as_list(models: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    """--models as given to the library: one path, or several."""
+    return [models] if isinstance(models, (str, os.PathLike)) else list(models)
+
+
 def _registered(item: PathLike) -> PathLike:
     """A `models:/...` URI -> the path of its files (downloaded once); anything else as it is. Tracking is imported
     only for such a URI: MLflow is an optional extra."""
@@ -110,7 +115,7 @@ def resolve_model_args(models: PathLike | Sequence[PathLike]) -> EnsembleSpec:
     """CLI --models values (any filesystem, or registered models: `models:/NAME/VERSION`, `models:/NAME@ALIAS`)
     -> EnsembleSpec. One ensemble.json (or a directory holding one and no model.pt) is read as a manifest; anything
     else is a list of model files/dirs."""
-    items = [_registered(x) for x in ([models] if isinstance(models, (str, os.PathLike)) else list(models))]
+    items = [_registered(x) for x in as_list(models)]
     if not items:
         raise UserError("--models: give one ensemble.json or at least one model file/directory")
     if len(items) == 1:

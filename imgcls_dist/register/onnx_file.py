@@ -8,13 +8,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from imgcls_dist.errors import UserError
 from imgcls_dist.predictor.manifest import EnsembleSpec
 from imgcls_dist.predictor.onnx_runtime import INSTALL_HINT
+from imgcls_dist.register.pins import installed_pins
 from imgcls_dist.storage import PathLike, location
 from imgcls_dist.tracking.registry import FORMAT_TAG, MODEL_ARTIFACT, ONNX_FORMAT
 from imgcls_dist.tracking.server import first_line
@@ -88,19 +88,6 @@ def signature(model, shape: tuple[int, ...], num_classes: int):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def requirements() -> list[str]:
-    """onnx and onnxruntime at the versions here: given, because MLflow's inference of them loads the model."""
-    pins = []
-    for dists in RUNTIME_DISTS:
-        for dist in dists:
-            try:
-                pins.append(f"{dist}=={version(dist)}")
-                break
-            except PackageNotFoundError:
-                continue
-    return pins
-
-
 def prepare_onnx(models: Sequence[PathLike], tmp: Path) -> Log:
     """Read and check the file now (a file that is not an export's stops before any upload); returns what logs
     and registers it."""
@@ -114,7 +101,7 @@ def prepare_onnx(models: Sequence[PathLike], tmp: Path) -> Log:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "no input example": the signature is explicit
             # one file, as the export wrote it (MLflow's default moves the weights out into separate files)
-            info = mlflow.onnx.log_model(model, name=MODEL_ARTIFACT, signature=sig, pip_requirements=requirements(),
+            info = mlflow.onnx.log_model(model, name=MODEL_ARTIFACT, signature=sig, pip_requirements=installed_pins(RUNTIME_DISTS),
                                          save_as_external_data=False)
         # the tag with the version, in one call: a version is never seen without it
         return str(mlflow.register_model(info.model_uri, name, tags={FORMAT_TAG: ONNX_FORMAT}).version)

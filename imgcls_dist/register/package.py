@@ -4,33 +4,27 @@ registered as a new version (layout: docs/design.md, "Registered models")."""
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import warnings
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Sequence
 
 from imgcls_dist import __version__
 from imgcls_dist.errors import UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE, resolve_model_path
-from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, resolve_model_args
+from imgcls_dist.predictor.manifest import ENSEMBLE_FILE, as_list, resolve_model_args
 from imgcls_dist.register.onnx_file import Log, is_onnx_file, prepare_onnx, refuse_onnx_members
+from imgcls_dist.register.pins import installed_pins
 from imgcls_dist.storage import PathLike, location
 from imgcls_dist.tracking.registry import MODEL_ARTIFACT
 from imgcls_dist.tracking.server import check_server, client, first_line, require_mlflow
 
 WHAT = "register"
-# What loading the model needs, pinned to what it was registered with: given explicitly, because MLflow's own
-# inference of them imports and times the model (slow) and would miss that imgcls-dist is the code it runs.
+# What loading the model needs besides imgcls-dist, pinned to what it was registered with (register/pins.py).
 PINNED = ("torch", "torchvision")
 # The model's Python side, logged as code (MLflow's "models from code"): no pickled object in the model.
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 SOURCE_TAG = "imgcls.models"  # the version's tag: the --models it was registered from
-
-
-def models_list(models: PathLike | Sequence[PathLike]) -> list[PathLike]:
-    return [models] if isinstance(models, (str, os.PathLike)) else list(models)
 
 
 def stage(models: PathLike | Sequence[PathLike], dst: Path) -> Path:
@@ -52,13 +46,7 @@ def stage(models: PathLike | Sequence[PathLike], dst: Path) -> Path:
 
 
 def requirements() -> list[str]:
-    pins = []
-    for dist in PINNED:
-        try:
-            pins.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            pass
-    return [f"imgcls-dist=={__version__}", *pins]
+    return [f"imgcls-dist=={__version__}", *installed_pins((dist,) for dist in PINNED)]
 
 
 def _log(mlflow, staged: Path, classes: list[str], name: str) -> str:
@@ -91,7 +79,7 @@ def register_model(models: PathLike | Sequence[PathLike], name: str, alias: str 
     check_server(WHAT)
     mlflow = require_mlflow(WHAT)
     with tempfile.TemporaryDirectory() as tmp:
-        items = models_list(models)
+        items = as_list(models)
         log = prepare_onnx(items, Path(tmp)) if is_onnx_file(items) else prepare_pyfunc(models, Path(tmp))
         try:
             number = log(mlflow, name)
