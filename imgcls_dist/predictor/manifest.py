@@ -23,6 +23,7 @@ from imgcls_dist.errors import UserError
 from imgcls_dist.models.checkpoint import MODEL_FILE, resolve_model_path
 from imgcls_dist.predictor.options import COMBINES, VIEW_NAMES
 from imgcls_dist.storage import PathLike, is_uri, location
+from imgcls_dist.tracking.registry import fetch_model, is_registry_uri
 
 ENSEMBLE_FILE = "ensemble.json"
 # `--models A B` without a manifest: members whose validation accuracies (in their model files) differ by
@@ -101,21 +102,17 @@ def as_list(models: PathLike | Sequence[PathLike]) -> list[PathLike]:
     return [models] if isinstance(models, (str, os.PathLike)) else list(models)
 
 
-def _registered(item: PathLike) -> PathLike:
-    """A `models:/...` URI -> the path of its files (downloaded once); anything else as it is. Tracking is imported
-    only for such a URI: MLflow is an optional extra."""
-    if not (isinstance(item, str) and item.startswith("models:/")):
-        return item
-    from imgcls_dist.tracking.registry import fetch_model
-
-    return fetch_model(item)
+def registered_as_paths(models: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    """--models with each `models:/...` URI replaced by the path of its files (downloaded once); anything else as
+    it is. MLflow is imported only for such a URI (tracking/registry.py): it is an optional extra."""
+    return [fetch_model(m) if is_registry_uri(m) else m for m in as_list(models)]
 
 
 def resolve_model_args(models: PathLike | Sequence[PathLike]) -> EnsembleSpec:
     """CLI --models values (any filesystem, or registered models: `models:/NAME/VERSION`, `models:/NAME@ALIAS`)
     -> EnsembleSpec. One ensemble.json (or a directory holding one and no model.pt) is read as a manifest; anything
     else is a list of model files/dirs."""
-    items = [_registered(x) for x in as_list(models)]
+    items = registered_as_paths(models)
     if not items:
         raise UserError("--models: give one ensemble.json or at least one model file/directory")
     if len(items) == 1:

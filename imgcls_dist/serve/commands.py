@@ -18,16 +18,9 @@ def _validated(model, given: dict):
         raise UserError(f"serve: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
 
 
-def _pinned(models: list[str]) -> list[str]:
-    """Registered models (`models:/...`) resolved here, once, to their files: every replica then serves the same
-    version (an alias may move while replicas start), and replicas need no MLflow settings."""
-    from imgcls_dist.tracking.registry import fetch_model, is_registry_uri
-
-    return [fetch_model(m) if is_registry_uri(m) else m for m in models]
-
-
 def cmd_serve(a: argparse.Namespace) -> int:
     from imgcls_dist.errors import UserError
+    from imgcls_dist.predictor.manifest import registered_as_paths
     from imgcls_dist.serve.local import serve_forever
     from imgcls_dist.serve.settings import TOKEN_ENV, ServeLimits, ServeSettings, is_loopback, with_env_token
 
@@ -44,7 +37,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     if not is_loopback(a.host) and settings.auth_token is None and not a.insecure:
         raise UserError(f"serve: --host {a.host} accepts connections from other machines: give a token "
                         f"(${TOKEN_ENV} or --auth-token) or say --insecure to serve without one")
-    settings = settings.model_copy(update={"models": _pinned(settings.models)})
+    # Registered models (`models:/...`) resolved here, once, to their files: every replica then serves the same
+    # version (an alias may move while replicas start), and replicas need no MLflow settings.
+    settings = settings.model_copy(update={"models": registered_as_paths(settings.models)})
     serve_forever(settings, host=a.host, port=a.port, limits=limits, replicas=a.replicas, cpus=a.cpus_per_replica,
                   gpus=a.gpus_per_replica)
     return 0
